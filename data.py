@@ -1,0 +1,372 @@
+"""Synthetic spatial-reasoning scenes, the chat prompt format, and LLaVA-style JSONL import/export.
+
+Every sample is one procedurally drawn scene (coloured shapes on a dark background) with one
+multiple-choice question about it, the answer letter, the question type and the normalised xyxy
+bounding boxes of the objects the question is about (the LVR latent targets). Generation is a pure
+function of (seed, split, index), so data order is reproducible and a resumed run sees the same data.
+Splits never share a scene: each sample's scene is drawn from its own (seed, split, index) stream.
+
+Question types (each answer value and each letter equally likely, so the text alone gives chance):
+  position   where is X relative to Y (left / right / above / below)
+  count      how many <colour> objects (1-4)
+  attribute  what shape is the <colour> object / what colour is the <shape>
+  size       which object is the largest / smallest (4 candidates)
+  distance   which object is closest to / farthest from X (4 candidates)
+
+    python data.py --show 5                              # print a few training samples
+    python data.py --export out/ --split val --n 200     # write out/val.jsonl + out/images/*.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+COLOURS = {"red": (230, 50, 50), "green": (50, 190, 70), "blue": (60, 100, 240),
+           "yellow": (235, 215, 50), "purple": (170, 70, 220)}
+SHAPES = ("circle", "square", "triangle", "cross")
+RELATIONS = ("left", "right", "above", "below")
+QTYPES = ("position", "count", "attribute", "size", "distance")
+LETTERS = "ABCD"
+SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+BACKGROUND = 25
+IMAGE_SIZE = 96
+GRID = 6  # coarse cells per side used by the rationales' coordinates
+RADIUS = (5.0, 13.0)  # object half-size range in pixels at IMAGE_SIZE
+
+
+@dataclass
+class Obj:
+    colour: str
+    shape: str
+    cx: float
+    cy: float
+    r: float
+
+    @property
+    def name(self) -> str:
+        return f"the {self.colour} {self.shape}"
+
+    def bbox(self, size: int) -> list[float]:
+        box = [(self.cx - self.r) / size, (self.cy - self.r) / size, (self.cx + self.r) / size, (self.cy + self.r) / size]
+        return [round(min(1.0, max(0.0, v)), 4) for v in box]
+
+
+@dataclass
+class Sample:
+    """One question. `image` is an HxWx3 uint8 array, or None when `image_path` points at a file."""
+    question: str            # the question with its lettered options, as the model sees it
+    answer: str              # the correct letter
+    reason: str              # the text before the answer tag (here: a short rationale)
+    qtype: str
+    bboxes: list             # normalised [x0, y0, x1, y1] of the objects the question is about
+    image: np.ndarray | None = None
+    image_path: str | None = None
+    id: str = ""
+    objects: list = field(default_factory=list)
+
+    def load_image(self) -> np.ndarray:
+        if self.image is not None:
+            return self.image
+        from PIL import Image  # only needed for images stored on disk
+        if not os.path.exists(self.image_path):
+            raise FileNotFoundError(f"image not found: {self.image_path}")
+        return np.asarray(Image.open(self.image_path).convert("RGB"))
+
+
+# ----------------------------------------------------------------------------------------- drawing
+def render(objects: list[Obj], size: int = IMAGE_SIZE) -> np.ndarray:
+    img = np.full((size, size, 3), BACKGROUND, dtype=np.uint8)
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    for o in objects:
+        dx, dy = xs - o.cx, ys - o.cy
+        if o.shape == "circle":
+            mask = dx * dx + dy * dy <= o.r * o.r
+        elif o.shape == "square":
+            mask = (np.abs(dx) <= 0.85 * o.r) & (np.abs(dy) <= 0.85 * o.r)
+        elif o.shape == "triangle":  # apex up, base at cy + r
+            mask = (dy <= o.r) & (np.abs(dx) <= (dy + o.r) / 2)
+        else:  # cross
+            arm = max(1.5, o.r / 3)
+            box = (np.abs(dx) <= o.r) & (np.abs(dy) <= o.r)
+            mask = box & ((np.abs(dx) <= arm) | (np.abs(dy) <= arm))
+        img[mask] = COLOURS[o.colour]
+    return img
+
+
+def place(rng: np.random.Generator, specs: list[tuple[str, str, float]], size: int) -> list[Obj] | None:
+    """Place (colour, shape, radius) objects at random non-overlapping spots; None if it fails."""
+    objs: list[Obj] = []
+    for colour, shape, r in specs:
+        for _ in range(100):
+            cx, cy = rng.uniform(r + 1, size - r - 1, size=2)
+            if all(math.hypot(cx - o.cx, cy - o.cy) > (r + o.r) * 1.15 + 2 for o in objs):
+                objs.append(Obj(colour, shape, float(cx), float(cy), float(r)))
+                break
+        else:
+            return None
+    return objs
+
+
+def radius(rng, size):
+    return float(rng.uniform(*RADIUS)) * size / IMAGE_SIZE
+
+
+def distinct_specs(rng, n: int, size: int, unique_shapes: bool = False):
+    """n objects with distinct colours (so 'the red square' names one object)."""
+    colours = rng.permutation(list(COLOURS))[:n]
+    shapes = rng.permutation(SHAPES)[:n] if unique_shapes else rng.choice(SHAPES, size=n)
+    return [(str(c), str(s), radius(rng, size)) for c, s in zip(colours, shapes)]
+
+
+# --------------------------------------------------------------------------------------- questions
+# Each generator returns (objects, question, options, answer option, objects asked about, reason).
+# The reason is a short rationale in which every word needs one look at the image keyed by the word
+# before it (an object's colour -> its cell, size or distance), so a tiny decoder can learn it.
+def cell(o: Obj, size: int) -> tuple[int, int]:
+    """(column, row) of the object's centre on the coarse GRID x GRID layout."""
+    return min(GRID - 1, int(o.cx * GRID / size)), min(GRID - 1, int(o.cy * GRID / size))
+
+
+def size_units(o: Obj, size: int) -> int:
+    return round(o.r * IMAGE_SIZE / size) - 4  # 1..9 over RADIUS
+
+
+def relation(a: Obj, b: Obj) -> str | None:
+    """Where a is relative to b, only when one axis clearly dominates (else ambiguous: None)."""
+    dx, dy = a.cx - b.cx, a.cy - b.cy
+    if abs(dx) >= 2 * abs(dy) and abs(dx) >= a.r + b.r:
+        return "left" if dx < 0 else "right"
+    if abs(dy) >= 2 * abs(dx) and abs(dy) >= a.r + b.r:
+        return "above" if dy < 0 else "below"
+    return None
+
+
+def q_position(rng, size):
+    want = RELATIONS[rng.integers(4)]
+    objs = place(rng, distinct_specs(rng, int(rng.integers(2, 5)), size), size)
+    if objs is None:
+        return None
+    pairs = [(a, b) for a in objs for b in objs if a is not b and relation(a, b) == want]
+    if not pairs:
+        return None
+    a, b = pairs[rng.integers(len(pairs))]
+    (ax, ay), (bx, by) = cell(a, size), cell(b, size)
+    reason = f"{a.colour} {ax} {ay} {b.colour} {bx} {by} {want}"
+    return objs, f"Where is {a.name} relative to {b.name}?", list(RELATIONS), want, [a, b], reason
+
+
+def q_count(rng, size):
+    n = int(rng.integers(1, 5))
+    colours = list(rng.permutation(list(COLOURS)))
+    target, others = colours[0], colours[1:]
+    specs = [(target, str(rng.choice(SHAPES)), radius(rng, size)) for _ in range(n)]
+    specs += [(str(rng.choice(others)), str(rng.choice(SHAPES)), radius(rng, size)) for _ in range(rng.integers(0, 3))]
+    objs = place(rng, [specs[i] for i in rng.permutation(len(specs))], size)
+    if objs is None:
+        return None
+    counted = [o for o in objs if o.colour == target]
+    return objs, f"How many {target} objects are there?", ["1", "2", "3", "4"], str(n), counted, f"{target} {n}"
+
+
+def q_attribute(rng, size):
+    objs = place(rng, distinct_specs(rng, int(rng.integers(2, 5)), size, unique_shapes=True), size)
+    if objs is None:
+        return None
+    o = objs[rng.integers(len(objs))]
+    if rng.random() < 0.5:
+        return objs, f"What shape is the {o.colour} object?", list(SHAPES), o.shape, [o], f"{o.colour} {o.shape}"
+    return objs, f"What colour is the {o.shape}?", list(COLOURS), o.colour, [o], f"{o.shape} {o.colour}"
+
+
+def q_size(rng, size):
+    objs = place(rng, distinct_specs(rng, 4, size), size)
+    if objs is None:
+        return None
+    largest = rng.random() < 0.5
+    ranked = sorted(objs, key=lambda o: -o.r if largest else o.r)
+    ratio = ranked[0].r / ranked[1].r if largest else ranked[1].r / ranked[0].r
+    if ratio < 1.25:
+        return None
+    word = "largest" if largest else "smallest"
+    reason = " ".join(f"{o.colour} {size_units(o, size)}" for o in objs) + f" {ranked[0].colour}"
+    return objs, f"Which object is the {word}?", [o.name for o in objs], ranked[0].name, objs, reason
+
+
+def q_distance(rng, size):
+    objs = place(rng, distinct_specs(rng, 5, size), size)
+    if objs is None:
+        return None
+    ref, cands = objs[0], objs[1:]
+    closest = rng.random() < 0.5
+    d = sorted(cands, key=lambda o: math.hypot(o.cx - ref.cx, o.cy - ref.cy) * (1 if closest else -1))
+    d0, d1 = (math.hypot(o.cx - ref.cx, o.cy - ref.cy) for o in d[:2])
+    if (d0 > 0.75 * d1) if closest else (d1 > 0.8 * d0):
+        return None
+    word = "closest to" if closest else "farthest from"
+    rx, ry = cell(ref, size)
+    steps = " ".join(f"{o.colour} {round(math.hypot(o.cx - ref.cx, o.cy - ref.cy) * 2 * GRID / size)}" for o in cands)
+    reason = f"{ref.colour} {rx} {ry} {steps} {d[0].colour}"
+    return objs, f"Which object is {word} {ref.name}?", [o.name for o in cands], d[0].name, objs, reason
+
+
+GENERATORS = {"position": q_position, "count": q_count, "attribute": q_attribute, "size": q_size, "distance": q_distance}
+
+
+CANONICAL = {v: i for i, v in enumerate(RELATIONS + ("1", "2", "3", "4") + SHAPES + tuple(COLOURS))}
+
+
+def option_rank(option: str) -> int:
+    """Options are listed in a fixed order (relations, counts, shapes as listed above; colours and objects
+    by colour). The answer is a uniformly random member of its option set, so letters stay balanced and
+    the option set says nothing about the answer; the letter is then a simple function of the option."""
+    return CANONICAL[option.split()[1] if option.startswith("the ") else option]
+
+
+def format_question(question: str, options: list[str]) -> str:
+    lines = [question] + [f"{LETTERS[i]}. {opt}" for i, opt in enumerate(options)]
+    return "\n".join(lines + ["Answer with the option's letter."])
+
+
+def make_sample(seed: int, split: str, index: int, qtypes=QTYPES, size: int = IMAGE_SIZE) -> Sample:
+    """The sample at `index` of `split`: a pure function of its arguments."""
+    if split not in SPLIT_IDS:
+        raise ValueError(f"unknown split {split!r}; expected one of {list(SPLIT_IDS)}")
+    rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
+    qtype = qtypes[index % len(qtypes)]
+    while (made := GENERATORS[qtype](rng, size)) is None:
+        pass
+    objs, question, options, answer, about, reason = made
+    if len(options) > 4:  # keep the answer and three random distractors
+        others = [o for o in options if o != answer]
+        options = [answer] + [others[i] for i in rng.permutation(len(others))[:3]]
+    options = sorted(options, key=option_rank)
+    return Sample(question=format_question(question, options), answer=LETTERS[options.index(answer)], reason=reason,
+                  qtype=qtype,
+                  bboxes=[o.bbox(size) for o in about], image=render(objs, size),
+                  id=f"{split}-{seed}-{index}", objects=objs)
+
+
+def make_split(split: str, n: int, seed: int = 0, size: int = IMAGE_SIZE) -> list[Sample]:
+    return [make_sample(seed, split, i, size=size) for i in range(n)]
+
+
+# ------------------------------------------------------------------------------------ chat format
+IMAGE_PAD, VISION_START, VISION_END = "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"
+LVR_START, LVR, LVR_LATENT_END, LVR_END = "<|lvr_start|>", "<|lvr|>", "<|lvr_latent_end|>", "<|lvr_end|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+
+def chat_prompt(question: str, n_image_tokens: int) -> str:
+    """The Qwen chat turn with the image placeholders already expanded, ending where the reply starts."""
+    image = VISION_START + IMAGE_PAD * n_image_tokens + VISION_END
+    return f"{IM_START}user\n{image}{question}{IM_END}\n{IM_START}assistant\n"
+
+
+def chat_response(answer: str, reason: str = "", latent_slots: int = 0) -> str:
+    """The target reply: an optional latent span of `latent_slots` slots, the reason, the tagged answer."""
+    span = LVR_START + LVR * latent_slots + LVR_END if latent_slots > 0 else ""
+    return f"{span}{reason + ' ' if reason else ''}<answer>{answer}</answer>{IM_END}"
+
+
+def vocabulary() -> list[str]:
+    """Every word the generator can write (the small-vl tokenizer's vocabulary)."""
+    words = set(LETTERS) | set(COLOURS) | set(SHAPES) | set(RELATIONS) | {str(i) for i in range(2 * GRID * 2)}
+    words |= set("Where is the relative to How many objects are there What shape object colour Which "
+                 "largest smallest closest farthest from Answer with option s letter user assistant".split())
+    return sorted(words) + [".", "?", "'", ","]
+
+
+# ----------------------------------------------------------------------------- LLaVA-style JSONL
+def to_record(s: Sample, image_rel: str) -> dict:
+    return {"id": s.id, "image": image_rel, "question_type": s.qtype, "bboxes": s.bboxes,
+            "conversations": [{"from": "human", "value": "<image>\n" + s.question},
+                              {"from": "gpt", "value": f"{s.reason} <answer>{s.answer}</answer>".strip()}]}
+
+
+def export_jsonl(samples: list[Sample], out_dir: str, name: str) -> str:
+    """Write out_dir/<name>.jsonl and out_dir/images/<id>.png; returns the JSONL path."""
+    from PIL import Image
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.jsonl")
+    with open(path + ".tmp", "w") as f:
+        for s in samples:
+            rel = f"images/{s.id}.png"
+            Image.fromarray(s.load_image()).save(os.path.join(out_dir, rel))
+            f.write(json.dumps(to_record(s, rel)) + "\n")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+ANSWER_RE = re.compile(r"<answer>\s*([A-Z])\s*</answer>|^\s*\(?([A-Z])\)?\s*$")
+
+
+def from_record(rec: dict, base_dir: str) -> Sample:
+    """One JSONL row -> Sample; raises ValueError naming the bad field."""
+    if not isinstance(rec, dict):
+        raise ValueError("row is not a JSON object")
+    for key in ("image", "conversations", "bboxes"):
+        if key not in rec:
+            raise ValueError(f"missing field {key!r}")
+    conv = rec["conversations"]
+    if not (isinstance(conv, list) and len(conv) >= 2 and all(isinstance(t, dict) and "value" in t for t in conv[:2])):
+        raise ValueError("field 'conversations' must hold a human turn and a gpt turn with 'value'")
+    match = ANSWER_RE.search(str(conv[1]["value"]))
+    if match is None:
+        raise ValueError(f"gpt turn has no answer letter: {conv[1]['value']!r}")
+    boxes = rec["bboxes"]
+    ok = isinstance(boxes, list) and boxes and all(
+        isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in b)
+        and b[0] < b[2] and b[1] < b[3] for b in boxes)
+    if not ok:
+        raise ValueError(f"field 'bboxes' must be a non-empty list of normalised [x0, y0, x1, y1]: {boxes!r}")
+    question = str(conv[0]["value"]).replace("<image>", "").strip()
+    reason = ANSWER_RE.sub("", str(conv[1]["value"])).strip()
+    return Sample(question=question, answer=match.group(1) or match.group(2), reason=reason, qtype=str(rec.get("question_type", "custom")),
+                  bboxes=[[float(v) for v in b] for b in boxes], image_path=os.path.join(base_dir, str(rec["image"])),
+                  id=str(rec.get("id", "")))
+
+
+def load_jsonl(path: str) -> list[Sample]:
+    """Read a LLaVA-style JSONL file; a bad row raises ValueError naming the file and line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    base, samples = os.path.dirname(os.path.abspath(path)), []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                s = from_record(json.loads(line), base)
+            except (json.JSONDecodeError, ValueError) as e:
+                raise ValueError(f"{path}:{lineno}: {e}") from None
+            if not os.path.isfile(s.image_path):
+                raise ValueError(f"{path}:{lineno}: image not found: {s.image_path}")
+            samples.append(s)
+    if not samples:
+        raise ValueError(f"{path}: no samples")
+    return samples
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--split", default="train", choices=list(SPLIT_IDS), help="which split to draw from")
+    p.add_argument("--n", type=int, default=100, help="number of samples")
+    p.add_argument("--seed", type=int, default=0, help="data seed")
+    p.add_argument("--show", type=int, default=0, help="print this many samples and exit")
+    p.add_argument("--export", metavar="DIR", help="write DIR/<split>.jsonl and DIR/images/")
+    a = p.parse_args()
+    if a.show:
+        for s in make_split(a.split, a.show, a.seed):
+            print(f"[{s.qtype}] {s.question}\n  -> {s.answer}   bboxes={s.bboxes}\n")
+    if a.export:
+        print("wrote", export_jsonl(make_split(a.split, a.n, a.seed), a.export, a.split))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""The LVR latent-token patch: latent decoding, the scoring forward, interventions and the stage-1 loss.
+
+Works on any Qwen2-VL-family model from model.py (small-vl or a real Qwen2.5-VL / LVR checkpoint).
+
+Latent decoding. A sample that emits `<|lvr_start|>` enters latent mode: for the next K steps its
+input embedding is its own last hidden state (after the final norm) instead of a token embedding;
+then `<|lvr_end|>` is fed (forced) and text generation resumes. Optionally (`latent_exit="learned"`)
+a span also ends early when the token the model would emit at a latent step is `<|lvr_end|>` or
+`<|lvr_latent_end|>`. Every sample of the batch has its own mode; one KV cache serves all; the
+prompt and image are prefilled once and the cache repeated for the G samples of a GRPO group.
+The sequence records `<|lvr|>` at latent positions; `latents` holds exactly the vectors fed there.
+
+Interventions (inference-time ablations, `mode=`):
+  normal      the hidden state is fed back, as trained.
+  drop        zero latent steps: `<|lvr_start|>` is still emitted and `<|lvr_end|>` follows at once,
+              so no latent embedding ever enters the context (the paper's "removal").
+  noise       every fed-back latent is replaced by a standard normal vector (the paper's noise).
+  noise_norm  every fed-back latent is replaced by Gaussian noise rescaled to the norm of the hidden
+              state it replaces (same norm, random direction).
+
+Stage-1 loss (teacher forcing). The response holds `<|lvr_start|> <|lvr|>*S <|lvr_end|> answer`.
+The inputs at the S slots are ground-truth visual tokens of the question's bounding boxes; the hidden
+state one position before each slot is regressed onto that slot's visual token:
+    loss = CE(text tokens of the response, no CE on <|lvr|> labels) + lam * MSE(h_before_slot, v_slot)
+Slot targets: `pooled` (default) averages each box's merged visual tokens onto a fixed share of K
+slots, so SFT trains exactly the K steps inference runs; `bbox` uses every merged token inside the
+boxes (LVR's reference behaviour: S varies per sample and differs from inference's K).
+
+    python lvr.py --model DIR --n 4      # decode a few test questions with a trained checkpoint
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import data
+import model as M
+
+MODES = ("normal", "drop", "noise", "noise_norm")
+
+
+# --------------------------------------------------------------------------------- forward pass
+def image_features(model, pixel_values, image_grid_thw) -> torch.Tensor:
+    """Merged visual tokens of all images, concatenated in batch order."""
+    out = model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+    return torch.cat(out.pooler_output, dim=0)
+
+
+def embed(model, input_ids, pixel_values=None, image_grid_thw=None, latents=None, latent_mask=None, feats=None):
+    """Token embeddings; merged visual tokens at image placeholders; given vectors at latent positions."""
+    x = model.get_input_embeddings()(input_ids)
+    if pixel_values is not None or feats is not None:
+        feats = image_features(model, pixel_values, image_grid_thw) if feats is None else feats
+        x = x.masked_scatter((input_ids == model.config.image_token_id)[..., None], feats.to(x.dtype))
+    if latent_mask is not None and latent_mask.any():
+        x = torch.where(latent_mask[..., None], latents.to(x.dtype), x)
+    return x
+
+
+def positions(model, input_ids, attention_mask, image_grid_thw):
+    """3-D M-RoPE position ids (3, B, L) and, per sample, the next free position (B,)."""
+    mm = (input_ids == model.config.image_token_id).int()
+    pos, _ = model.model.get_rope_index(input_ids, mm, image_grid_thw, attention_mask=attention_mask)
+    nxt = (pos.amax(dim=(0, 2)) + 1).to(input_ids.device)
+    return pos.to(input_ids.device), nxt
+
+
+def hidden(model, embeds, attention_mask, position_ids, cache=None):
+    """Post-norm last hidden states of the language model (and the cache when one is passed)."""
+    out = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                     cache=cache, use_cache=cache is not None)
+    return out.last_hidden_state
+
+
+def score_forward(model, prompt: dict, tokens, latents, latent_mask, completion_mask):
+    """One full forward over prompt + completion with the recorded latents put back as constants.
+
+    Returns the post-norm hidden states at the completion's positions (N, T, D) and the logits
+    that predict each completion token (N, T, V). Image and attention mask are always passed."""
+    ids = torch.cat([prompt["input_ids"], tokens], 1)
+    mask = torch.cat([prompt["attention_mask"], completion_mask.long()], 1)
+    L0 = prompt["input_ids"].shape[1]
+    lat_full = F.pad(latent_mask, (L0, 0))
+    vecs = F.pad(latents, (0, 0, L0, 0))
+    x = embed(model, ids, prompt["pixel_values"], prompt["image_grid_thw"], vecs.detach(), lat_full)
+    pos, _ = positions(model, ids, mask, prompt["image_grid_thw"])
+    h = hidden(model, x, mask, pos)
+    logits = model.lm_head(h[:, L0 - 1:-1])
+    return h[:, L0:], logits
+
+
+# ---------------------------------------------------------------------------------------- decode
+@dataclass
+class Rollout:
+    prompt: dict              # the encoded prompts, repeated G times (row i*G+g is prompt i)
+    tokens: torch.Tensor      # (N, T) ids; <|lvr|> at latent positions; pad after the end
+    latents: torch.Tensor     # (N, T, D) the vectors fed at latent positions, zeros elsewhere
+    latent_mask: torch.Tensor  # (N, T) bool
+    mask: torch.Tensor        # (N, T) bool: real completion positions (EOS included)
+    lvr_start: int            # the <|lvr_start|> id
+
+    @property
+    def opened(self) -> torch.Tensor:
+        """(N,) bool: the sample opened at least one latent span."""
+        return (self.tokens == self.lvr_start).any(1)
+
+
+def repeat_prompt(prompt: dict, G: int) -> dict:
+    if G == 1:
+        return prompt
+    per_image = prompt["image_grid_thw"].prod(-1)
+    pix = torch.split(prompt["pixel_values"], per_image.tolist())
+    return {"input_ids": prompt["input_ids"].repeat_interleave(G, 0),
+            "attention_mask": prompt["attention_mask"].repeat_interleave(G, 0),
+            "mm_token_type_ids": prompt["mm_token_type_ids"].repeat_interleave(G, 0),
+            "image_grid_thw": prompt["image_grid_thw"].repeat_interleave(G, 0),
+            "pixel_values": torch.cat([p for p in pix for _ in range(G)])}
+
+
+def sample_token(logits, temperature, top_p, generator):
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:
+        sp, si = probs.sort(-1, descending=True)
+        keep = sp.cumsum(-1) - sp < top_p
+        probs = torch.zeros_like(probs).scatter(-1, si, sp * keep)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def eos_ids(model, tok) -> list[int]:
+    ids = {tok.convert_tokens_to_ids(data.IM_END)}
+    eos = model.config.text_config.eos_token_id
+    ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return sorted(i for i in ids if i is not None and i >= 0)
+
+
+@torch.no_grad()
+def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, latent_steps: int = 8,
+             mode: str = "normal", temperature: float = 0.0, top_p: float = 1.0, force=None,
+             latent_exit: str = "fixed", generator=None, use_cache: bool = True) -> Rollout:
+    """Batched latent decoding. `force` (N,) int per sample: 1 opens a span first, -1 never opens one.
+
+    use_cache=False recomputes the whole sequence at every step (the test oracle for the cache)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown latent mode {mode!r}; expected one of {MODES}")
+    if latent_exit not in ("fixed", "learned"):
+        raise ValueError(f"unknown latent_exit {latent_exit!r}; expected 'fixed' or 'learned'")
+    ids = M.lvr_token_ids(model)
+    start, lvr, lat_end, end = ids["lvr_start_id"], ids["lvr_id"], ids["lvr_latent_end_id"], ids["lvr_end_id"]
+    K = 0 if mode == "drop" else latent_steps
+    eos = torch.tensor(eos_ids(model, tok))
+    dev = prompt["input_ids"].device
+    full = repeat_prompt(prompt, G)
+    N = full["input_ids"].shape[0]
+    force = torch.zeros(N, dtype=torch.long, device=dev) if force is None else force.to(dev)
+
+    # prefill once per prompt, then repeat the cache G times
+    pos, nxt = positions(model, prompt["input_ids"], prompt["attention_mask"], prompt["image_grid_thw"])
+    feats = image_features(model, prompt["pixel_values"], prompt["image_grid_thw"])
+    x = embed(model, prompt["input_ids"], feats=feats)
+    cache = None
+    if use_cache:
+        from transformers import DynamicCache
+        cache = DynamicCache(config=model.config.text_config)
+    h = hidden(model, x, prompt["attention_mask"], pos, cache)[:, -1]
+    if G > 1:
+        h, nxt = h.repeat_interleave(G, 0), nxt.repeat_interleave(G, 0)
+        if cache is not None:
+            cache.batch_repeat_interleave(G)
+    per_image = (prompt["image_grid_thw"].prod(-1) // model.config.vision_config.spatial_merge_size ** 2).tolist()
+    feats_full = torch.cat([f for f in feats.split(per_image) for _ in range(G)])
+    attn = full["attention_mask"]
+
+    D = h.shape[-1]
+    toks, vecs, lmask, real = [], [], [], []
+    in_lat = torch.zeros(N, dtype=torch.bool, device=dev)
+    left = torch.zeros(N, dtype=torch.long, device=dev)
+    done = torch.zeros(N, dtype=torch.bool, device=dev)
+    for t in range(max_new_tokens):
+        logits = model.lm_head(h).float()
+        if t == 0:
+            logits[force > 0] = float("-inf")
+            logits[force > 0, start] = 0.0
+        logits[force < 0, start] = float("-inf")
+        nxt_tok = sample_token(logits, temperature, top_p, generator)
+        learned_exit = (nxt_tok == end) | (nxt_tok == lat_end) if latent_exit == "learned" else torch.zeros_like(done)
+        exit_now = in_lat & ((left == 0) | learned_exit)
+        feed = in_lat & ~exit_now & ~done
+        token = torch.where(exit_now, torch.full_like(nxt_tok, end), torch.where(feed, torch.full_like(nxt_tok, lvr), nxt_tok))
+        token = torch.where(done, torch.full_like(token, tok.pad_token_id), token)
+        vec = latent_vector(h, mode, generator)
+        entered = ~in_lat & ~done & (token == start)
+        in_lat = (in_lat & feed) | entered
+        left = torch.where(feed, left - 1, torch.where(entered, torch.full_like(left, K), left))
+        toks.append(token)
+        vecs.append(torch.where(feed[:, None], vec, torch.zeros_like(vec)))
+        lmask.append(feed)
+        real.append(~done)
+        done = done | torch.isin(token, eos.to(dev))
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        step_x = torch.where(feed[:, None], vec.to(h.dtype), model.get_input_embeddings()(token))
+        attn = torch.cat([attn, torch.ones(N, 1, dtype=attn.dtype, device=dev)], 1)
+        if use_cache:
+            h = hidden(model, step_x[:, None], attn, (nxt + t).view(1, N, 1).expand(3, N, 1), cache)[:, -1]
+        else:
+            T = len(toks)
+            ids_full = torch.cat([full["input_ids"], torch.stack(toks, 1)], 1)
+            lat_full = F.pad(torch.stack(lmask, 1), (full["input_ids"].shape[1], 0))
+            vec_full = F.pad(torch.stack(vecs, 1), (0, 0, full["input_ids"].shape[1], 0))
+            xf = embed(model, ids_full, latents=vec_full, latent_mask=lat_full, feats=feats_full)
+            pf, _ = positions(model, ids_full, attn, full["image_grid_thw"])
+            h = hidden(model, xf, attn, pf)[:, -1]
+            assert T == t + 1
+    return Rollout(full, torch.stack(toks, 1), torch.stack(vecs, 1).reshape(N, -1, D), torch.stack(lmask, 1),
+                   torch.stack(real, 1), start)
+
+
+def latent_vector(h, mode, generator):
+    """The vector fed at a latent step: the hidden state itself, or noise in its place."""
+    if mode in ("normal", "drop"):
+        return h
+    noise = torch.randn(h.shape, generator=generator, device=h.device, dtype=torch.float32).to(h.dtype)
+    if mode == "noise":
+        return noise
+    return noise * (h.norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True))
+
+
+# ------------------------------------------------------------------------------ stage-1 targets
+def region_tokens(box, gh: int, gw: int) -> list[int]:
+    """Raster indices of the merged-token cells (gh x gw grid) that overlap a normalised xyxy box."""
+    x0, y0, x1, y1 = box
+    c0, c1 = min(gw - 1, int(math.floor(x0 * gw))), max(int(math.floor(x0 * gw)), math.ceil(x1 * gw) - 1)
+    r0, r1 = min(gh - 1, int(math.floor(y0 * gh))), max(int(math.floor(y0 * gh)), math.ceil(y1 * gh) - 1)
+    return [r * gw + c for r in range(r0, min(r1, gh - 1) + 1) for c in range(c0, min(c1, gw - 1) + 1)]
+
+
+def chunks(n: int, k: int) -> list[tuple[int, int]]:
+    """Adaptive-average-pool windows that map n items onto k slots."""
+    return [(math.floor(i * n / k), math.ceil((i + 1) * n / k)) for i in range(k)]
+
+
+def slot_groups(bboxes, gh: int, gw: int, targets: str = "pooled", K: int = 8) -> list[list[int]]:
+    """For each latent slot, the merged-token indices whose mean is its target."""
+    regions = [region_tokens(b, gh, gw) for b in bboxes]
+    if targets == "bbox":
+        seen = sorted({i for r in regions for i in r})
+        return [[i] for i in seen]
+    if targets != "pooled":
+        raise ValueError(f"unknown latent target {targets!r}; expected 'pooled' or 'bbox'")
+    if len(regions) > K:
+        regions = [sorted({i for r in regions for i in r})]
+    shares = [K // len(regions) + (j < K % len(regions)) for j in range(len(regions))]
+    return [r[a:b] for r, k in zip(regions, shares) for a, b in chunks(len(r), k)]
+
+
+def sft_batch(model, tok, samples, latent: list[bool], K: int = 8, targets: str = "pooled") -> tuple[dict, torch.Tensor]:
+    """Teacher-forcing batch: replies with a latent span where `latent[i]`, and the (S, n_image_tokens)
+    matrix whose rows average the merged visual tokens that are each slot's target."""
+    vcfg = model.config.vision_config
+    m = vcfg.spatial_merge_size
+    groups = [slot_groups(s.bboxes, *M.merged_grid(s.load_image().shape, vcfg), targets, K) if use else []
+              for s, use in zip(samples, latent)]
+    batch = M.encode(model, tok, samples, [data.chat_response(s.answer, s.reason, len(g)) for s, g in zip(samples, groups)])
+    sizes = (batch["image_grid_thw"].prod(-1) // m ** 2).tolist()
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    W = torch.zeros(sum(map(len, groups)), sum(sizes))
+    rows = [(offsets[i], idx) for i, g in enumerate(groups) for idx in g]
+    for r, (off, idx) in enumerate(rows):
+        W[r, [off + j for j in idx]] = 1.0 / len(idx)
+    return batch, W
+
+
+def sft_loss(model, batch: dict, slot_weights: torch.Tensor, lam: float = 0.1) -> dict:
+    """CE on response text (no CE on <|lvr|> labels) + lam * MSE(hidden before each slot, its target).
+
+    batch: encode() output with `labels`. slot_weights (S, n_image_tokens) maps the batch's merged
+    visual tokens to the targets of its S `<|lvr|>` slots, in reading order (see sft_batch)."""
+    ids = batch["input_ids"]
+    feats = image_features(model, batch["pixel_values"], batch["image_grid_thw"])
+    slot = ids == model.config.lvr_id
+    latents = feats.new_zeros(*ids.shape, feats.shape[-1])
+    targets = (slot_weights.to(feats.dtype) @ feats).detach()
+    latents[slot] = targets  # row-major: the order of slot_weights' rows
+    x = embed(model, ids, latents=latents, latent_mask=slot, feats=feats)
+    pos, _ = positions(model, ids, batch["attention_mask"], batch["image_grid_thw"])
+    h = hidden(model, x, batch["attention_mask"], pos)
+    labels = batch["labels"][:, 1:].masked_fill(slot[:, 1:], -100)
+    logits = model.lm_head(h[:, :-1])
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    before = torch.nonzero(slot[:, 1:], as_tuple=True)  # position p predicts slot p+1
+    mse = F.mse_loss(h[:, :-1][before].float(), targets.float()) if slot.any() else h.new_zeros(())
+    return {"loss": ce + lam * mse, "ce": ce.detach(), "mse": mse.detach()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint directory (train_sft.py / train_rl.py output)")
+    p.add_argument("--n", type=int, default=4, help="number of test questions to decode")
+    p.add_argument("--mode", default="normal", choices=MODES, help="latent intervention")
+    a = p.parse_args()
+    try:
+        model, tok = M.load_model(a.model)
+    except M.ModelLoadError as e:
+        raise SystemExit(f"error: {e}")
+    samples = data.make_split("test", a.n)
+    roll = generate(model, tok, M.encode(model, tok, samples), mode=a.mode)
+    for s, t in zip(samples, roll.tokens):
+        print(f"[{s.qtype}] answer {s.answer}: {tok.decode(t, skip_special_tokens=False)}")
+
+
+if __name__ == "__main__":
+    main()

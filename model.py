@@ -1,0 +1,247 @@
+"""The small-vl preset, its tokenizer and image preprocessing, and loading/saving of Qwen2-VL-family models.
+
+small-vl is transformers' own `Qwen2_5_VLForConditionalGeneration` built from a tiny config (the
+paper's base architecture), so the latent patch in lvr.py runs unchanged on a real Qwen2.5-VL /
+Qwen2-VL / LVR checkpoint directory. Its tokenizer is a word-level `tokenizers` model over the task's
+vocabulary plus the Qwen chat tokens and the four LVR tokens. One departure from stock Qwen2.5-VL:
+small-vl's vision tower takes 5 input channels, RGB plus x and y coordinate ramps (see README,
+"Training recipe"); the preprocessing adds them only when `vision_config.in_channels == 5`, so real
+3-channel checkpoints are untouched.
+
+    python model.py                      # build small-vl and print its size
+    python model.py --load DIR           # load a local checkpoint directory and print what it is
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+import data
+
+LVR_TOKENS = (data.LVR_START, data.LVR, data.LVR_LATENT_END, data.LVR_END)
+LVR_CONFIG_KEYS = ("lvr_start_id", "lvr_id", "lvr_latent_end_id", "lvr_end_id")  # order of LVR_TOKENS
+SPECIAL = ["<|endoftext|>", data.IM_START, data.IM_END, data.VISION_START, data.VISION_END, data.IMAGE_PAD,
+           "<|video_pad|>", *LVR_TOKENS, "<answer>", "</answer>", "<unk>"]
+ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration")
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+class ModelLoadError(ValueError):
+    """A model directory that cannot be used; the message is one line naming the path and the problem."""
+
+
+# ------------------------------------------------------------------------------------- small-vl
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + data.vocabulary())}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
+    tk.add_special_tokens(SPECIAL)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<|endoftext|>",
+                                   eos_token=data.IM_END, extra_special_tokens={})
+
+
+def small_vl_config(tok, text_hidden=128, text_layers=4, vision_hidden=96, vision_depth=2) -> Qwen2_5_VLConfig:
+    """A Qwen2.5-VL config sized for CPU: 96 px images -> 12x12 patches of 8 px -> 6x6 merged tokens."""
+    ids = tok.convert_tokens_to_ids
+    half = text_hidden // 4 // 2  # half the head dim: M-RoPE splits it into (t, h, w) sections like Qwen's 16/24/24
+    mrope = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
+    vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=4,
+                  in_channels=5, patch_size=8, temporal_patch_size=1, spatial_merge_size=2, window_size=256,
+                  fullatt_block_indexes=list(range(vision_depth)), out_hidden_size=text_hidden)
+    text = dict(vocab_size=len(tok), hidden_size=text_hidden, intermediate_size=4 * text_hidden,
+                num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+                bos_token_id=None, eos_token_id=ids(data.IM_END), pad_token_id=ids("<|endoftext|>"))
+    cfg = Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=ids(data.IMAGE_PAD),
+                           video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids(data.VISION_START),
+                           vision_end_token_id=ids(data.VISION_END), tie_word_embeddings=False)
+    for key, t in zip(LVR_CONFIG_KEYS, LVR_TOKENS):
+        setattr(cfg, key, ids(t))
+    return cfg
+
+
+def build_small_vl(seed: int = 0, **sizes):
+    """A freshly initialised small-vl model and its tokenizer."""
+    tok = build_tokenizer()
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(small_vl_config(tok, **sizes))
+    return model.float().eval(), tok
+
+
+# -------------------------------------------------------------------------------- preprocessing
+def target_size(h: int, w: int, factor: int, min_pixels: int = 56 * 56, max_pixels: int = 1024 * 28 * 28):
+    """Qwen's resize rule: both sides multiples of `factor`, pixel count within bounds, aspect kept."""
+    hb, wb = max(factor, round(h / factor) * factor), max(factor, round(w / factor) * factor)
+    if hb * wb > max_pixels:
+        beta = math.sqrt(h * w / max_pixels)
+        hb, wb = max(factor, math.floor(h / beta / factor) * factor), max(factor, math.floor(w / beta / factor) * factor)
+    elif hb * wb < min_pixels:
+        beta = math.sqrt(min_pixels / (h * w))
+        hb, wb = math.ceil(h * beta / factor) * factor, math.ceil(w * beta / factor) * factor
+    return hb, wb
+
+
+def preprocess_image(img: np.ndarray, vcfg, max_pixels: int = 1024 * 28 * 28):
+    """HxWx3 uint8 -> (patches [grid_h*grid_w, C*T*P*P], grid_thw [1, gh, gw]) in Qwen's patch order."""
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 image, got shape {img.shape}")
+    P, M, T = vcfg.patch_size, vcfg.spatial_merge_size, vcfg.temporal_patch_size
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div(255)
+    h, w = target_size(x.shape[1], x.shape[2], P * M, max_pixels=max_pixels)
+    if (h, w) != tuple(x.shape[1:]):
+        x = F.interpolate(x[None], size=(h, w), mode="bicubic", antialias=True, align_corners=False)[0].clamp(0, 1)
+    x = (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    if vcfg.in_channels == 5:  # coordinate channels: x and y ramps in [-1, 1]
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+        x = torch.cat([x, xs[None], ys[None]])
+    C, gh, gw = x.shape[0], h // P, w // P
+    x = x.reshape(C, gh // M, M, P, gw // M, M, P).permute(1, 4, 2, 5, 0, 3, 6)  # gh/M, gw/M, M, M, C, P, P
+    x = x.unsqueeze(5).expand(-1, -1, -1, -1, -1, T, -1, -1)  # the still image repeated over T frames
+    return x.reshape(gh * gw, C * T * P * P), torch.tensor([[1, gh, gw]])
+
+
+def merged_grid(shape, vcfg) -> tuple[int, int]:
+    """(rows, cols) of merged visual tokens for an image of this HxWxC shape."""
+    factor = vcfg.patch_size * vcfg.spatial_merge_size
+    h, w = target_size(shape[0], shape[1], factor)
+    return h // factor, w // factor
+
+
+def n_image_tokens(grid_thw: torch.Tensor, vcfg) -> int:
+    return int(grid_thw.prod()) // vcfg.spatial_merge_size ** 2
+
+
+def encode(model, tok, samples, responses=None, images=None):
+    """Left-padded batch of chat prompts (+ responses): ids, masks, pixels, grids, mm_token_type_ids, and
+    with responses `labels` (-100 on the prompt and padding). Prompt and response are tokenised apart,
+    so the label boundary is exact for any tokenizer. `images` overrides the samples' images."""
+    cfg = model.config
+    pix, grids, ids, labels = [], [], [], []
+    for i, s in enumerate(samples):
+        p, g = preprocess_image(s.load_image() if images is None else images[i], cfg.vision_config)
+        pix.append(p)
+        grids.append(g)
+        prompt = tok(data.chat_prompt(s.question, n_image_tokens(g, cfg.vision_config)), add_special_tokens=False)["input_ids"]
+        reply = tok(responses[i], add_special_tokens=False)["input_ids"] if responses else []
+        ids.append(prompt + reply)
+        labels.append([-100] * len(prompt) + reply)
+    L, pad = max(map(len, ids)), tok.pad_token_id
+    input_ids = torch.tensor([[pad] * (L - len(x)) + x for x in ids])
+    batch = {"input_ids": input_ids, "attention_mask": torch.tensor([[0] * (L - len(x)) + [1] * len(x) for x in ids]),
+             "pixel_values": torch.cat(pix), "image_grid_thw": torch.cat(grids),
+             "mm_token_type_ids": (input_ids == cfg.image_token_id).int()}
+    if responses:
+        batch["labels"] = torch.tensor([[-100] * (L - len(x)) + x for x in labels])
+    return batch
+
+
+# ---------------------------------------------------------------------------------- load / save
+def lvr_token_ids(model) -> dict:
+    """{'lvr_start_id': .., 'lvr_id': .., 'lvr_latent_end_id': .., 'lvr_end_id': ..} from the config."""
+    return {k: getattr(model.config, k) for k in LVR_CONFIG_KEYS}
+
+
+def _check_dir(path: str) -> dict:
+    if not os.path.exists(path):
+        raise ModelLoadError(f"model path not found: {path}")
+    if not os.path.isdir(path):
+        raise ModelLoadError(f"model path is not a directory: {path}")
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{cfg_path} is not valid JSON: {e}") from None
+    archs = cfg.get("architectures") or [cfg.get("model_type")]
+    if not any(a in ARCHITECTURES + ("qwen2_5_vl", "qwen2_vl") for a in archs):
+        raise ModelLoadError(f"{path}: unsupported architecture {archs}; expected one of {list(ARCHITECTURES)}")
+    if not glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "pytorch_model*.bin")):
+        raise ModelLoadError(f"{path} has no weights (*.safetensors or pytorch_model*.bin)")
+    return cfg
+
+
+def _ensure_lvr_tokens(model, tok):
+    """Add the LVR tokens when missing; a reference LVR checkpoint's config ids take precedence."""
+    missing = [t for t in LVR_TOKENS if t not in tok.get_vocab()]
+    if missing:
+        tok.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    emb = model.get_input_embeddings()
+    if len(tok) > emb.num_embeddings:
+        old = emb.num_embeddings
+        model.resize_token_embeddings(len(tok), mean_resizing=False)
+        with torch.no_grad():  # new rows start at the mean embedding
+            for m in (model.get_input_embeddings(), model.get_output_embeddings()):
+                m.weight[old:] = m.weight[:old].mean(0)
+    for key, t in zip(LVR_CONFIG_KEYS, LVR_TOKENS):
+        if getattr(model.config, key, None) is None:
+            setattr(model.config, key, tok.convert_tokens_to_ids(t))
+
+
+def load_model(path: str, dtype=torch.float32, device="cpu", attn="sdpa"):
+    """Load our save_pretrained output or a Hugging Face Qwen2.5-VL / Qwen2-VL (/ LVR) directory."""
+    from transformers import AutoModelForImageTextToText
+    cfg = _check_dir(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds here
+        raise ModelLoadError(f"{path}: cannot load its tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"{path}: cannot load weights ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if type(model).__name__ not in ARCHITECTURES:
+        raise ModelLoadError(f"{path}: loaded {type(model).__name__}, expected one of {list(ARCHITECTURES)}")
+    for key in LVR_CONFIG_KEYS:  # a reference LVR checkpoint stores these at the top level of config.json
+        if key in cfg and getattr(model.config, key, None) is None:
+            setattr(model.config, key, cfg[key])
+    _ensure_lvr_tokens(model, tok)
+    return model.to(device).eval(), tok
+
+
+def save_checkpoint(model, tok, path: str, state: dict | None = None):
+    """Write an HF-format directory atomically: into path.tmp, then rename over path.
+
+    `state` (optimizer, step, rng, ...) goes to trainer_state.pt beside the weights for --resume."""
+    tmp, old = path.rstrip("/") + ".tmp", path.rstrip("/") + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    if state is not None:
+        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", metavar="DIR", help="load this checkpoint directory instead of building small-vl")
+    a = p.parse_args()
+    try:
+        model, tok = load_model(a.load) if a.load else build_small_vl()
+    except (ModelLoadError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    n = sum(p.numel() for p in model.parameters())
+    nv = sum(p.numel() for p in model.model.visual.parameters())
+    print(f"{type(model).__name__}: {n / 1e6:.2f}M parameters ({nv / 1e6:.2f}M vision), vocab {len(tok)}")
+    print("LVR token ids:", lvr_token_ids(model))
+
+
+if __name__ == "__main__":
+    main()

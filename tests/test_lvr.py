@@ -1,0 +1,192 @@
+"""The latent decode loop against full-recompute and per-sample oracles, interventions, the SFT loss by hand."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import lvr
+import model as M
+
+
+def ids_of(model):
+    return M.lvr_token_ids(model)
+
+
+def decode(model, tok, samples, **kw):
+    prompt = M.encode(model, tok, samples)
+    kw.setdefault("max_new_tokens", 12)
+    kw.setdefault("latent_steps", 3)
+    return lvr.generate(model, tok, prompt, **kw)
+
+
+FORCE = torch.tensor([1, 0, 1, -1, 1])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_kv_cache_equals_full_recompute(tiny, samples, temperature):
+    m, tok = tiny
+    runs = [decode(m, tok, samples, G=2, force=FORCE.repeat_interleave(2), temperature=temperature, top_p=0.9,
+                   generator=torch.Generator().manual_seed(3), use_cache=c) for c in (True, False)]
+    cached, full = runs
+    assert cached.latent_mask.any(), "the test needs latent steps"
+    assert torch.equal(cached.tokens, full.tokens)
+    assert torch.equal(cached.latent_mask, full.latent_mask)
+    assert (cached.latents - full.latents).abs().max() < 1e-5
+
+
+def test_batched_equals_per_sample(tiny, samples):
+    m, tok = tiny
+    lens = [M.encode(m, tok, [s])["input_ids"].shape[1] for s in samples]
+    assert len(set(lens)) > 1, "prompts of different lengths are needed to exercise left padding"
+    batched = decode(m, tok, samples, force=FORCE)
+    for i, s in enumerate(samples):
+        one = decode(m, tok, [s], force=FORCE[i:i + 1])
+        T = one.tokens.shape[1]
+        assert torch.equal(batched.tokens[i, :T], one.tokens[0])
+        assert torch.equal(batched.latent_mask[i, :T], one.latent_mask[0])
+        assert (batched.latents[i, :T] - one.latents[0]).abs().max() < 1e-5
+
+
+def test_group_rows_share_the_prompt(tiny, samples):
+    m, tok = tiny
+    roll = decode(m, tok, samples[:2], G=3, force=torch.tensor([1, 1, 1, -1, -1, -1]))
+    assert roll.tokens.shape[0] == 6
+    assert torch.equal(roll.prompt["input_ids"][0], roll.prompt["input_ids"][2])
+    assert torch.equal(roll.tokens[0], roll.tokens[1])  # greedy: identical rows within a group
+    assert roll.opened.tolist() == [True] * 3 + [False] * 3
+
+
+def test_latent_span_layout(tiny, samples):
+    m, tok = tiny
+    ids = ids_of(m)
+    roll = decode(m, tok, samples, force=torch.ones(5, dtype=torch.long), latent_steps=4)
+    for row, lat in zip(roll.tokens, roll.latent_mask):
+        assert row[0] == ids["lvr_start_id"]
+        assert lat[1:5].all() and not lat[0] and not lat[5:].any()
+        assert (row[1:5] == ids["lvr_id"]).all() and row[5] == ids["lvr_end_id"]
+    # the fed latent is the hidden state of the position before it
+    h, _ = lvr.score_forward(m, roll.prompt, roll.tokens, roll.latents, roll.latent_mask, roll.mask)
+    assert (h[:, 0:4] - roll.latents[:, 1:5]).abs().max() < 1e-5
+
+
+def test_drop_feeds_no_latents(tiny, samples):
+    m, tok = tiny
+    ids = ids_of(m)
+    roll = decode(m, tok, samples, force=torch.ones(5, dtype=torch.long), mode="drop")
+    assert not roll.latent_mask.any() and roll.latents.abs().sum() == 0
+    assert (roll.tokens[:, 0] == ids["lvr_start_id"]).all() and (roll.tokens[:, 1] == ids["lvr_end_id"]).all()
+
+
+def test_noise_replaces_latents(tiny, samples):
+    m, tok = tiny
+    force, K = torch.ones(5, dtype=torch.long), 3
+    normal = decode(m, tok, samples, force=force, latent_steps=K)
+    noise = decode(m, tok, samples, force=force, latent_steps=K, mode="noise", generator=torch.Generator().manual_seed(7))
+    matched = decode(m, tok, samples, force=force, latent_steps=K, mode="noise_norm",
+                     generator=torch.Generator().manual_seed(7))
+    assert torch.equal(noise.latent_mask, normal.latent_mask) and torch.equal(matched.latent_mask, normal.latent_mask)
+    # plain noise: exactly the generator's standard normal draws (one draw of N x D per decode step)
+    g, D = torch.Generator().manual_seed(7), normal.latents.shape[-1]
+    draws = torch.stack([torch.randn((5, D), generator=g) for _ in range(K + 1)], 1)
+    assert torch.allclose(noise.latents[:, 1:K + 1], draws[:, 1:K + 1])
+    # norm-matched: the first latent replaces the same hidden state as in the normal run
+    real, fake = normal.latents[:, 1], matched.latents[:, 1]
+    assert torch.allclose(fake.norm(dim=-1), real.norm(dim=-1), rtol=1e-5)
+    assert F.cosine_similarity(fake, real, dim=-1).abs().max() < 0.5
+    assert torch.allclose(fake / fake.norm(dim=-1, keepdim=True), draws[:, 1] / draws[:, 1].norm(dim=-1, keepdim=True), atol=1e-5)
+
+
+def test_forcing_and_learned_exit(tiny, samples):
+    m, tok = tiny
+    ids = ids_of(m)
+    never = decode(m, tok, samples, force=-torch.ones(5, dtype=torch.long))
+    assert not never.opened.any()
+    with pytest.raises(ValueError, match="latent_exit"):
+        decode(m, tok, samples, latent_exit="sometimes")
+    with pytest.raises(ValueError, match="latent mode"):
+        decode(m, tok, samples, mode="silence")
+    # learned exit: bias the head towards <|lvr_end|> so every span ends after its first latent step
+    head = m.lm_head.weight.data.clone()
+    try:
+        m.lm_head.weight.data[ids["lvr_end_id"]] = 0
+        bias_dir = torch.ones(head.shape[1])
+        m.lm_head.weight.data[ids["lvr_end_id"]] += 0  # keep shape
+        out = lvr.generate(m, tok, M.encode(m, tok, samples), max_new_tokens=8, latent_steps=4,
+                           force=torch.ones(5, dtype=torch.long), latent_exit="learned")
+        fixed = lvr.generate(m, tok, M.encode(m, tok, samples), max_new_tokens=8, latent_steps=4,
+                             force=torch.ones(5, dtype=torch.long))
+        assert fixed.latent_mask.sum(1).eq(4).all()
+        m.lm_head.weight.data[ids["lvr_end_id"]] = 100 * bias_dir
+        m.lm_head.bias = None
+        forced = lvr.generate(m, tok, M.encode(m, tok, samples), max_new_tokens=8, latent_steps=4,
+                              force=torch.ones(5, dtype=torch.long), latent_exit="learned")
+        lengths = forced.latent_mask.sum(1)
+        assert (lengths < 4).all() and (forced.tokens[:, 0] == ids["lvr_start_id"]).all()
+        del bias_dir, out
+    finally:
+        m.lm_head.weight.data.copy_(head)
+
+
+def test_region_tokens_known_boxes():
+    assert lvr.region_tokens([0, 0, 1 / 6, 1 / 6], 6, 6) == [0]
+    assert lvr.region_tokens([0.5, 0.5, 1.0, 1.0], 6, 6) == [21, 22, 23, 27, 28, 29, 33, 34, 35]
+    assert lvr.region_tokens([0.40, 0.10, 0.45, 0.12], 6, 6) == [2]  # small box inside one cell
+    assert lvr.region_tokens([0.30, 0.0, 0.36, 0.2], 6, 6) == [1, 2, 7, 8]  # straddles a cell border
+    assert lvr.region_tokens([0.0, 0.0, 1.0, 0.5], 2, 4) == [0, 1, 2, 3]
+
+
+def test_slot_groups_pool_boxes_onto_k():
+    boxes = [[0, 0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]
+    g = lvr.slot_groups(boxes, 6, 6, "pooled", 8)
+    assert len(g) == 8
+    first, second = set(lvr.region_tokens(boxes[0], 6, 6)), set(lvr.region_tokens(boxes[1], 6, 6))
+    assert all(set(s) <= first for s in g[:4]) and all(set(s) <= second for s in g[4:])
+    assert set().union(*g[:4]) == first
+    one = lvr.slot_groups([[0, 0, 1 / 6, 1 / 6]], 6, 6, "pooled", 8)
+    assert one == [[0]] * 8  # one token repeated onto all slots
+    assert lvr.slot_groups(boxes, 6, 6, "bbox") == [[i] for i in sorted(first | second)]
+    with pytest.raises(ValueError, match="latent target"):
+        lvr.slot_groups(boxes, 6, 6, "mean")
+
+
+def test_sft_loss_equals_hand_written(tiny, samples):
+    """CE over response text (no CE on <|lvr|>) + lam * MSE, via transformers' own forward."""
+    m, tok = tiny
+    lam, K = 0.1, 4
+    chunk = samples[:3]
+    batch, W = lvr.sft_batch(m, tok, chunk, [True, False, True], K)
+    ids, labels = batch["input_ids"], batch["labels"]
+    assistant = tok.convert_tokens_to_ids("assistant")
+    for b in range(len(chunk)):  # labels start right after the prompt's "assistant" word
+        start = (ids[b] == assistant).nonzero()[0, 0]
+        assert (labels[b, :start + 1] == -100).all() and (labels[b, start + 1:] == ids[b, start + 1:]).all()
+    groups = [lvr.slot_groups(s.bboxes, 6, 6, "pooled", K) if i != 1 else [] for i, s in enumerate(chunk)]
+    got = lvr.sft_loss(m, batch, W, lam)
+
+    with torch.no_grad():
+        feats = lvr.image_features(m, batch["pixel_values"], batch["image_grid_thw"])
+        emb = m.get_input_embeddings()(ids).clone()
+        targets = {}
+        for b, g in enumerate(groups):
+            slots = (ids[b] == m.config.lvr_id).nonzero()[:, 0].tolist()
+            for p, idx in zip(slots, g):
+                targets[(b, p)] = feats[[36 * b + j for j in idx]].mean(0)
+                emb[b, p] = targets[(b, p)]
+        out = m.model(input_ids=ids, inputs_embeds=emb, attention_mask=batch["attention_mask"],
+                      pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                      mm_token_type_ids=batch["mm_token_type_ids"])
+        h = out.last_hidden_state
+        logits = m.lm_head(h)
+        ce_terms, mse_terms = [], []
+        for b in range(len(chunk)):
+            for p in range(ids.shape[1] - 1):
+                nxt = ids[b, p + 1].item()
+                if labels[b, p + 1] != -100 and nxt != m.config.lvr_id:
+                    ce_terms.append(-torch.log_softmax(logits[b, p], -1)[nxt])
+                if (b, p + 1) in targets:
+                    mse_terms.append(((h[b, p] - targets[(b, p + 1)]) ** 2).mean())
+        ce, mse = torch.stack(ce_terms).mean(), torch.stack(mse_terms).mean()
+    assert len(mse_terms) == 2 * K
+    assert abs(got["ce"].item() - ce.item()) < 1e-5
+    assert abs(got["mse"].item() - mse.item()) < 1e-5
+    assert abs(got["loss"].item() - (ce + lam * mse).item()) < 1e-5
