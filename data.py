@@ -19,10 +19,15 @@ Question types (each answer value and each letter equally likely, so the text al
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
+import csv
+import glob
 import json
 import math
 import os
 import re
+import string
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +37,8 @@ COLOURS = {"red": (230, 50, 50), "green": (50, 190, 70), "blue": (60, 100, 240),
 SHAPES = ("circle", "square", "triangle", "cross")
 RELATIONS = ("left", "right", "above", "below")
 QTYPES = ("position", "count", "attribute", "size", "distance")
-LETTERS = "ABCD"
+LETTERS = "ABCD"  # the synthetic questions' letters; benchmarks may use more (OPTION_LETTERS)
+OPTION_LETTERS = string.ascii_uppercase
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 BACKGROUND = 25
 IMAGE_SIZE = 96
@@ -69,14 +75,27 @@ class Sample:
     image_path: str | None = None
     id: str = ""
     objects: list = field(default_factory=list)
+    extra_images: list = field(default_factory=list)  # more images (arrays or paths) after the first, e.g. BLINK
+    choices: list = field(default_factory=list)       # the option texts, for benchmarks scored on them
 
     def load_image(self) -> np.ndarray:
-        if self.image is not None:
-            return self.image
-        from PIL import Image  # only needed for images stored on disk
-        if not os.path.exists(self.image_path):
-            raise FileNotFoundError(f"image not found: {self.image_path}")
-        return np.asarray(Image.open(self.image_path).convert("RGB"))
+        return self.load_images()[0]
+
+    def load_images(self) -> list[np.ndarray]:
+        return [read_image(x) for x in [self.image if self.image is not None else self.image_path, *self.extra_images]]
+
+
+def read_image(x) -> np.ndarray:
+    """An HxWx3 uint8 array from an array, a file path or encoded bytes (PNG/JPEG)."""
+    if isinstance(x, np.ndarray):
+        return x
+    from PIL import Image  # only needed for images stored on disk
+    import io
+    if isinstance(x, (bytes, bytearray)):
+        return np.asarray(Image.open(io.BytesIO(x)).convert("RGB"))
+    if not os.path.exists(x):
+        raise FileNotFoundError(f"image not found: {x}")
+    return np.asarray(Image.open(x).convert("RGB"))
 
 
 # ----------------------------------------------------------------------------------------- drawing
@@ -229,7 +248,7 @@ def option_rank(option: str) -> int:
 
 
 def format_question(question: str, options: list[str]) -> str:
-    lines = [question] + [f"{LETTERS[i]}. {opt}" for i, opt in enumerate(options)]
+    lines = [question] + [f"{OPTION_LETTERS[i]}. {opt}" for i, opt in enumerate(options)]
     return "\n".join(lines + ["Answer with the option's letter."])
 
 
@@ -262,10 +281,12 @@ LVR_START, LVR, LVR_LATENT_END, LVR_END = "<|lvr_start|>", "<|lvr|>", "<|lvr_lat
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
 
-def chat_prompt(question: str, n_image_tokens: int) -> str:
-    """The Qwen chat turn with the image placeholders already expanded, ending where the reply starts."""
-    image = VISION_START + IMAGE_PAD * n_image_tokens + VISION_END
-    return f"{IM_START}user\n{image}{question}{IM_END}\n{IM_START}assistant\n"
+def chat_prompt(question: str, n_image_tokens) -> str:
+    """The Qwen chat turn with the image placeholders (one block per image; `n_image_tokens` an int or
+    a list) already expanded, ending where the reply starts."""
+    counts = [n_image_tokens] if isinstance(n_image_tokens, int) else n_image_tokens
+    images = "".join(VISION_START + IMAGE_PAD * n + VISION_END for n in counts)
+    return f"{IM_START}user\n{images}{question}{IM_END}\n{IM_START}assistant\n"
 
 
 def chat_response(answer: str, reason: str = "", latent_slots: int = 0) -> str:
@@ -308,8 +329,6 @@ ANSWER_RE = re.compile(r"<answer>\s*([A-Z])\s*</answer>|^\s*\(?([A-Z])\)?\s*$")
 
 def from_record(rec: dict, base_dir: str) -> Sample:
     """One JSONL row -> Sample; raises ValueError naming the bad field."""
-    if not isinstance(rec, dict):
-        raise ValueError("row is not a JSON object")
     for key in ("image", "conversations", "bboxes"):
         if key not in rec:
             raise ValueError(f"missing field {key!r}")
@@ -334,23 +353,239 @@ def from_record(rec: dict, base_dir: str) -> Sample:
 
 def load_jsonl(path: str) -> list[Sample]:
     """Read a LLaVA-style JSONL file; a bad row raises ValueError naming the file and line."""
+    base = os.path.dirname(os.path.abspath(path))
+
+    def parse(line):
+        s = from_record(json_object(line), base)
+        image_file(s.image_path)
+        return s
+    return parse_rows(path, jsonl_lines(path), parse)
+
+
+# ------------------------------------------------------------------------------- real benchmarks
+# Public multiple-choice benchmarks in their released layouts. Every loader returns Samples whose question
+# lists lettered options, whose answer is the letter and whose qtype is the category / sub-task; images
+# stay lazy (paths or encoded bytes, decoded by Sample.load_images). A bad row raises
+# ValueError("<file>:<line or row>: <problem>"); a missing file or directory raises FileNotFoundError.
+def answer_letter(answer, n_options: int) -> str:
+    """'(A)', '(a)', 'a' or 'A' -> 'A'; anything but one of the first n_options letters is an error."""
+    letter = str(answer).strip().strip("()").strip().upper()
+    if len(letter) != 1 or letter not in OPTION_LETTERS[:n_options]:
+        raise ValueError(f"unknown answer letter {answer!r}")
+    return letter
+
+
+def blank(v) -> bool:
+    """None, NaN and empty text (pandas writes NaN to a TSV as '' or 'nan') count as missing."""
+    if isinstance(v, str):
+        return v.strip().lower() in ("", "nan")
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def need(row: dict, key: str):
+    """row[key], or a ValueError naming the missing field (see blank)."""
+    if blank(row.get(key)):
+        raise ValueError(f"missing field {key!r}")
+    return row[key]
+
+
+def image_file(path: str) -> str:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file not found: {path}")
-    base, samples = os.path.dirname(os.path.abspath(path)), []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                s = from_record(json.loads(line), base)
-            except (json.JSONDecodeError, ValueError) as e:
-                raise ValueError(f"{path}:{lineno}: {e}") from None
-            if not os.path.isfile(s.image_path):
-                raise ValueError(f"{path}:{lineno}: image not found: {s.image_path}")
-            samples.append(s)
+        raise ValueError(f"image not found: {path}")
+    return path
+
+
+def mc_sample(sid: str, qtype, question, options, answer, images: list) -> Sample:
+    if not isinstance(options, (list, tuple)) or len(options) < 2:
+        raise ValueError(f"need a list of at least 2 options, got {options!r}")
+    options = [str(o).strip() for o in options]
+    # image_path may hold encoded bytes (BLINK, TSV): read_image decodes paths and bytes alike.
+    return Sample(question=format_question(str(question).strip(), options), answer=answer_letter(answer, len(options)),
+                  reason="", qtype=str(qtype), bboxes=[], image_path=images[0], id=sid,
+                  extra_images=list(images[1:]), choices=options)
+
+
+def split_options(text: str, field: str) -> tuple[str, list[str]]:
+    """'Q? (a) x (b) y' or 'Q?\n(A) x\n(B) y\nAnswer with ...' -> ('Q?', ['x', 'y']); letters must run A, B, ..."""
+    parts = re.split(r"(?:^|\s)\(([A-Za-z])\)\s*", text.strip())
+    letters, options = "".join(parts[1::2]).upper(), [p.strip() for p in parts[2::2]]
+    options[-1:] = [o.split("\n")[0].strip() for o in options[-1:]]  # drop an instruction after the last option
+    if len(options) < 2 or letters != OPTION_LETTERS[:len(letters)] or not all(options):
+        raise ValueError(f"malformed field {field!r}: no options '(A) ...', '(B) ...' in {text!r}")
+    return parts[0].strip(), options
+
+
+def parse_rows(path: str, rows, parse) -> list[Sample]:
+    """parse(row) for each (line_or_row, row); a bad row raises ValueError naming the file and row."""
+    samples = []
+    for where, row in rows:
+        try:
+            samples.append(parse(row))
+        except ValueError as e:
+            raise ValueError(f"{path}:{where}: {e}") from None
     if not samples:
         raise ValueError(f"{path}: no samples")
     return samples
+
+
+def benchmark_file(path: str) -> str:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"file not found: {path}")
+    return path
+
+
+def jsonl_lines(path: str) -> list[tuple[int, str]]:
+    with open(benchmark_file(path)) as f:
+        return [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+
+
+def json_object(line: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"malformed JSON: {e}") from None
+    if not isinstance(row, dict):
+        raise ValueError("row is not a JSON object")
+    return row
+
+
+def csv_rows(path: str, columns: tuple, delimiter: str = ",") -> list[tuple[int, dict]]:
+    """(line number, row) for each record of a CSV/TSV file whose header must name `columns`."""
+    csv.field_size_limit(2**31 - 1)  # VLMEvalKit TSVs hold whole base64 images in one field
+    with open(benchmark_file(path), newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}:1: missing column {missing[0]!r}")
+        return [(reader.line_num, row) for row in reader]
+
+
+def load_blink(root: str, split: str = "val") -> list[Sample]:
+    """BLINK: root/<Sub_Task>/<split>-*.parquet; up to four images per question (image_1..image_4)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("reading BLINK's parquet files needs pyarrow: pip install pyarrow") from None
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"benchmark directory not found: {root}")
+    files = sorted(glob.glob(os.path.join(root, "*", f"{split}-*.parquet")))
+    if not files:
+        raise FileNotFoundError(f"no {split}-*.parquet files in the sub-task folders of {root}")
+
+    def parse(row, task):
+        images = []
+        for k in range(1, 5):
+            if (image := row.get(f"image_{k}")) is not None:
+                if not image.get("bytes"):
+                    raise ValueError(f"image_{k} holds no image bytes")
+                images.append(image["bytes"])
+        if not images:
+            raise ValueError("missing field 'image_1'")
+        return mc_sample(f"blink-{need(row, 'idx')}", row.get("sub_task") or task, need(row, "question"),
+                         need(row, "choices"), need(row, "answer"), images)
+    samples = []
+    for path in files:  # rows are numbered from 0 in the errors
+        table, task = pq.read_table(path), os.path.basename(os.path.dirname(path))
+        missing = [c for c in ("idx", "question", "choices", "answer", "image_1") if c not in table.column_names]
+        if missing:
+            raise ValueError(f"{path}: missing column {missing[0]!r}")
+        samples += parse_rows(path, enumerate(table.to_pylist()), lambda row: parse(row, task))
+    return samples
+
+
+def load_cvbench(root: str) -> list[Sample]:
+    """CV-Bench: root/test.jsonl, images under root/img/; qtype is the row's task (Count, Depth, ...)."""
+    path = os.path.join(root, "test.jsonl")
+
+    def parse(line):
+        row = json_object(line)
+        image = image_file(os.path.join(root, str(need(row, "image"))))
+        return mc_sample(f"cvbench-{need(row, 'idx')}", need(row, "task"), need(row, "question"),
+                         need(row, "choices"), need(row, "answer"), [image])
+    return parse_rows(path, jsonl_lines(path), parse)
+
+
+def load_mmvp(root: str) -> list[Sample]:
+    """MMVP: root/Questions.csv ("(a) Open (b) Closed" options), images at root/MMVP Images/<Index>.jpg."""
+    path = os.path.join(root, "Questions.csv")
+
+    def parse(row):
+        index = str(need(row, "Index")).strip()
+        if not re.fullmatch(r"[1-9]\d*", index):
+            raise ValueError(f"field 'Index' must be a positive integer, got {index!r}")
+        head, options = split_options(str(need(row, "Options")), "Options")
+        if head:
+            raise ValueError(f"malformed field 'Options': text before '(a)': {head!r}")
+        image = image_file(os.path.join(root, "MMVP Images", f"{index}.jpg"))
+        return mc_sample(f"mmvp-{index}", "mmvp", need(row, "Question"), options, need(row, "Correct Answer"), [image])
+    return parse_rows(path, csv_rows(path, ("Index", "Question", "Options", "Correct Answer")), parse)
+
+
+def mmvp_pair_accuracy(ids_correct: dict[str, bool]) -> float:
+    """MMVP's pair accuracy: pair k (ids mmvp-<2k-1> and mmvp-<2k>) counts only if both answers are right."""
+    pairs: dict[int, list[bool]] = {}
+    for sid, ok in ids_correct.items():
+        m = re.fullmatch(r"mmvp-([1-9]\d*)", sid)
+        if m is None:
+            raise ValueError(f"not an MMVP question id: {sid!r}")
+        pairs.setdefault((int(m.group(1)) + 1) // 2, []).append(bool(ok))
+    if not pairs:
+        raise ValueError("no MMVP answers to score")
+    for k in sorted(pairs):
+        if len(pairs[k]) != 2:
+            raise ValueError(f"MMVP pair {k} needs both mmvp-{2 * k - 1} and mmvp-{2 * k}")
+    return sum(all(v) for v in pairs.values()) / len(pairs)
+
+
+def load_vstar(root: str) -> list[Sample]:
+    """V* Bench: root/test_questions.jsonl; the options are '(A) ...' inside the question text."""
+    path = os.path.join(root, "test_questions.jsonl")
+
+    def parse(line):
+        row = json_object(line)
+        question, options = split_options(str(need(row, "text")), "text")
+        if not question:
+            raise ValueError("field 'text' has no question before its options")
+        image = image_file(os.path.join(root, str(need(row, "image"))))
+        return mc_sample(f"vstar-{need(row, 'question_id')}", need(row, "category"), question, options,
+                         need(row, "label"), [image])
+    return parse_rows(path, jsonl_lines(path), parse)
+
+
+def load_vlmevalkit_tsv(path: str) -> list[Sample]:
+    """A VLMEvalKit TSV (MMBench, MMStar, ...): base64 `image`, option columns A, B, ..., `answer`, optional
+    `category` and `hint`. An `image` field holding another row's index reuses that row's image."""
+    rows = csv_rows(path, ("index", "image", "question", "answer"), delimiter="\t")
+    name = os.path.splitext(os.path.basename(path))[0]
+    by_index = {row["index"]: row["image"] for _, row in rows if len(row.get("image") or "") > 64}
+
+    def parse(row):
+        image = str(need(row, "image"))
+        image = by_index.get(image, image) if len(image) <= 64 else image
+        try:
+            image = base64.b64decode(image, validate=True)
+        except binascii.Error:
+            raise ValueError("field 'image' is not a base64 image") from None
+        letters = [c for c in OPTION_LETTERS if not blank(row.get(c))]
+        if "".join(letters) != OPTION_LETTERS[:len(letters)]:
+            raise ValueError(f"options must fill columns A, B, ... without gaps, got {letters}")
+        question = str(need(row, "question")).strip()
+        if not blank(row.get("hint")):
+            question = f"Hint: {row['hint'].strip()}\n{question}"
+        return mc_sample(f"{name}-{need(row, 'index')}", row.get("category") or name, question,
+                         [row[c] for c in letters], need(row, "answer"), [image])
+    return parse_rows(path, rows, parse)
+
+
+BENCHMARKS = {"blink": load_blink, "cvbench": load_cvbench, "mmvp": load_mmvp, "vstar": load_vstar,
+              "tsv": load_vlmevalkit_tsv}
+
+
+def load_benchmark(name: str, root: str) -> list[Sample]:
+    """Load benchmark `name` from `root` (a directory; for "tsv", the .tsv file)."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; expected one of {list(BENCHMARKS)}")
+    return BENCHMARKS[name](root)
 
 
 def main():

@@ -109,16 +109,24 @@ class Rollout:
         return (self.tokens == self.lvr_start).any(1)
 
 
-def repeat_prompt(prompt: dict, G: int) -> dict:
+def repeat_rows(per_image: list[torch.Tensor], images_per_row: list[int], G: int) -> torch.Tensor:
+    """Concatenate per-image tensors with each row's group of images repeated G times."""
+    out, i = [], 0
+    for n in images_per_row:
+        out += per_image[i:i + n] * G
+        i += n
+    return torch.cat(out)
+
+
+def repeat_prompt(prompt: dict, G: int, images_per_row: list[int]) -> dict:
+    """Every prompt row repeated G times (row i*G+g is prompt i), its images with it."""
     if G == 1:
         return prompt
-    per_image = prompt["image_grid_thw"].prod(-1)
-    pix = torch.split(prompt["pixel_values"], per_image.tolist())
-    return {"input_ids": prompt["input_ids"].repeat_interleave(G, 0),
-            "attention_mask": prompt["attention_mask"].repeat_interleave(G, 0),
-            "mm_token_type_ids": prompt["mm_token_type_ids"].repeat_interleave(G, 0),
-            "image_grid_thw": prompt["image_grid_thw"].repeat_interleave(G, 0),
-            "pixel_values": torch.cat([p for p in pix for _ in range(G)])}
+    grids = list(prompt["image_grid_thw"].split(1))
+    pix = list(prompt["pixel_values"].split(prompt["image_grid_thw"].prod(-1).tolist()))
+    rows = {k: prompt[k].repeat_interleave(G, 0) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    return {**rows, "image_grid_thw": repeat_rows(grids, images_per_row, G),
+            "pixel_values": repeat_rows(pix, images_per_row, G)}
 
 
 def sample_token(logits, temperature, top_p, generator):
@@ -155,7 +163,8 @@ def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, lat
     K = 0 if mode == "drop" else latent_steps
     eos = torch.tensor(eos_ids(model, tok))
     dev = prompt["input_ids"].device
-    full = repeat_prompt(prompt, G)
+    images_per_row = (prompt["input_ids"] == model.config.vision_start_token_id).sum(1).tolist()
+    full = repeat_prompt(prompt, G, images_per_row)
     N = full["input_ids"].shape[0]
     force = torch.zeros(N, dtype=torch.long, device=dev) if force is None else force.to(dev)
 
@@ -173,7 +182,7 @@ def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, lat
         if cache is not None:
             cache.batch_repeat_interleave(G)
     per_image = (prompt["image_grid_thw"].prod(-1) // model.config.vision_config.spatial_merge_size ** 2).tolist()
-    feats_full = torch.cat([f for f in feats.split(per_image) for _ in range(G)])
+    feats_full = repeat_rows(list(feats.split(per_image)), images_per_row, G)
     attn = full["attention_mask"]
 
     D = h.shape[-1]
@@ -295,7 +304,7 @@ def sft_loss(model, batch: dict, slot_weights: torch.Tensor, lam: float = 0.1) -
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
     before = torch.nonzero(slot[:, 1:], as_tuple=True)  # position p predicts slot p+1
     mse = F.mse_loss(h[:, :-1][before].float(), targets.float()) if slot.any() else h.new_zeros(())
-    return {"loss": ce + lam * mse, "ce": ce.detach(), "mse": mse.detach()}
+    return {"loss": ce + lam * mse, "ce": ce.detach(), "mse": mse.detach(), "feats": feats}
 
 
 def main():

@@ -23,10 +23,12 @@ import shutil
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers.utils import logging as hf_logging
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 import data
 
+hf_logging.disable_progress_bar()  # our own tqdm bars are the ones that matter
 LVR_TOKENS = (data.LVR_START, data.LVR, data.LVR_LATENT_END, data.LVR_END)
 LVR_CONFIG_KEYS = ("lvr_start_id", "lvr_id", "lvr_latent_end_id", "lvr_end_id")  # order of LVR_TOKENS
 SPECIAL = ["<|endoftext|>", data.IM_START, data.IM_END, data.VISION_START, data.VISION_END, data.IMAGE_PAD,
@@ -130,10 +132,13 @@ def encode(model, tok, samples, responses=None, images=None):
     cfg = model.config
     pix, grids, ids, labels = [], [], [], []
     for i, s in enumerate(samples):
-        p, g = preprocess_image(s.load_image() if images is None else images[i], cfg.vision_config)
-        pix.append(p)
-        grids.append(g)
-        prompt = tok(data.chat_prompt(s.question, n_image_tokens(g, cfg.vision_config)), add_special_tokens=False)["input_ids"]
+        counts = []
+        for img in (s.load_images() if images is None else [images[i]]):
+            p, g = preprocess_image(img, cfg.vision_config)
+            pix.append(p)
+            grids.append(g)
+            counts.append(n_image_tokens(g, cfg.vision_config))
+        prompt = tok(data.chat_prompt(s.question, counts), add_special_tokens=False)["input_ids"]
         reply = tok(responses[i], add_special_tokens=False)["input_ids"] if responses else []
         ids.append(prompt + reply)
         labels.append([-100] * len(prompt) + reply)

@@ -112,5 +112,5 @@ def test_not_json_and_missing_file(tmp_path):
     p.write_text("{oops\n")
     with pytest.raises(ValueError, match=r"x.jsonl:1: "):
         data.load_jsonl(str(p))
-    with pytest.raises(FileNotFoundError, match="data file not found"):
+    with pytest.raises(FileNotFoundError, match="file not found"):
         data.load_jsonl(str(tmp_path / "none.jsonl"))

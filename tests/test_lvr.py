@@ -190,3 +190,21 @@ def test_sft_loss_equals_hand_written(tiny, samples):
     assert abs(got["ce"].item() - ce.item()) < 1e-5
     assert abs(got["mse"].item() - mse.item()) < 1e-5
     assert abs(got["loss"].item() - (ce + lam * mse).item()) < 1e-5
+
+
+def test_multi_image_prompts_decode_like_single_ones(tiny, samples):
+    """A row with two images (BLINK-style) among one-image rows: cache == recompute, batched == alone."""
+    import dataclasses
+    m, tok = tiny
+    two = dataclasses.replace(samples[1], extra_images=[samples[2].image])
+    chunk = [samples[0], two, samples[3]]
+    prompt = M.encode(m, tok, chunk)
+    assert prompt["image_grid_thw"].shape[0] == 4
+    force = torch.tensor([1, 1, 0]).repeat_interleave(2)
+    kw = dict(G=2, max_new_tokens=10, latent_steps=2, force=force)
+    cached, full = (lvr.generate(m, tok, prompt, use_cache=c, **kw) for c in (True, False))
+    assert torch.equal(cached.tokens, full.tokens) and (cached.latents - full.latents).abs().max() < 1e-5
+    alone = lvr.generate(m, tok, M.encode(m, tok, [two]), G=2, max_new_tokens=10, latent_steps=2,
+                         force=torch.tensor([1, 1]))
+    T = alone.tokens.shape[1]
+    assert torch.equal(cached.tokens[2:4, :T], alone.tokens)
