@@ -42,7 +42,6 @@ OPTION_LETTERS = string.ascii_uppercase
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 BACKGROUND = 25
 IMAGE_SIZE = 96
-GRID = 6  # coarse cells per side used by the rationales' coordinates
 RADIUS = (5.0, 13.0)  # object half-size range in pixels at IMAGE_SIZE
 
 
@@ -145,17 +144,9 @@ def distinct_specs(rng, n: int, size: int, unique_shapes: bool = False):
 
 # --------------------------------------------------------------------------------------- questions
 # Each generator returns (objects, question, options, answer option, objects asked about, reason).
-# The reason is a short rationale in which every word needs one look at the image keyed by the word
-# before it (an object's colour -> its cell, size or distance), so a tiny decoder can learn it.
-def cell(o: Obj, size: int) -> tuple[int, int]:
-    """(column, row) of the object's centre on the coarse GRID x GRID layout."""
-    return min(GRID - 1, int(o.cx * GRID / size)), min(GRID - 1, int(o.cy * GRID / size))
-
-
-def size_units(o: Obj, size: int) -> int:
-    return round(o.r * IMAGE_SIZE / size) - 4  # 1..9 over RADIUS
-
-
+# The reason is a short rationale: the colours of the objects the question names (copied from the
+# question), then the answer in words, e.g. "yellow purple below". Each word is one step for a tiny
+# decoder; the letter then follows from the answer word (options are listed in a fixed order).
 def relation(a: Obj, b: Obj) -> str | None:
     """Where a is relative to b, only when one axis clearly dominates (else ambiguous: None)."""
     dx, dy = a.cx - b.cx, a.cy - b.cy
@@ -175,9 +166,7 @@ def q_position(rng, size):
     if not pairs:
         return None
     a, b = pairs[rng.integers(len(pairs))]
-    (ax, ay), (bx, by) = cell(a, size), cell(b, size)
-    reason = f"{a.colour} {ax} {ay} {b.colour} {bx} {by} {want}"
-    return objs, f"Where is {a.name} relative to {b.name}?", list(RELATIONS), want, [a, b], reason
+    return objs, f"Where is {a.name} relative to {b.name}?", list(RELATIONS), want, [a, b], f"{a.colour} {b.colour} {want}"
 
 
 def q_count(rng, size):
@@ -213,8 +202,7 @@ def q_size(rng, size):
     if ratio < 1.25:
         return None
     word = "largest" if largest else "smallest"
-    reason = " ".join(f"{o.colour} {size_units(o, size)}" for o in objs) + f" {ranked[0].colour}"
-    return objs, f"Which object is the {word}?", [o.name for o in objs], ranked[0].name, objs, reason
+    return objs, f"Which object is the {word}?", [o.name for o in objs], ranked[0].name, objs, f"{word} {ranked[0].colour}"
 
 
 def q_distance(rng, size):
@@ -228,9 +216,7 @@ def q_distance(rng, size):
     if (d0 > 0.75 * d1) if closest else (d1 > 0.8 * d0):
         return None
     word = "closest to" if closest else "farthest from"
-    rx, ry = cell(ref, size)
-    steps = " ".join(f"{o.colour} {round(math.hypot(o.cx - ref.cx, o.cy - ref.cy) * 2 * GRID / size)}" for o in cands)
-    reason = f"{ref.colour} {rx} {ry} {steps} {d[0].colour}"
+    reason = f"{ref.colour} {'closest' if closest else 'farthest'} {d[0].colour}"
     return objs, f"Which object is {word} {ref.name}?", [o.name for o in cands], d[0].name, objs, reason
 
 
@@ -297,7 +283,7 @@ def chat_response(answer: str, reason: str = "", latent_slots: int = 0) -> str:
 
 def vocabulary() -> list[str]:
     """Every word the generator can write (the small-vl tokenizer's vocabulary)."""
-    words = set(LETTERS) | set(COLOURS) | set(SHAPES) | set(RELATIONS) | {str(i) for i in range(2 * GRID * 2)}
+    words = set(LETTERS) | set(COLOURS) | set(SHAPES) | set(RELATIONS) | {"1", "2", "3", "4"}
     words |= set("Where is the relative to How many objects are there What shape object colour Which "
                  "largest smallest closest farthest from Answer with option s letter user assistant".split())
     return sorted(words) + [".", "?", "'", ","]

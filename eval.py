@@ -1,11 +1,23 @@
-"""The ablation eval: accuracy per question type under latent interventions, latent rate, routing.
+"""The ablation eval: accuracy per question type under latent interventions, latent rate, attention
+share on latents, routing; on the synthetic test split or a real benchmark in its released layout.
 
-    python eval.py --model runs/small-vl-sft --compare          # every mode on the same questions
-    python eval.py --model runs/small-vl-sft --drop-latents     # one mode
+    python eval.py --drop-latents                     # newest small-vl checkpoint (RL, else SFT), test split
+    python eval.py --model DIR --compare              # every mode on the same questions, paired differences
+    python eval.py --model DIR --route count,size     # latents forced for these types, forbidden for the rest
+    python eval.py --model DIR --bench mmvp --bench-root data/MMVP     # blink | cvbench | mmvp | vstar | tsv
+    python eval.py --plot runs/small-vl-rl/log.jsonl runs/small-vl-rl-att/log.jsonl   # training curves (PNG)
+
+Modes (lvr.py documents each): normal; drop (no latent embedding enters the context: <|lvr_start|> is
+followed at once by <|lvr_end|>); noise (every latent replaced by standard normal noise, the paper's);
+noise_norm (Gaussian noise rescaled to the norm of the latent it replaces). Routing: --force-latents (a
+span is opened first), --no-latents (never opened), --route T1,T2 (forced for those question types only).
+Accuracy intervals are 95% Wilson intervals; paired differences against normal (same questions) carry a
+95% normal-approximation interval of the mean per-question difference.
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -21,6 +33,7 @@ import model as M
 import reward
 
 
+
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a proportion k/n."""
     if n == 0:
@@ -28,6 +41,13 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     p, d = k / n, 1 + z * z / n
     c, h = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
     return (max(0.0, c - h), min(1.0, c + h))
+
+
+def paired(a: list[bool], b: list[bool], z: float = 1.96) -> dict:
+    """Mean of b - a over the same questions, with a 95% normal-approximation interval."""
+    d = np.array(b, dtype=float) - np.array(a, dtype=float)
+    half = z * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 0.0
+    return {"diff": float(d.mean()), "ci95": [float(d.mean() - half), float(d.mean() + half)], "n": len(d)}
 
 
 def route_force(samples, route: str | None) -> torch.Tensor | None:
@@ -42,78 +62,181 @@ def route_force(samples, route: str | None) -> torch.Tensor | None:
 
 @torch.no_grad()
 def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, batch_size=64, temperature=0.0,
-             top_p=1.0, seed=0, max_new_tokens=32, blank=False, progress=True) -> list[dict]:
-    """Greedy (or seeded sampling) batched decoding; one record per question."""
-    gen = torch.Generator().manual_seed(seed)
+             top_p=1.0, seed=0, max_new_tokens=32, blank=False, progress=True, att_layers=(0,)) -> list[dict]:
+    """Batched decoding (greedy, or sampling seeded by `seed`); one record per question, with the
+    rollout's attention share on its latents (reward.py's r_attn, None without a span)."""
+    gen = torch.Generator(device=model.device).manual_seed(seed)
     force = route_force(samples, route)
     records = []
     for i in tqdm(range(0, len(samples), batch_size), desc=f"eval {mode}", disable=not progress, leave=False):
         chunk = samples[i:i + batch_size]
         images = [np.full_like(s.load_image(), data.BACKGROUND) for s in chunk] if blank else None
-        prompt = M.encode(model, tok, chunk, images=images)
-        prompt = {k: v.to(model.device) for k, v in prompt.items()}
+        prompt = {k: v.to(model.device) for k, v in M.encode(model, tok, chunk, images=images).items()}
         roll = lvr.generate(model, tok, prompt, max_new_tokens=max_new_tokens, latent_steps=latent_steps, mode=mode,
                             temperature=temperature, top_p=top_p, generator=gen,
                             force=None if force is None else force[i:i + batch_size])
-        for s, t, m, opened in zip(chunk, roll.tokens, roll.mask, roll.opened.tolist()):
-            text = tok.decode(t[m], skip_special_tokens=False)
+        share = attention_share(model, roll, att_layers)
+        for j, s in enumerate(chunk):
+            text = tok.decode(roll.tokens[j][roll.mask[j]], skip_special_tokens=False)
             pred = reward.parse_answer(text)
-            records.append({"id": s.id, "qtype": s.qtype, "answer": s.answer, "pred": pred,
-                            "correct": pred == s.answer, "opened": bool(opened), "text": text})
+            opened = bool(roll.opened[j])
+            records.append({"id": s.id, "qtype": s.qtype, "answer": s.answer, "pred": pred, "correct": pred == s.answer,
+                            "opened": opened, "att_share": float(share[j]) if opened else None, "text": text})
     return records
+
+
+def attention_share(model, roll, layers) -> torch.Tensor:
+    with reward.capture_qk(model, layers) as qk:
+        lvr.score_forward(model, roll.prompt, roll.tokens, roll.latents, roll.latent_mask, roll.mask)
+    ids = torch.cat([roll.prompt["input_ids"], roll.tokens], 1)
+    return reward.attention_reward(qk, roll.prompt["attention_mask"], roll.tokens, roll.latent_mask, roll.mask, ids,
+                                   model.config.lvr_end_id).cpu()
 
 
 def summarize(records: list[dict]) -> dict:
     def stats(rs):
         k, n = sum(r["correct"] for r in rs), len(rs)
-        lo, hi = wilson(k, n)
-        return {"acc": k / max(n, 1), "ci95": [lo, hi], "n": n, "latent_rate": sum(r["opened"] for r in rs) / max(n, 1)}
-    types = sorted({r["qtype"] for r in records}, key=lambda t: (data.QTYPES + (t,)).index(t))
-    return {"overall": stats(records), "per_type": {t: stats([r for r in records if r["qtype"] == t]) for t in types}}
+        shares = [r["att_share"] for r in rs if r.get("att_share") is not None]
+        return {"acc": k / max(n, 1), "ci95": list(wilson(k, n)), "n": n,
+                "latent_rate": sum(r["opened"] for r in rs) / max(n, 1),
+                "att_share": float(np.mean(shares)) if shares else None}
+    types = sorted({r["qtype"] for r in records}, key=lambda t: (data.QTYPES.index(t) if t in data.QTYPES else 99, t))
+    out = {"overall": stats(records), "per_type": {t: stats([r for r in records if r["qtype"] == t]) for t in types}}
+    if records and all(r["id"].startswith("mmvp-") for r in records):
+        out["overall"]["pair_acc"] = data.mmvp_pair_accuracy({r["id"]: r["correct"] for r in records})
+    return out
+
+
+def compare(results: dict) -> dict:
+    """Per mode: its summary, and its paired difference against 'normal' overall and per type."""
+    base = {r["id"]: r for r in results["normal"]}
+    out = {}
+    for mode, recs in results.items():
+        out[mode] = summarize(recs)
+        if mode != "normal":
+            out[mode]["vs_normal"] = {t: paired([base[r["id"]]["correct"] for r in rs], [r["correct"] for r in rs])
+                                      for t, rs in [("overall", recs)] + [(t, [r for r in recs if r["qtype"] == t])
+                                                                          for t in out[mode]["per_type"]]}
+    return out
 
 
 def table(summaries: dict) -> str:
-    """Markdown: one row per mode, accuracy overall and per type, latent rate."""
+    """Markdown: a row per mode; accuracy overall (95% CI) and per type, latent rate, attention share,
+    and with --compare the paired difference against normal."""
     types = list(next(iter(summaries.values()))["per_type"])
-    head = "| mode | overall | " + " | ".join(types) + " | latent rate |"
-    rows = [head, "|" + "---|" * (len(types) + 3)]
+    diff = any("vs_normal" in s for s in summaries.values())
+    head = "| mode | overall [95% CI] | " + " | ".join(types) + " | latent rate | att. share |" + (" vs normal [95% CI] |" if diff else "")
+    rows = [head, "|" + "---|" * (len(types) + 4 + diff)]
     for mode, s in summaries.items():
         o = s["overall"]
-        cells = [f"{o['acc']:.3f} [{o['ci95'][0]:.2f}, {o['ci95'][1]:.2f}]"]
-        cells += [f"{s['per_type'][t]['acc']:.3f}" for t in types]
-        rows.append(f"| {mode} | " + " | ".join(cells) + f" | {o['latent_rate']:.2f} |")
+        share = "-" if o["att_share"] is None else f"{o['att_share']:.3f}"
+        cells = [f"{o['acc']:.3f} [{o['ci95'][0]:.2f}, {o['ci95'][1]:.2f}]"] + [f"{s['per_type'][t]['acc']:.3f}" for t in types]
+        row = f"| {mode} | " + " | ".join(cells) + f" | {o['latent_rate']:.2f} | {share} |"
+        if diff:
+            v = s.get("vs_normal", {}).get("overall")
+            row += f" {v['diff']:+.3f} [{v['ci95'][0]:+.2f}, {v['ci95'][1]:+.2f}] |" if v else " - |"
+        rows.append(row)
     return "\n".join(rows)
 
 
-def main():
+# ------------------------------------------------------------------------------------ the CLI
+def newest_checkpoint(runs: str = "runs") -> str:
+    """The newest small-vl RL checkpoint, else the SFT one; says which."""
+    rl = sorted(glob.glob(os.path.join(runs, "small-vl-rl*", "checkpoint")), key=os.path.getmtime)
+    sft = os.path.join(runs, "small-vl-sft", "checkpoint")
+    path = rl[-1] if rl else sft
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no small-vl checkpoint under {runs}/: run python train_sft.py --model small-vl first")
+    print(f"evaluating {path} ({'RL' if rl else 'SFT'}: the newest small-vl checkpoint)")
+    return path
+
+
+def plot(logs: list[str], out: str) -> str:
+    """Training curves of train_rl.py logs side by side: reward, accuracy, latent rate, attention share."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("--plot needs matplotlib: pip install matplotlib") from None
+    keys = [("reward", "reward"), ("acc", "accuracy"), ("latent_rate", "latent rate"), ("att_share", "attention share on latents")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    for path in logs:
+        rows = [json.loads(line) for line in open(path) if '"reward"' in line]
+        if not rows:
+            raise ValueError(f"{path}: no train_rl.py rows (with 'reward') in this log")
+        for ax, (k, _) in zip(axes, keys):
+            y = np.array([r[k] for r in rows], dtype=float)
+            w = max(1, len(y) // 20)  # light smoothing: moving average over ~5% of the run
+            ax.plot([r["step"] for r in rows][w - 1:], np.convolve(y, np.ones(w) / w, "valid"),
+                    label=os.path.basename(os.path.dirname(os.path.abspath(path))))
+    for ax, (_, title) in zip(axes, keys):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--model", help="checkpoint directory (default: the newest small-vl RL checkpoint, else SFT)")
     p.add_argument("--split", default="test", choices=["val", "test"], help="synthetic split to evaluate")
-    p.add_argument("--n", type=int, default=500, help="number of questions")
-    p.add_argument("--seed", type=int, default=0, help="data seed (must match training's to keep splits apart)")
+    p.add_argument("--n", type=int, default=500, help="number of synthetic questions (benchmarks: all unless set)")
+    p.add_argument("--data-seed", type=int, default=0, help="synthetic data seed (the one training used)")
+    p.add_argument("--bench", choices=sorted(data.BENCHMARKS), help="a real benchmark instead of synthetic data")
+    p.add_argument("--bench-root", help="the benchmark's directory (for tsv: the .tsv file)")
     p.add_argument("--latent-steps", type=int, default=8, help="K, latent steps per span")
     p.add_argument("--batch-size", type=int, default=64, help="questions decoded together")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--drop-latents", action="store_true", help="no latent embeddings enter the context")
-    g.add_argument("--noise-latents", action="store_true", help="latents replaced by standard normal noise")
-    g.add_argument("--compare", action="store_true", help="run normal, drop, noise, noise_norm and blank image")
-    p.add_argument("--out", help="JSON file for the results (default: <model>/eval_<split>.json)")
-    a = p.parse_args()
+    p.add_argument("--max-new-tokens", type=int, default=32, help="reply length cap (latent steps included)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; else sampling (seeded by --seed)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when sampling")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling and of the noise latents")
+    m = p.add_mutually_exclusive_group()
+    m.add_argument("--drop-latents", action="store_true", help="no latent embedding enters the context")
+    m.add_argument("--noise-latents", action="store_true", help="latents replaced by standard normal noise")
+    m.add_argument("--noise-norm-latents", action="store_true", help="latents replaced by noise of the same norm")
+    m.add_argument("--compare", action="store_true", help="normal, drop, noise, noise_norm on the same questions")
+    r = p.add_mutually_exclusive_group()
+    r.add_argument("--force-latents", action="store_true", help="every reply opens a latent span")
+    r.add_argument("--no-latents", action="store_true", help="no reply opens a latent span")
+    r.add_argument("--route", metavar="T1,T2", help="latents forced for these question types, forbidden for the rest")
+    p.add_argument("--att-layers", default="0", help="layers of the attention share (as train_rl.py)")
+    p.add_argument("--out", help="JSON results file (default: <model>/eval_<split or bench>.json)")
+    p.add_argument("--plot", nargs="+", metavar="LOG", help="draw train_rl.py log(s) side by side and exit")
+    p.add_argument("--plot-out", default="curves.png", help="PNG file for --plot")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
     try:
+        if a.plot:
+            print("wrote", plot(a.plot, a.plot_out))
+            return
+        a.model = a.model or newest_checkpoint()
         model, tok = M.load_model(a.model)
-    except M.ModelLoadError as e:
+        if a.bench:
+            if not a.bench_root:
+                raise ValueError("--bench needs --bench-root (the benchmark's directory or .tsv file)")
+            samples = data.load_benchmark(a.bench, a.bench_root)
+            samples = samples[:a.n] if "--n" in (argv or sys.argv) else samples
+        else:
+            samples = data.make_split(a.split, a.n, a.data_seed)
+    except (M.ModelLoadError, FileNotFoundError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")
-    samples = data.make_split(a.split, a.n, a.seed)
-    modes = {"drop": {"mode": "drop"}} if a.drop_latents else {"noise": {"mode": "noise"}} if a.noise_latents else {"normal": {}}
-    if a.compare:
-        modes = {"normal": {}, "drop": {"mode": "drop"}, "noise": {"mode": "noise"}, "noise_norm": {"mode": "noise_norm"},
-                 "blank image": {"blank": True}}
-    summaries = {name: summarize(evaluate(model, tok, samples, latent_steps=a.latent_steps, batch_size=a.batch_size, **kw))
-                 for name, kw in modes.items()}
+    route = "all" if a.force_latents else "none" if a.no_latents else a.route
+    chosen = ["drop"] if a.drop_latents else ["noise"] if a.noise_latents else ["noise_norm"] if a.noise_norm_latents else ["normal"]
+    modes = list(lvr.MODES) if a.compare else chosen
+    kw = dict(latent_steps=a.latent_steps, route=route, batch_size=a.batch_size, temperature=a.temperature, top_p=a.top_p,
+              seed=a.seed, max_new_tokens=a.max_new_tokens, att_layers=[int(x) for x in a.att_layers.split(",")])
+    results = {mode: evaluate(model, tok, samples, mode=mode, **kw) for mode in modes}
+    summaries = compare(results) if a.compare else {m: summarize(r) for m, r in results.items()}
     print(table(summaries))
-    out = a.out or os.path.join(a.model, f"eval_{a.split}.json")
+    out = a.out or os.path.join(a.model, f"eval_{a.bench or a.split}.json")
     with open(out, "w") as f:
-        json.dump(summaries, f, indent=1)
+        json.dump({"model": a.model, "route": route, "summaries": summaries, "records": results}, f, indent=1)
     print("wrote", out)
 
 

@@ -161,6 +161,8 @@ def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, lat
     ids = M.lvr_token_ids(model)
     start, lvr, lat_end, end = ids["lvr_start_id"], ids["lvr_id"], ids["lvr_latent_end_id"], ids["lvr_end_id"]
     K = 0 if mode == "drop" else latent_steps
+    cfg = model.config  # structural tokens are never sampled: image/video placeholders, vision markers, <|lvr|>
+    banned = [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id, lvr]
     eos = torch.tensor(eos_ids(model, tok))
     dev = prompt["input_ids"].device
     images_per_row = (prompt["input_ids"] == model.config.vision_start_token_id).sum(1).tolist()
@@ -192,6 +194,7 @@ def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, lat
     done = torch.zeros(N, dtype=torch.bool, device=dev)
     for t in range(max_new_tokens):
         logits = model.lm_head(h).float()
+        logits[:, banned] = float("-inf")
         if t == 0:
             logits[force > 0] = float("-inf")
             logits[force > 0, start] = 0.0

@@ -208,3 +208,18 @@ def test_multi_image_prompts_decode_like_single_ones(tiny, samples):
                          force=torch.tensor([1, 1]))
     T = alone.tokens.shape[1]
     assert torch.equal(cached.tokens[2:4, :T], alone.tokens)
+
+
+def test_structural_tokens_are_never_sampled(tiny, samples):
+    m, tok = tiny
+    cfg = m.config
+    banned = [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id]
+    head = m.lm_head.weight.data.clone()
+    try:
+        m.lm_head.weight.data[banned] = 50 * torch.ones(head.shape[1])  # the head now prefers them by far
+        roll = decode(m, tok, samples, temperature=1.0, generator=torch.Generator().manual_seed(0))
+        assert not torch.isin(roll.tokens, torch.tensor(banned)).any()
+        text = roll.tokens[~roll.latent_mask & roll.mask]
+        assert not (text == cfg.lvr_id).any()
+    finally:
+        m.lm_head.weight.data.copy_(head)

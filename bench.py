@@ -1,0 +1,167 @@
+"""Benchmarks that print figures: (a) the fused attention reward against the naive one, (b) rollout
+throughput of lvr.generate against transformers' generate(num_return_sequences=G).
+
+(a) One attention layer at sequence lengths 256..2048, on small-vl's shape (4 heads, 2 KV heads, head dim
+32, 8 rollouts) and on a Qwen2.5-VL-3B-like shape (16 heads, 2 KV heads, head dim 128, 4 rollouts), random
+q/k. 8 latent keys, the last 32 positions as queries. naive = softmax(QK^T/sqrt(d)) over the whole
+B x H x L x L matrix in fp32, as eager attention with output_attentions=True forms it for every layer;
+fused = reward.attention_share. Each cell runs in a fresh process: time is the median of 3 runs, peak
+memory the growth of the process's peak RSS (CPU) or torch's peak allocation (CUDA) during the call.
+(b) The same prompts and sampling settings, spans forbidden so both decode text only; tokens/s counts
+generated tokens. Ours prefills each prompt once for its G rollouts; generate repeats the prompt
+(image included) G times.
+
+    python bench.py                  # both tables (CPU: a few minutes)
+    python bench.py --part reward --lengths 256 1024
+    python bench.py --compile        # CUDA: torch.compile the fused reward
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+SHAPES = {"small-vl": dict(B=8, H=4, Hkv=2, d=32), "qwen2.5-vl-3b": dict(B=4, H=16, Hkv=2, d=128)}
+
+
+def naive_share(q, k, query_mask, key_mask):
+    B, H, L, d = q.shape
+    kk = k.repeat_interleave(H // k.shape[1], 1)
+    s = (q.float() @ kk.float().transpose(-1, -2)) / d ** 0.5
+    s = s.masked_fill(torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    attn = torch.softmax(s, -1)
+    import reward
+    return reward.attention_share_naive(attn, query_mask, key_mask)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def one_cell(method: str, shape: str, L: int, device: str, compile_: bool) -> dict:
+    """Runs in its own process (see main)."""
+    import reward
+    torch.manual_seed(0)
+    s = SHAPES[shape]
+    q = torch.randn(s["B"], s["H"], L, s["d"], device=device)
+    k = torch.randn(s["B"], s["Hkv"], L, s["d"], device=device)
+    key_mask = torch.zeros(s["B"], L, dtype=torch.bool, device=device)
+    key_mask[:, L - 48:L - 40] = True
+    query_mask = torch.zeros_like(key_mask)
+    query_mask[:, L - 32:] = True
+    attn_mask = torch.ones(s["B"], L, dtype=torch.long, device=device)
+    fused = torch.compile(reward.attention_share) if compile_ else reward.attention_share
+    fn = (lambda: naive_share(q, k, query_mask, key_mask)) if method == "naive" else \
+        (lambda: fused(q, k, query_mask, key_mask, attn_mask))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fn()  # warm-up (and compile)
+    sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = rss_bytes()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"ms": 1000 * statistics.median(times), "peak_mb": max(0, peak - base) / 2 ** 20, "value": out.mean().item()}
+
+
+def reward_table(lengths, device, compile_):
+    print(f"\n(a) attention reward, one layer, {device}" + (" + torch.compile" if compile_ else ""))
+    print("| shape | L | naive ms | fused ms | speed-up | naive peak MB | fused peak MB | memory ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for shape in SHAPES:
+        for L in lengths:
+            cells = {}
+            for method in ("naive", "fused"):
+                cmd = [sys.executable, __file__, "--cell", method, shape, str(L), "--device", device] + (["--compile"] if compile_ else [])
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode:
+                    raise SystemExit(f"bench cell {method} {shape} {L} failed:\n{out.stderr[-2000:]}")
+                cells[method] = json.loads(out.stdout.strip().splitlines()[-1])
+            n, f = cells["naive"], cells["fused"]
+            assert abs(n["value"] - f["value"]) < 1e-4, (shape, L, n["value"], f["value"])
+            print(f"| {shape} | {L} | {n['ms']:.1f} | {f['ms']:.1f} | {n['ms'] / f['ms']:.1f}x | {n['peak_mb']:.1f} | "
+                  f"{f['peak_mb']:.1f} | {n['peak_mb'] / max(f['peak_mb'], 0.1):.0f}x |", flush=True)
+
+
+def rollout_table(device, model_dir, G=8, prompts=4, new_tokens=24):
+    import data
+    import lvr
+    import model as M
+    model, tok = M.load_model(model_dir, device=device) if model_dir else M.build_small_vl()
+    model.to(device).eval()
+    samples = data.make_split("test", prompts)
+    prompt = {k: v.to(device) for k, v in M.encode(model, tok, samples).items()}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    start = model.config.lvr_start_id
+
+    def ours():
+        g = torch.Generator(device=device).manual_seed(0)
+        r = lvr.generate(model, tok, prompt, G=G, max_new_tokens=new_tokens, temperature=1.0, generator=g,
+                         force=-torch.ones(prompts * G, dtype=torch.long))
+        return int(r.mask.sum())
+
+    def theirs():
+        torch.manual_seed(0)
+        out = model.generate(**prompt, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, num_return_sequences=G, suppress_tokens=[start],
+                             pad_token_id=tok.pad_token_id)
+        return int((out[:, prompt["input_ids"].shape[1]:] != tok.pad_token_id).sum())
+
+    print(f"\n(b) rollouts: {prompts} prompts x G={G}, {new_tokens} new tokens, {device}, "
+          f"model {model_dir or 'small-vl (random init)'}")
+    print("| decoder | tokens | seconds | tokens/s |")
+    print("|---|---|---|---|")
+    rates = {}
+    for name, fn in (("lvr.generate (one prefill per prompt)", ours), ("generate(num_return_sequences=8)", theirs)):
+        with torch.no_grad():
+            fn()
+            sync()
+            best = None
+            for _ in range(3):
+                t0 = time.perf_counter()
+                n = fn()
+                sync()
+                dt = time.perf_counter() - t0
+                best = (n, dt) if best is None or dt < best[1] else best
+        rates[name] = best[0] / best[1]
+        print(f"| {name} | {best[0]} | {best[1]:.3f} | {rates[name]:.0f} |", flush=True)
+    a, b = rates.values()
+    print(f"ratio: {a / b:.2f}x")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", default="all", choices=["all", "reward", "rollout"], help="which table")
+    p.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048], help="sequence lengths for (a)")
+    p.add_argument("--model", help="checkpoint for (b) (default: runs/small-vl-sft/checkpoint if present)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--compile", action="store_true", help="torch.compile the fused reward (CUDA)")
+    p.add_argument("--cell", nargs=3, metavar=("METHOD", "SHAPE", "L"), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.cell:
+        print(json.dumps(one_cell(a.cell[0], a.cell[1], int(a.cell[2]), a.device, a.compile)))
+        return
+    if a.part in ("all", "reward"):
+        reward_table(a.lengths, a.device, a.compile)
+    if a.part in ("all", "rollout"):
+        default = os.path.join("runs", "small-vl-sft", "checkpoint")
+        rollout_table(a.device, a.model or (default if os.path.isdir(default) else None))
+
+
+if __name__ == "__main__":
+    main()

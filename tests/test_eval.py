@@ -1,0 +1,129 @@
+"""eval.py: modes and routing do what they claim, intervals, paired differences, benchmarks, plots, errors."""
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import eval as ev
+import model as M
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, tiny):
+    path = str(tmp_path_factory.mktemp("evalmodel") / "checkpoint")
+    M.save_checkpoint(*tiny, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def questions():
+    return [data.make_sample(0, "test", i) for i in range(10)]  # two of each type
+
+
+def test_wilson_and_paired_on_known_cases():
+    lo, hi = ev.wilson(50, 100)
+    assert (round(lo, 3), round(hi, 3)) == (0.404, 0.596)
+    assert ev.wilson(0, 10)[0] == 0 and ev.wilson(10, 10)[1] == 1
+    d = ev.paired([True, False, True, False], [True, True, True, False])
+    assert d["diff"] == 0.25 and d["ci95"] == pytest.approx([0.25 - 0.49, 0.25 + 0.49])
+
+
+@pytest.mark.parametrize("route, want", [("all", 1.0), ("none", 0.0)])
+def test_forcing_sets_the_latent_rate(tiny, questions, route, want):
+    m, tok = tiny
+    s = ev.summarize(ev.evaluate(m, tok, questions, route=route, max_new_tokens=12, latent_steps=2, progress=False))
+    assert s["overall"]["latent_rate"] == want
+    assert (s["overall"]["att_share"] is None) == (want == 0)
+
+
+def test_route_forces_per_type(tiny, questions):
+    m, tok = tiny
+    s = ev.summarize(ev.evaluate(m, tok, questions, route="count,size", max_new_tokens=12, latent_steps=2,
+                                 batch_size=4, progress=False))
+    assert {t: v["latent_rate"] for t, v in s["per_type"].items()} == \
+        {"position": 0, "count": 1, "attribute": 0, "size": 1, "distance": 0}
+
+
+def test_drop_and_noise_keep_the_questions_and_change_the_latents(tiny, questions):
+    m, tok = tiny
+    kw = dict(route="all", max_new_tokens=12, latent_steps=3, progress=False)
+    runs = {mode: ev.evaluate(m, tok, questions, mode=mode, **kw) for mode in ("normal", "drop", "noise", "noise_norm")}
+    out = ev.compare(runs)
+    assert set(out["drop"]["vs_normal"]) == {"overall", *data.QTYPES}
+    assert all(r["att_share"] is None or r["att_share"] == 0 for r in runs["drop"])  # no latent keys to attend to
+    assert all(r["att_share"] > 0 for r in runs["normal"])
+    assert [r["id"] for r in runs["noise"]] == [r["id"] for r in runs["normal"]]
+    assert "vs normal" in ev.table(out)
+
+
+def test_cli_compare_writes_json(tiny_ckpt, tmp_path, capsys):
+    out = str(tmp_path / "res.json")
+    ev.main(["--model", tiny_ckpt, "--n", "6", "--compare", "--max-new-tokens", "12", "--out", out])
+    res = json.load(open(out))
+    assert set(res["summaries"]) == {"normal", "drop", "noise", "noise_norm"}
+    assert res["summaries"]["noise"]["vs_normal"]["overall"]["n"] == 6
+    assert len(res["records"]["normal"]) == 6
+    assert "| mode |" in capsys.readouterr().out
+
+
+def test_cli_on_a_benchmark_fixture(tiny_ckpt, tmp_path):
+    """CV-Bench layout: test.jsonl + img/; answers scored per question."""
+    root = tmp_path / "cvbench"
+    (root / "img" / "2D").mkdir(parents=True)
+    rows = []
+    for i in range(3):
+        Image.fromarray(np.full((64, 80, 3), 40 * i, dtype=np.uint8)).save(root / "img" / "2D" / f"{i}.png")
+        rows.append({"idx": i, "type": "2D", "task": "Count", "image": f"img/2D/{i}.png", "source": "ade20k",
+                     "question": "How many chairs are in the image?", "choices": ["1", "2", "3"], "answer": "(B)"})
+    (root / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = str(tmp_path / "cv.json")
+    ev.main(["--model", tiny_ckpt, "--bench", "cvbench", "--bench-root", str(root), "--max-new-tokens", "8", "--out", out])
+    res = json.load(open(out))
+    recs = res["records"]["normal"]
+    assert [r["answer"] for r in recs] == ["B", "B", "B"]
+    assert res["summaries"]["normal"]["overall"]["acc"] == sum(r["pred"] == "B" for r in recs) / 3
+
+
+def test_cli_errors_are_one_line(tiny_ckpt, tmp_path):
+    with pytest.raises(SystemExit, match="--bench needs --bench-root"):
+        ev.main(["--model", tiny_ckpt, "--bench", "mmvp"])
+    with pytest.raises(SystemExit, match="file not found"):
+        ev.main(["--model", tiny_ckpt, "--bench", "mmvp", "--bench-root", str(tmp_path)])
+    with pytest.raises(SystemExit, match="model path not found"):
+        ev.main(["--model", str(tmp_path / "nothing")])
+
+
+def test_newest_checkpoint_prefers_rl(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no small-vl checkpoint"):
+        ev.newest_checkpoint(str(tmp_path))
+    (tmp_path / "small-vl-sft" / "checkpoint").mkdir(parents=True)
+    assert ev.newest_checkpoint(str(tmp_path)).endswith(os.path.join("small-vl-sft", "checkpoint"))
+    (tmp_path / "small-vl-rl-att" / "checkpoint").mkdir(parents=True)
+    assert ev.newest_checkpoint(str(tmp_path)).endswith(os.path.join("small-vl-rl-att", "checkpoint"))
+
+
+def test_plot_writes_a_png_or_says_what_is_missing(tmp_path):
+    logs = []
+    for name, slope in (("small-vl-rl", 0.0), ("small-vl-rl-att", 0.01)):
+        (tmp_path / name).mkdir()
+        path = tmp_path / name / "log.jsonl"
+        path.write_text("".join(json.dumps({"step": i + 1, "reward": 0.5 + slope * i, "acc": 0.4, "latent_rate": 0.9 - 0.01 * i,
+                                            "att_share": 0.1 + slope * i}) + "\n" for i in range(30)))
+        logs.append(str(path))
+    png = str(tmp_path / "curves.png")
+    if importlib.util.find_spec("matplotlib") is None:
+        with pytest.raises(SystemExit, match="needs matplotlib"):
+            ev.main(["--plot", *logs, "--plot-out", png])
+    else:
+        ev.main(["--plot", *logs, "--plot-out", png])
+        assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    bad = tmp_path / "sft.jsonl"
+    bad.write_text(json.dumps({"step": 1, "ce": 1.0}) + "\n")
+    if importlib.util.find_spec("matplotlib") is not None:
+        with pytest.raises(SystemExit, match="no train_rl.py rows"):
+            ev.main(["--plot", str(bad), "--plot-out", png])

@@ -1,0 +1,197 @@
+"""Both trainers end to end on tiny settings, resume, and the GRPO loss against formulas written out by hand."""
+import argparse
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import eval as ev
+import lvr
+import model as M
+import reward
+import train_rl
+import train_sft
+
+TINY_SFT = ["--batch-size", "4", "--n-val", "8", "--eval-every", "0", "--lr", "1e-3"]
+
+
+def rows(path):
+    return [json.loads(line) for line in open(os.path.join(path, "log.jsonl"))]
+
+
+def weights(path):
+    return load_file(os.path.join(path, "checkpoint", "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sft"))
+    train_sft.main(["--vision-steps", "2", "--steps", "2", "--save-every", "2", "--out", out] + TINY_SFT)
+    return out
+
+
+def test_sft_writes_log_checkpoint_and_table(sft_run):
+    log = rows(sft_run)
+    assert [r["stage"] for r in log] == [0, 0, 1, 1]
+    assert all(r["ce"] > 0 and r["mse"] > 0 for r in log) and "ground" in log[0] and "ground" not in log[2]
+    model, tok = M.load_model(os.path.join(sft_run, "checkpoint"))
+    assert M.lvr_token_ids(model)["lvr_id"] == tok.convert_tokens_to_ids("<|lvr|>")
+    table = json.load(open(os.path.join(sft_run, "eval_val.json")))
+    assert {"normal", "drop", "noise", "noise_norm", "blank image"} <= set(table)
+    assert table["normal"]["overall"]["n"] == 8
+    state = torch.load(os.path.join(sft_run, "checkpoint", "trainer_state.pt"), weights_only=False)
+    assert state["step"] == 4
+
+
+def test_sft_resume_equals_uninterrupted(sft_run, tmp_path):
+    part = str(tmp_path / "part")
+    train_sft.main(["--vision-steps", "2", "--steps", "0", "--save-every", "1", "--out", part] + TINY_SFT)
+    train_sft.main(["--vision-steps", "2", "--steps", "2", "--save-every", "2", "--out", part, "--resume"] + TINY_SFT)
+    a, b = weights(sft_run), weights(part)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert [r["step"] for r in rows(part)] == [1, 2, 3, 4]
+
+
+def test_sft_bad_data_path_is_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_sft.main(["--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")] + TINY_SFT)
+    assert "file not found" in str(e.value) and "none.jsonl" in str(e.value)
+
+
+# --------------------------------------------------------------------------------------- GRPO
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, tiny):
+    path = str(tmp_path_factory.mktemp("tiny") / "checkpoint")
+    M.save_checkpoint(*tiny, path)
+    return path
+
+
+TINY_RL = ["--prompts", "2", "--group", "4", "--max-new-tokens", "16", "--latent-steps", "3", "--lr", "1e-3",
+           "--temperature", "1.0"]
+
+
+def test_rl_two_steps_write_a_checkpoint_eval_loads(tiny_ckpt, tmp_path, samples):
+    out = str(tmp_path / "rl")
+    train_rl.main(["--model", tiny_ckpt, "--steps", "2", "--out", out] + TINY_RL)
+    log = rows(out)
+    assert [r["step"] for r in log] == [1, 2]
+    for key in ("reward", "acc", "latent_rate", "att_share", "kl", "clip_frac", "zero_spread", "length",
+                "t_rollout", "t_score", "t_update"):
+        assert key in log[0]
+    model, tok = M.load_model(os.path.join(out, "checkpoint"))
+    recs = ev.evaluate(model, tok, samples, max_new_tokens=12, progress=False)
+    assert len(recs) == len(samples)
+
+
+def test_rl_resume_equals_uninterrupted(tiny_ckpt, tmp_path):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train_rl.main(["--model", tiny_ckpt, "--steps", "2", "--out", full] + TINY_RL)
+    train_rl.main(["--model", tiny_ckpt, "--steps", "1", "--out", part] + TINY_RL)
+    train_rl.main(["--model", tiny_ckpt, "--steps", "2", "--out", part, "--resume"] + TINY_RL)
+    a, b = rows(full), rows(part)
+    assert [r["step"] for r in b] == [1, 2]
+    for key in ("reward", "acc", "length", "loss"):
+        assert a[1][key] == pytest.approx(b[1][key], abs=1e-6), key
+    wa, wb = weights(full), weights(part)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
+
+
+def test_rl_nan_loss_skips_the_update(tiny_ckpt, tmp_path, monkeypatch):
+    real = train_rl.policy_loss
+    monkeypatch.setattr(train_rl, "policy_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), {}))
+    out = str(tmp_path / "nan")
+    with pytest.warns(UserWarning, match="non-finite loss"):
+        train_rl.main(["--model", tiny_ckpt, "--steps", "1", "--out", out] + TINY_RL)
+    assert rows(out)[0]["skipped"] is True
+    before, after = load_file(os.path.join(tiny_ckpt, "model.safetensors")), weights(out)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def hand_args(loss, **kw):
+    base = dict(loss=loss, clip_low=0.2, clip_high=0.3, dual_clip=3.0, beta=0.0, max_new_tokens=4)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def by_hand(logp, old, adv, mask, a, ref=None):
+    """The PPO-clip / dual-clip / k3 formulas, one token at a time."""
+    N, T = logp.shape
+    per = [[0.0] * T for _ in range(N)]
+    for i in range(N):
+        for t in range(T):
+            r = float(torch.exp(logp[i, t] - old[i, t]))
+            A = float(adv[i])
+            c = min(max(r, 1 - a.clip_low), 1 + a.clip_high)
+            v = max(-r * A, -c * A)
+            if A < 0 and a.dual_clip:
+                v = min(v, -a.dual_clip * A)
+            if ref is not None:
+                d = float(ref[i, t] - logp[i, t])
+                v += a.beta * (torch.exp(torch.tensor(d)).item() - d - 1)
+            per[i][t] = v
+    m = mask.tolist()
+    if a.loss == "dapo":
+        return sum(per[i][t] for i in range(N) for t in range(T) if m[i][t]) / sum(map(sum, m))
+    if a.loss == "grpo":
+        return sum(sum(per[i][t] for t in range(T) if m[i][t]) / sum(m[i]) for i in range(N)) / N
+    return sum(per[i][t] for i in range(N) for t in range(T) if m[i][t]) / (N * a.max_new_tokens)
+
+
+@pytest.mark.parametrize("loss", train_rl.LOSSES)
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_policy_loss_matches_hand_written(loss, beta):
+    old = torch.tensor([[-1.0, -2.0, -0.5, -1.5], [-0.3, -0.7, -2.0, -1.0], [-1.2, -0.1, -0.9, -3.0]])
+    logp = old + torch.tensor([[0.5, -0.5, 0.1, 0.0], [1.5, -1.5, 0.2, -0.1], [0.05, 0.3, -0.4, 2.0]])  # clipped both ways
+    adv = torch.tensor([1.0, -2.0, 0.5])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]).bool()
+    ref = old - 0.3
+    a = hand_args(loss, beta=beta)
+    got, stats = train_rl.policy_loss(logp, old, adv, mask, a, ref if beta else None)
+    assert got.item() == pytest.approx(by_hand(logp, old, adv, mask, a, ref if beta else None), abs=1e-6)
+    assert 0 < stats["clip_frac"] < 1
+
+
+def test_advantages_normalised_within_groups():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
+    a = train_rl.advantages(r, 4, std=True)
+    assert a[:4].tolist() == pytest.approx([0.866, -0.866, -0.866, 0.866], abs=1e-3)
+    assert a[4:].abs().max() == 0
+    assert train_rl.advantages(r, 4, std=False)[:4].tolist() == [0.5, -0.5, -0.5, 0.5]
+
+
+@pytest.mark.parametrize("mode", ["mask", "vlpo"])
+def test_latent_positions_in_the_policy_gradient(tiny, samples, mode):
+    """No token log-prob is ever taken at a latent slot. mask: the slots carry no policy gradient at all;
+    vlpo: they do, through the hidden state that produced each latent (its Gaussian log-density)."""
+    m, tok = tiny
+    roll = lvr.generate(m, tok, M.encode(m, tok, samples[:2]), G=2, max_new_tokens=10, latent_steps=3,
+                        force=torch.tensor([1, 1, 0, 0]))
+    lat = roll.latent_mask
+    h, logits = lvr.score_forward(m, roll.prompt, roll.tokens, roll.latents, lat, roll.mask)
+    h.retain_grad()
+    logits.retain_grad()
+    logp = train_rl.token_logps(logits, roll.tokens, h, roll.latents, lat, 10.0, mode == "vlpo")
+    if mode == "vlpo":  # the rollout policy is the current one: z == h, log-density ~0
+        assert logp[lat].abs().max() < 1e-6
+    mask = roll.mask & ~lat if mode == "mask" else roll.mask
+    loss, _ = train_rl.policy_loss(logp, logp.detach(), torch.tensor([1.0, -1.0, 0.5, -0.5]), mask, hand_args("dapo"))
+    loss.backward()
+    assert logits.grad[lat].abs().max() == 0
+    producers = torch.roll(lat, -1, 1)  # h at t-1 produced the latent fed at t
+    if mode == "mask":
+        assert h.grad is None or h.grad.abs().max() == 0
+    else:
+        assert h.grad[producers].abs().sum(-1).min() > 0
+
+
+def test_attention_reward_enters_only_with_its_weight(tiny_ckpt, tmp_path):
+    out0, out1 = str(tmp_path / "w0"), str(tmp_path / "w1")
+    args = ["--model", tiny_ckpt, "--steps", "1", "--prompts", "2", "--group", "4", "--max-new-tokens", "16",
+            "--latent-steps", "3", "--temperature", "1.0"]
+    train_rl.main(args + ["--out", out0, "--att-weight", "0"])
+    train_rl.main(args + ["--out", out1, "--att-weight", "1"])
+    r0, r1 = rows(out0)[0], rows(out1)[0]
+    assert r0["att_share"] == pytest.approx(r1["att_share"])  # same rollouts, logged either way
+    assert r1["reward"] == pytest.approx(r0["reward"] + r1["att_share"] * r1["latent_rate"], abs=1e-5)
+    assert reward.parse_answer("<answer>A</answer>") == "A"
