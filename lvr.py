@@ -183,11 +183,11 @@ def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, lat
         h, nxt = h.repeat_interleave(G, 0), nxt.repeat_interleave(G, 0)
         if cache is not None:
             cache.batch_repeat_interleave(G)
-    per_image = (prompt["image_grid_thw"].prod(-1) // model.config.vision_config.spatial_merge_size ** 2).tolist()
-    feats_full = repeat_rows(list(feats.split(per_image)), images_per_row, G)
+    if not use_cache:
+        per_image = (prompt["image_grid_thw"].prod(-1) // model.config.vision_config.spatial_merge_size ** 2).tolist()
+        feats = repeat_rows(list(feats.split(per_image)), images_per_row, G)
     attn = full["attention_mask"]
 
-    D = h.shape[-1]
     toks, vecs, lmask, real = [], [], [], []
     in_lat = torch.zeros(N, dtype=torch.bool, device=dev)
     left = torch.zeros(N, dtype=torch.long, device=dev)
@@ -221,16 +221,18 @@ def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, lat
         if use_cache:
             h = hidden(model, step_x[:, None], attn, (nxt + t).view(1, N, 1).expand(3, N, 1), cache)[:, -1]
         else:
-            T = len(toks)
-            ids_full = torch.cat([full["input_ids"], torch.stack(toks, 1)], 1)
-            lat_full = F.pad(torch.stack(lmask, 1), (full["input_ids"].shape[1], 0))
-            vec_full = F.pad(torch.stack(vecs, 1), (0, 0, full["input_ids"].shape[1], 0))
-            xf = embed(model, ids_full, latents=vec_full, latent_mask=lat_full, feats=feats_full)
-            pf, _ = positions(model, ids_full, attn, full["image_grid_thw"])
-            h = hidden(model, xf, attn, pf)[:, -1]
-            assert T == t + 1
-    return Rollout(full, torch.stack(toks, 1), torch.stack(vecs, 1).reshape(N, -1, D), torch.stack(lmask, 1),
-                   torch.stack(real, 1), start)
+            h = recompute(model, full, feats, toks, vecs, lmask, attn)
+    return Rollout(full, torch.stack(toks, 1), torch.stack(vecs, 1), torch.stack(lmask, 1), torch.stack(real, 1), start)
+
+
+def recompute(model, full, feats, toks, vecs, lmask, attn):
+    """The no-cache oracle: the whole sequence through the model again; the last position's hidden state."""
+    L0 = full["input_ids"].shape[1]
+    ids = torch.cat([full["input_ids"], torch.stack(toks, 1)], 1)
+    x = embed(model, ids, latents=F.pad(torch.stack(vecs, 1), (0, 0, L0, 0)),
+              latent_mask=F.pad(torch.stack(lmask, 1), (L0, 0)), feats=feats)
+    pos, _ = positions(model, ids, attn, full["image_grid_thw"])
+    return hidden(model, x, attn, pos)[:, -1]
 
 
 def latent_vector(h, mode, generator):

@@ -157,6 +157,18 @@ def attention_share(q, k, query_mask, key_mask, attention_mask, chunk: int = 256
     return torch.where(valid, share, 0.0).sum(1) / nq.clamp(min=1)  # padded slots may be NaN (no keys)
 
 
+_compiled = {}
+
+
+def share_fn(device: torch.device):
+    """attention_share, compiled with torch.compile on CUDA (eager on CPU, where compiling does not pay)."""
+    if device.type != "cuda":
+        return attention_share
+    if "fn" not in _compiled:
+        _compiled["fn"] = torch.compile(attention_share, dynamic=True)
+    return _compiled["fn"]
+
+
 def attention_share_naive(attn: torch.Tensor, query_mask, key_mask) -> torch.Tensor:
     """The same from a full (B,H,L,L) attention matrix: the oracle."""
     mass = (attn.float() * key_mask[:, None, None, :]).sum(-1).mean(1)  # (B, L)
@@ -171,11 +183,11 @@ def attention_reward(qk: dict, prompt_mask, tokens, latent_mask, completion_mask
     keys, queries = span_masks(tokens, latent_mask, completion_mask, lvr_end)
     pad = lambda m: torch.cat([torch.zeros_like(prompt_mask, dtype=torch.bool), m], 1)  # noqa: E731
     full_mask = torch.cat([prompt_mask, completion_mask.long()], 1)
-    out = []
+    out, share = [], share_fn(tokens.device)
     for q, k in qk.values():
-        r = attention_share(q.detach(), k.detach(), pad(queries), pad(keys), full_mask)
+        r = share(q.detach(), k.detach(), pad(queries), pad(keys), full_mask)
         if variant == "relative":
-            r = r / attention_share(q.detach(), k.detach(), pad(queries), ids == image_token, full_mask).clamp(min=1e-6)
+            r = r / share(q.detach(), k.detach(), pad(queries), ids == image_token, full_mask).clamp(min=1e-6)
         out.append(r)
     return torch.stack(out).mean(0) * keys.any(1)
 

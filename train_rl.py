@@ -187,10 +187,13 @@ def keep_groups(args, acc: torch.Tensor) -> torch.Tensor:
 
 
 def grpo_step(args, model, tok, ref, opt, samples, step, length_penalty) -> dict:
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device == "cuda")
     t0 = time.time()
-    roll = rollout(args, model, tok, samples, step)
+    with autocast:
+        roll = rollout(args, model, tok, samples, step)
     t1 = time.time()
-    logp, r_attn = score(args, model, roll, need_attn=True)  # r_attn is always logged; the reward uses its weight
+    with autocast:
+        logp, r_attn = score(args, model, roll, need_attn=True)  # r_attn is always logged; the reward uses its weight
     total, parts = rewards(args, tok, samples, roll, r_attn, length_penalty)
     adv = advantages(total, args.group, std=not (args.no_std or args.loss == "dr_grpo")).to(logp.device)
     keep = keep_groups(args, parts["acc"]).to(logp.device)
@@ -205,7 +208,8 @@ def grpo_step(args, model, tok, ref, opt, samples, step, length_penalty) -> dict
     stats, skipped = {}, False
     for epoch in range(args.ppo_epochs):
         if epoch:
-            logp, _ = score(args, model, roll, False)
+            with autocast:
+                logp, _ = score(args, model, roll, False)
         loss, stats = policy_loss(logp, old, adv, mask, args, ref_logp)
         if not torch.isfinite(loss):
             warnings.warn(f"step {step}: non-finite loss, update skipped")

@@ -30,12 +30,14 @@ import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
 import eval as ev
 import lvr
 import model as M
+import reward
 
 RUNS = "runs"
 OFFSET = {0: 0, 1: 10 ** 8}  # stream positions of each stage's questions (train_rl.py starts at 2 * 10**8)
@@ -56,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--base-steps", type=int, default=2000, help="stage 0 steps (the small-vl base model)")
     p.add_argument("--steps", type=int, default=1500, help="stage 1 steps (vision tower frozen)")
     p.add_argument("--ground-weight", type=float, default=1.0, help="weight of the grounding probe's loss in stage 0")
+    p.add_argument("--point-weight", type=float, default=1.0,
+                   help="weight of the pointing loss (layer 0, head 0 attends from an object's name to its cells)")
     p.add_argument("--batch-size", type=int, default=32, help="questions per step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warm-up then cosine to 10%%)")
     p.add_argument("--warmup", type=int, default=30, help="warm-up steps")
@@ -105,14 +109,23 @@ def lr_at(args, step: int, steps: int) -> float:
 
 
 class GroundingProbe(torch.nn.Module):
-    """Dense grounding for stage 0: a linear probe reads each merged visual token's cell (colour, shape,
-    size of the object over it; its column and row) from the scene description, so the tower learns
-    object features and keeps where they are, instead of discovering both through the answer alone.
-    Training-only: it is not part of the checkpoint."""
+    """Dense grounding for stage 0. Every merged visual token is classified by the colour and the shape of
+    the object over its cell (or background), by that object's size and by the cell's column and row.
+    Colour and shape are scored by cosine similarity with the decoder's own input embeddings of the
+    colour and shape words (CLIP-like), so the token of a red cell and the word "red" come to share a
+    direction: the question's words can then find their objects by a plain "same direction" match in
+    attention, the step a tiny decoder otherwise fails to learn (README, "Training recipe"). The probe
+    reads RMS-normalised tokens so it never pays the tower to grow their scale. Training-only: it is
+    not part of the checkpoint (the tied embeddings are)."""
 
-    def __init__(self, dim: int, grid: int = 6):
+    def __init__(self, model, tok, grid: int = 6):
         super().__init__()
-        self.sizes = (len(data.COLOURS) + 1, len(data.SHAPES) + 1, 4, grid, grid)
+        self.words = [tok.convert_tokens_to_ids(list(data.COLOURS)), tok.convert_tokens_to_ids(list(data.SHAPES))]
+        self.embed = model.get_input_embeddings()  # shared with the model, not a copy
+        dim = self.embed.weight.shape[1]
+        self.background = torch.nn.Parameter(torch.zeros(2, dim))  # "no object" prototypes
+        self.scale = torch.nn.Parameter(torch.tensor(10.0))
+        self.sizes = (4, grid, grid)
         self.head = torch.nn.Linear(dim, sum(self.sizes))
 
     @staticmethod
@@ -130,12 +143,45 @@ class GroundingProbe(torch.nn.Module):
         return out.reshape(-1, 5)
 
     def forward(self, feats, labels):
-        """Summed cross-entropies. The probe reads RMS-normalised tokens, so it never pays the tower to
-        grow their scale (which would change what the latent MSE of stage 1 means)."""
         x = feats.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-        logits = self.head(x).split(self.sizes, dim=-1)
-        return sum(torch.nn.functional.cross_entropy(lo, labels[:, j].to(lo.device)) for j, lo in enumerate(logits))
+        labels = labels.to(x.device)
+        loss = 0.0
+        for j, ids in enumerate(self.words):  # colour, shape: cosine against [background, word embeddings]
+            protos = torch.cat([self.background[j:j + 1], self.embed.weight[ids].float()])
+            logits = self.scale * F.normalize(x, dim=-1) @ F.normalize(protos, dim=-1).T
+            loss = loss + F.cross_entropy(logits, labels[:, j])
+        for j, lo in enumerate(self.head(x).split(self.sizes, dim=-1)):
+            loss = loss + F.cross_entropy(lo, labels[:, 2 + j])
+        return loss
+
+
+def point_loss(model, tok, qk, batch, samples) -> torch.Tensor:
+    """Pointing: at every reply word that names objects (a colour; the shape an attribute question
+    names), head 0 of decoder layer 0 should put its attention on those objects' cells:
+    -log(attention mass on the cells), averaged over such words. Synthetic data only (needs the scene)."""
+    q, k = qk[0]
+    q, k = q[:, 0].float(), k[:, 0].float()  # head 0 and its KV head: (B, L, d)
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"].bool()
+    colours, shapes = {tok.convert_tokens_to_ids(c): c for c in data.COLOURS}, {tok.convert_tokens_to_ids(x): x for x in data.SHAPES}
+    rows = []
+    for b, s in enumerate(samples):
+        cells = (ids[b] == model.config.image_token_id).nonzero()[:, 0]
+        gh, gw = M.merged_grid(s.image.shape, model.config.vision_config)
+        for p in (labels[b] != -100).nonzero()[:, 0].tolist():
+            word = ids[b, p].item()
+            named = [o for o in s.objects if colours.get(word) == o.colour or (s.qtype == "attribute" and shapes.get(word) == o.shape)]
+            target = sorted({c for o in named for c in lvr.region_tokens(o.bbox(s.image.shape[0]), gh, gw)})
+            if target:
+                rows.append((b, p, cells[target]))
+    if not rows:
+        return q.new_zeros(())
+    losses = []
+    for b, p, target in rows:
+        logits = (k[b, :p + 1] @ q[b, p]) / q.shape[-1] ** 0.5
+        logits = logits.masked_fill(~mask[b, :p + 1], float("-inf"))
+        losses.append(logits.logsumexp(0) - logits[target].logsumexp(0))
+    return torch.stack(losses).mean()
 
 
 def start(args, stage: int, out: str, init: str | None):
@@ -150,10 +196,11 @@ def start(args, stage: int, out: str, init: str | None):
         model, tok = M.build_small_vl(args.seed)
         model.to(args.device)
     grid = M.merged_grid((data.IMAGE_SIZE, data.IMAGE_SIZE), model.config.vision_config)[0]
-    probe = GroundingProbe(model.config.vision_config.out_hidden_size, grid).to(args.device)
+    probe = GroundingProbe(model, tok, grid).to(args.device)
     for p in model.model.visual.parameters():
         p.requires_grad_(stage == 0)
-    params = [p for p in model.parameters() if p.requires_grad] + (list(probe.parameters()) if stage == 0 else [])
+    own = [p for n, p in probe.named_parameters() if not n.startswith("embed.")]  # the embeddings are the model's
+    params = [p for p in model.parameters() if p.requires_grad] + (own if stage == 0 else [])
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     step = 0
     if resume:
@@ -182,8 +229,13 @@ def sft_step(args, model, tok, probe, samples, index, stage: int) -> dict:
     batch, W = lvr.sft_batch(model, tok, samples, [wants_latent(args, stage, i) for i in index], args.latent_steps,
                              args.latent_targets)
     batch = {k: v.to(args.device) for k, v in batch.items()}
-    out = lvr.sft_loss(model, batch, W.to(args.device), args.lam)
+    point = args.point_weight > 0 and args.data is None
+    with reward.capture_qk(model, [0] if point else []) as qk:
+        out = lvr.sft_loss(model, batch, W.to(args.device), args.lam)
     out["latent_share"] = W.shape[0] / max(1, args.latent_steps) / len(samples)
+    if point:
+        out["point"] = point_loss(model, tok, qk, batch, samples)
+        out["loss"] = out["loss"] + args.point_weight * out["point"]
     if stage == 0 and args.ground_weight > 0:
         out["ground"] = probe(out["feats"], probe.labels(samples, *M.merged_grid(samples[0].image.shape,
                                                                                    model.config.vision_config)))
@@ -221,9 +273,9 @@ def train(args, stage: int, out: str, init: str | None) -> str:
             torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
             opt.step()
         row = {"step": step + 1, "stage": stage, "lr": lr, "skipped": skipped, "sec": time.time() - t0,
-               **{k: float(v.detach()) if torch.is_tensor(v) else v for k, v in res.items() if k in ("loss", "ce", "mse", "ground", "latent_share")}}
+               **{k: float(v.detach()) if torch.is_tensor(v) else v for k, v in res.items() if k in ("loss", "ce", "mse", "ground", "point", "latent_share")}}
         log_line(log, row)
-        bar.set_postfix({k: f"{row[k]:.3f}" for k in ("ground", "ce", "mse") if k in row})
+        bar.set_postfix({k: f"{row[k]:.3f}" for k in ("ground", "point", "ce", "mse") if k in row})
         if args.eval_every and (step + 1) % args.eval_every == 0:
             quick_eval(args, model, tok, stream, log, step + 1, bar)
         if (step + 1) % args.save_every == 0 or step + 1 == total:

@@ -13,12 +13,8 @@ from PIL import Image
 
 import data
 
-try:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-except ImportError:  # only the BLINK tests need it
-    pa = pq = None
-needs_pyarrow = pytest.mark.skipif(pa is None, reason="BLINK's parquet files need pyarrow")
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 
 def encode(h, w, fmt="PNG", value=0):
@@ -95,7 +91,6 @@ def write_blink(root, counting=None, depth=None, drop=()):
     return root
 
 
-@needs_pyarrow
 def test_blink_loads_and_scores(tmp_path):
     root = write_blink(tmp_path / "BLINK")
     write_parquet(root / "Counting" / "test-00000-of-00001.parquet", blink_rows("Counting")[:1])  # another split
@@ -116,7 +111,6 @@ def test_blink_loads_and_scores(tmp_path):
     assert data.load_benchmark("blink", str(root))[3].answer == "D"
 
 
-@needs_pyarrow
 def test_blink_errors(tmp_path):
     path = str(tmp_path / "B" / "Counting" / "val-00000-of-00001.parquet")
     bad = blink_rows("Counting")
