@@ -100,7 +100,7 @@ def preprocess_image(img: np.ndarray, vcfg, max_pixels: int = 1024 * 28 * 28):
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"expected an HxWx3 image, got shape {img.shape}")
     P, M, T = vcfg.patch_size, vcfg.spatial_merge_size, vcfg.temporal_patch_size
-    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div(255)
+    x = torch.tensor(img).permute(2, 0, 1).float().div(255)  # a copy: images may be read-only arrays
     h, w = target_size(x.shape[1], x.shape[2], P * M, max_pixels=max_pixels)
     if (h, w) != tuple(x.shape[1:]):
         x = F.interpolate(x[None], size=(h, w), mode="bicubic", antialias=True, align_corners=False)[0].clamp(0, 1)

@@ -302,6 +302,7 @@ def base_model(args) -> str:
         return ckpt
     print(f"small-vl base model {args.base} is missing or unfinished: training it first (stage 0)")
     t0 = time.time()
+    args = argparse.Namespace(**{**vars(args), "data": None})  # the base always learns the synthetic scenes
     ckpt = train(args, 0, args.base, None)
     print(f"base model trained in {time.time() - t0:.0f}s: {ckpt}")
     final_eval(args, ckpt, args.base, modes=("normal", "blank image"))
@@ -325,11 +326,9 @@ def final_eval(args, ckpt: str, out: str, modes=None) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     try:
-        init = args.model if args.model != "small-vl" else None
-        if init is None and args.data is None:
-            init = base_model(args)
-        elif init is None:
-            raise ValueError("--data needs --model DIR: small-vl's base model is trained on the synthetic scenes")
+        if args.data:
+            data.load_jsonl(args.data)  # bad rows fail now, not after the base model's training
+        init = args.model if args.model != "small-vl" else base_model(args)
         t0 = time.time()
         ckpt = train(args, 1, args.out, init)
         print(f"stage 1 trained in {time.time() - t0:.0f}s; checkpoint: {ckpt}")

@@ -27,37 +27,60 @@ def weights(path):
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("sft"))
-    train_sft.main(["--vision-steps", "2", "--steps", "2", "--save-every", "2", "--out", out] + TINY_SFT)
-    return out
+    root = tmp_path_factory.mktemp("sft")
+    base, out = str(root / "base"), str(root / "sft")
+    train_sft.main(["--base-steps", "2", "--steps", "2", "--save-every", "2", "--base", base, "--out", out] + TINY_SFT)
+    return base, out
 
 
 def test_sft_writes_log_checkpoint_and_table(sft_run):
-    log = rows(sft_run)
-    assert [r["stage"] for r in log] == [0, 0, 1, 1]
-    assert all(r["ce"] > 0 and r["mse"] > 0 for r in log) and "ground" in log[0] and "ground" not in log[2]
-    model, tok = M.load_model(os.path.join(sft_run, "checkpoint"))
+    base, out = sft_run
+    b, s = rows(base), rows(out)
+    assert [r["stage"] for r in b] == [0, 0] and [r["stage"] for r in s] == [1, 1]
+    assert all(r["ce"] > 0 and r["ground"] > 0 and r["point"] > 0 for r in b) and all("ground" not in r for r in s)
+    assert all(r["mse"] > 0 for r in s) and all(r["mse"] == 0 for r in b)  # stage 0 carries no latent spans
+    model, tok = M.load_model(os.path.join(out, "checkpoint"))
     assert M.lvr_token_ids(model)["lvr_id"] == tok.convert_tokens_to_ids("<|lvr|>")
-    table = json.load(open(os.path.join(sft_run, "eval_val.json")))
-    assert {"normal", "drop", "noise", "noise_norm", "blank image"} <= set(table)
+    table = json.load(open(os.path.join(out, "eval_val.json")))
+    assert {"normal", "drop", "noise", "noise_norm", "blank image", "sampled T=1"} <= set(table)
     assert table["normal"]["overall"]["n"] == 8
-    state = torch.load(os.path.join(sft_run, "checkpoint", "trainer_state.pt"), weights_only=False)
-    assert state["step"] == 4
+    state = torch.load(os.path.join(out, "checkpoint", "trainer_state.pt"), weights_only=False)
+    assert state["step"] == 2
+    a, b = weights(base), load_file(os.path.join(out, "checkpoint", "model.safetensors"))
+    vis = [k for k in a if "visual" in k]
+    assert vis and all(torch.equal(a[k], b[k]) for k in vis)  # stage 1 keeps the vision tower frozen
+    assert any(not torch.equal(a[k], b[k]) for k in a if k not in vis)
 
 
-def test_sft_resume_equals_uninterrupted(sft_run, tmp_path):
+def test_sft_resume_equals_uninterrupted(sft_run, tmp_path, monkeypatch):
+    base, full = sft_run
     part = str(tmp_path / "part")
-    train_sft.main(["--vision-steps", "2", "--steps", "0", "--save-every", "1", "--out", part] + TINY_SFT)
-    train_sft.main(["--vision-steps", "2", "--steps", "2", "--save-every", "2", "--out", part, "--resume"] + TINY_SFT)
-    a, b = weights(sft_run), weights(part)
+    args = ["--base-steps", "2", "--base", base, "--out", part, "--steps", "2", "--save-every", "1"] + TINY_SFT
+    real, calls = lvr.sft_loss, []
+
+    def killed_at_step_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(lvr, "sft_loss", killed_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft.main(args)
+    monkeypatch.setattr(lvr, "sft_loss", real)
+    assert [r["step"] for r in rows(part)] == [1]
+    train_sft.main(args + ["--resume"])
+    a, b = weights(full), weights(part)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
-    assert [r["step"] for r in rows(part)] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows(part)] == [1, 2]
 
 
-def test_sft_bad_data_path_is_one_line_error(tmp_path, capsys):
+def test_sft_bad_data_path_is_one_line_error(tmp_path):
     with pytest.raises(SystemExit) as e:
-        train_sft.main(["--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")] + TINY_SFT)
-    assert "file not found" in str(e.value) and "none.jsonl" in str(e.value)
+        train_sft.main(["--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o"),
+                        "--base", str(tmp_path / "b")] + TINY_SFT)
+    assert "none.jsonl" in str(e.value) and len(str(e.value).splitlines()) == 1
+    assert not os.path.exists(tmp_path / "b")  # failed before any training
 
 
 # --------------------------------------------------------------------------------------- GRPO
