@@ -11,7 +11,7 @@ Question types (each answer value and each letter equally likely, so the text al
   count      how many <colour> objects (1-4)
   attribute  what shape is the <colour> object / what colour is the <shape>
   size       which object is the largest / smallest (4 candidates)
-  distance   which object is closest to / farthest from X (4 candidates)
+  distance   which of two named objects is closer to / farther from X (as in CV-Bench's relative distance)
 
     python data.py --show 5                              # print a few training samples
     python data.py --export out/ --split val --n 200     # write out/val.jsonl + out/images/*.png
@@ -206,18 +206,18 @@ def q_size(rng, size):
 
 
 def q_distance(rng, size):
-    objs = place(rng, distinct_specs(rng, 5, size), size)
+    objs = place(rng, distinct_specs(rng, int(rng.integers(3, 6)), size), size)
     if objs is None:
         return None
-    ref, cands = objs[0], objs[1:]
-    closest = rng.random() < 0.5
-    d = sorted(cands, key=lambda o: math.hypot(o.cx - ref.cx, o.cy - ref.cy) * (1 if closest else -1))
-    d0, d1 = (math.hypot(o.cx - ref.cx, o.cy - ref.cy) for o in d[:2])
-    if (d0 > 0.75 * d1) if closest else (d1 > 0.8 * d0):
+    ref, cands = objs[0], objs[1:3]
+    d = [math.hypot(o.cx - ref.cx, o.cy - ref.cy) for o in cands]
+    if min(d) > 0.7 * max(d):
         return None
-    word = "closest to" if closest else "farthest from"
-    reason = f"{ref.colour} {'closest' if closest else 'farthest'} {d[0].colour}"
-    return objs, f"Which object is {word} {ref.name}?", [o.name for o in cands], d[0].name, objs, reason
+    closer = rng.random() < 0.5
+    ans = cands[int(np.argmin(d) if closer else np.argmax(d))]
+    word = "closer to" if closer else "farther from"
+    question = f"Which is {word} {ref.name}: {cands[0].name} or {cands[1].name}?"
+    return objs, question, [o.name for o in cands], ans.name, [ref] + cands, f"{ref.colour} {word.split()[0]} {ans.colour}"
 
 
 GENERATORS = {"position": q_position, "count": q_count, "attribute": q_attribute, "size": q_size, "distance": q_distance}

@@ -81,8 +81,14 @@ def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, bat
             pred = reward.parse_answer(text)
             opened = bool(roll.opened[j])
             records.append({"id": s.id, "qtype": s.qtype, "answer": s.answer, "pred": pred, "correct": pred == s.answer,
-                            "opened": opened, "att_share": float(share[j]) if opened else None, "text": text})
+                            "opened": opened, "att_share": float(share[j]) if opened else None, "text": text,
+                            "chance": 1 / n_options(s)})
     return records
+
+
+def n_options(sample) -> int:
+    """Number of lettered options ("A. ...") in the question."""
+    return sum(line[1:3] == ". " and line[0] in data.OPTION_LETTERS for line in sample.question.splitlines()) or 1
 
 
 def attention_share(model, roll, layers) -> torch.Tensor:
@@ -99,7 +105,8 @@ def summarize(records: list[dict]) -> dict:
         shares = [r["att_share"] for r in rs if r.get("att_share") is not None]
         return {"acc": k / max(n, 1), "ci95": list(wilson(k, n)), "n": n,
                 "latent_rate": sum(r["opened"] for r in rs) / max(n, 1),
-                "att_share": float(np.mean(shares)) if shares else None}
+                "att_share": float(np.mean(shares)) if shares else None,
+                "chance": float(np.mean([r.get("chance", 0.0) for r in rs])) if rs else 0.0}
     types = sorted({r["qtype"] for r in records}, key=lambda t: (data.QTYPES.index(t) if t in data.QTYPES else 99, t))
     out = {"overall": stats(records), "per_type": {t: stats([r for r in records if r["qtype"] == t]) for t in types}}
     if records and all(r["id"].startswith("mmvp-") for r in records):
@@ -136,6 +143,9 @@ def table(summaries: dict) -> str:
             v = s.get("vs_normal", {}).get("overall")
             row += f" {v['diff']:+.3f} [{v['ci95'][0]:+.2f}, {v['ci95'][1]:+.2f}] |" if v else " - |"
         rows.append(row)
+    s = next(iter(summaries.values()))
+    rows.append("| *chance* | " + " | ".join(f"{v['chance']:.3f}" for v in [s["overall"]] + [s["per_type"][t] for t in types])
+                + " | | |" + (" |" if diff else ""))
     return "\n".join(rows)
 
 
