@@ -5,8 +5,9 @@ throughput of lvr.generate against transformers' generate(num_return_sequences=G
 32, 8 rollouts) and on a Qwen2.5-VL-3B-like shape (16 heads, 2 KV heads, head dim 128, 4 rollouts), random
 q/k. 8 latent keys, the last 32 positions as queries. naive = softmax(QK^T/sqrt(d)) over the whole
 B x H x L x L matrix in fp32, as eager attention with output_attentions=True forms it for every layer;
-fused = reward.attention_share. Each cell runs in a fresh process: time is the median of 3 runs, peak
-memory the growth of the process's peak RSS (CPU) or torch's peak allocation (CUDA) during the call.
+fused = reward.attention_share. Each cell runs in a fresh process: time is the median of 3 runs after a
+warm-up; peak memory is the growth of the process's peak RSS over the first call (CPU) or torch's peak
+allocation above what was allocated before the call (CUDA).
 (b) The same prompts and sampling settings, spans forbidden so both decode text only; tokens/s counts
 generated tokens. Ours prefills each prompt once for its G rollouts; generate repeats the prompt
 (image included) G times.
@@ -62,20 +63,21 @@ def one_cell(method: str, shape: str, L: int, device: str, compile_: bool) -> di
     fn = (lambda: naive_share(q, k, query_mask, key_mask)) if method == "naive" else \
         (lambda: fused(q, k, query_mask, key_mask, attn_mask))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    base = rss_bytes()  # CPU: peak RSS growth of the first call (later calls may reuse freed pages)
     fn()  # warm-up (and compile)
     sync()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
-        base = rss_bytes()
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
         out = fn()
         sync()
         times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
     return {"ms": 1000 * statistics.median(times), "peak_mb": max(0, peak - base) / 2 ** 20, "value": out.mean().item()}
 
 

@@ -1,0 +1,233 @@
+"""The paper's four findings on small-vl, in one command: text-only SFT, LVR SFT, LVR SFT + plain GRPO and
+LVR SFT + GRPO + attention reward, for several seeds; every model evaluated on the same test questions
+under normal / drop / noise / noise_norm latents, forced and forbidden latents, and task-level routing.
+
+    python study.py              # 3 seeds (about 90 min on 2 CPU cores once the base model exists)
+    python study.py --quick      # 1 seed, shorter runs: a first look (about 15 min)
+
+All seeds share small-vl's base model (runs/small-vl-base, trained first if missing: ~11 min), as the
+paper's runs share one pretrained Qwen2.5-VL; a seed sets stage-1 SFT and RL (data order, which replies
+carry latents, rollout sampling). Work units (a training run, a model's evaluation) are kept under
+--root; an interrupted study run again continues where it stopped (unfinished training resumes).
+Writes to --results: one JSON per model and seed (summaries and per-question correctness), study.json
+(mean and spread across seeds, paired differences with 95% intervals), study.md, and PNG plots.
+
+Routing (finding 3): on --n-route validation questions each LVR model is run with latents forced and
+forbidden; the types where forcing scored higher are routed to latents on the test split (--route).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+import time
+
+import numpy as np
+import torch
+
+import data
+import eval as ev
+import model as M
+import train_rl
+import train_sft
+
+MODELS = ("text", "lvr", "rl", "rl-att")
+LATENT_MODES = ("normal", "drop", "noise", "noise_norm", "force", "never", "routed")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1 seed, 500 SFT steps, 30 RL steps, 200 test questions")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick: 0)")
+    p.add_argument("--sft-steps", type=int, help="stage-1 SFT steps (default 1500; --quick 500)")
+    p.add_argument("--rl-steps", type=int, help="GRPO steps per RL run (default 60; --quick 30)")
+    p.add_argument("--n-test", type=int, help="test questions, the same for every model (default 500; --quick 200)")
+    p.add_argument("--n-route", type=int, default=200, help="validation questions that choose the routed types")
+    p.add_argument("--att-weight", type=float, default=1.0, help="attention reward weight of the rl-att models")
+    p.add_argument("--base", default=os.path.join(train_sft.RUNS, "small-vl-base"), help="the shared base model run")
+    p.add_argument("--sft-args", default="", help="extra train_sft.py arguments for stage 1, e.g. '--lam 1'")
+    p.add_argument("--rl-args", default="", help="extra train_rl.py arguments, e.g. '--att-variant relative'")
+    p.add_argument("--base-steps", type=int, default=2000, help="steps of the base model, if it must be trained")
+    p.add_argument("--root", help="where the study's runs go (default runs/study, --quick runs/study-quick)")
+    p.add_argument("--results", help="results folder (default results, --quick results/quick)")
+    a = p.parse_args(argv)
+    q = a.quick
+    a.seeds = [int(s) for s in (a.seeds or ("0" if q else "0,1,2")).split(",")]
+    a.sft_steps = a.sft_steps or (500 if q else 1500)
+    a.rl_steps = a.rl_steps or (30 if q else 60)
+    a.n_test = a.n_test or (200 if q else 500)
+    a.root = a.root or os.path.join(train_sft.RUNS, "study-quick" if q else "study")
+    a.results = a.results or os.path.join("results", "quick" if q else "")
+    return a
+
+
+# ---------------------------------------------------------------------------------- training
+def finished(run: str, steps: int) -> bool:
+    state = os.path.join(run, "checkpoint", "trainer_state.pt")
+    return os.path.isfile(state) and torch.load(state, weights_only=False)["step"] >= steps
+
+
+def train(a, name: str, seed: int) -> str:
+    """The checkpoint of model `name` for `seed`, trained (or resumed) if not finished."""
+    run = os.path.join(a.root, f"{name}-s{seed}")
+    steps = a.sft_steps if name in ("text", "lvr") else a.rl_steps
+    if not finished(run, steps):
+        print(f"== training {run}")
+        common = ["--seed", str(seed), "--steps", str(steps), "--out", run, "--resume"]
+        if name in ("text", "lvr"):
+            train_sft.main(["--model", "small-vl", "--base", a.base, "--base-steps", str(a.base_steps), "--n-val", "100"] + common
+                           + (["--no-latents"] if name == "text" else []) + shlex.split(a.sft_args))
+        else:
+            lvr_ckpt = train(a, "lvr", seed)
+            train_rl.main(["--model", lvr_ckpt, "--att-weight", str(a.att_weight if name == "rl-att" else 0)] + common
+                          + shlex.split(a.rl_args))
+    return os.path.join(run, "checkpoint")
+
+
+# -------------------------------------------------------------------------------- evaluation
+def routed_types(model, tok, a, seed: int) -> list[str]:
+    """Question types where forcing latents beat forbidding them on validation questions."""
+    val = data.make_split("val", a.n_route, seed)
+    acc = {r: ev.summarize(ev.evaluate(model, tok, val, route=r, progress=False))["per_type"] for r in ("all", "none")}
+    return [t for t in acc["all"] if acc["all"][t]["acc"] > acc["none"][t]["acc"]]
+
+
+def evaluate(a, name: str, seed: int) -> dict:
+    """Every mode of one model on the shared test questions; cached in results/runs/NAME-sSEED.json."""
+    path = os.path.join(a.results, "runs", f"{name}-s{seed}.json")
+    if os.path.isfile(path):
+        return json.load(open(path))
+    ckpt = train(a, name, seed)
+    print(f"== evaluating {ckpt}")
+    model, tok = M.load_model(ckpt)
+    test = data.make_split("test", a.n_test, 0)
+    route = routed_types(model, tok, a, seed) if name != "text" else []
+    plan = {"normal": {}} if name == "text" else {
+        "normal": {}, "drop": {"mode": "drop"}, "noise": {"mode": "noise"}, "noise_norm": {"mode": "noise_norm"},
+        "force": {"route": "all"}, "never": {"route": "none"}, "routed": {"route": ",".join(route) or "none"}}
+    records = {m: ev.evaluate(model, tok, test, **kw) for m, kw in plan.items()}
+    out = {"model": name, "seed": seed, "checkpoint": ckpt, "routed_types": route,
+           "summaries": {m: ev.summarize(r) for m, r in records.items()},
+           "correct": {m: [int(x["correct"]) for x in r] for m, r in records.items()},
+           "qtypes": [x["qtype"] for x in records["normal"]]}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(out, f)
+    os.replace(tmp, path)
+    return out
+
+
+# --------------------------------------------------------------------------------- aggregation
+def spread(values: list[float]) -> dict:
+    v = np.array([x for x in values if x is not None], dtype=float)
+    return {"mean": float(v.mean()) if len(v) else None, "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "seeds": [float(x) for x in v]}
+
+
+def pooled(a_runs: list[dict], b_runs: list[dict], mode_a: str, mode_b: str, qtype=None) -> dict:
+    """Paired difference b - a over the same (seed, question) pairs, all seeds pooled."""
+    xa, xb = [], []
+    for ra, rb in zip(a_runs, b_runs):
+        keep = [qtype is None or t == qtype for t in ra["qtypes"]]
+        xa += [c for c, k in zip(ra["correct"][mode_a], keep) if k]
+        xb += [c for c, k in zip(rb["correct"][mode_b], keep) if k]
+    return ev.paired(xa, xb)
+
+
+def aggregate(runs: dict) -> dict:
+    out = {"models": {}, "paired": {}}
+    for name, rs in runs.items():
+        out["models"][name] = {}
+        for mode in rs[0]["summaries"]:
+            s = [r["summaries"][mode] for r in rs]
+            out["models"][name][mode] = {
+                "acc": spread([x["overall"]["acc"] for x in s]),
+                "latent_rate": spread([x["overall"]["latent_rate"] for x in s]),
+                "att_share": spread([x["overall"]["att_share"] for x in s]),
+                "per_type": {t: spread([x["per_type"][t]["acc"] for x in s]) for t in s[0]["per_type"]}}
+        out["models"][name]["routed_types"] = [r["routed_types"] for r in rs]
+    types = list(data.QTYPES)
+    for name in ("lvr", "rl", "rl-att"):
+        for mode in LATENT_MODES[1:]:
+            out["paired"][f"{name}: {mode} - normal"] = {
+                "overall": pooled(runs[name], runs[name], "normal", mode),
+                **{t: pooled(runs[name], runs[name], "normal", mode, t) for t in types}}
+    for a_, b_ in (("text", "lvr"), ("lvr", "rl"), ("lvr", "rl-att"), ("rl", "rl-att")):
+        out["paired"][f"{b_} - {a_} (normal)"] = {"overall": pooled(runs[a_], runs[b_], "normal", "normal"),
+                                                  **{t: pooled(runs[a_], runs[b_], "normal", "normal", t) for t in types}}
+    return out
+
+
+def markdown(agg: dict, a) -> str:
+    f = lambda s: "-" if s["mean"] is None else f"{s['mean']:.3f} ± {s['std']:.3f}"  # noqa: E731
+    types = list(data.QTYPES)
+    lines = [f"Seeds {a.seeds}; {a.n_test} test questions; mean ± std across seeds.", "",
+             "| model | mode | overall | " + " | ".join(types) + " | latent rate | att. share |",
+             "|---|---|---|" + "---|" * len(types) + "---|---|"]
+    for name, modes in agg["models"].items():
+        for mode, s in modes.items():
+            if mode == "routed_types":
+                continue
+            lines.append(f"| {name} | {mode} | {f(s['acc'])} | " + " | ".join(f(s["per_type"][t]) for t in types)
+                         + f" | {f(s['latent_rate'])} | {f(s['att_share'])} |")
+    lines += ["", "Paired differences (all seeds pooled, 95% interval):", "",
+              "| comparison | overall | " + " | ".join(types) + " |", "|---|---|" + "---|" * len(types)]
+    g = lambda d: f"{d['diff']:+.3f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"  # noqa: E731
+    for k, d in agg["paired"].items():
+        lines.append(f"| {k} | {g(d['overall'])} | " + " | ".join(g(d[t]) for t in types) + " |")
+    lines += ["", "Routed types per seed: " + "; ".join(f"{n}: {v['routed_types']}" for n, v in agg["models"].items()
+                                                       if n != "text")]
+    return "\n".join(lines)
+
+
+def plots(a, agg: dict):
+    try:
+        logs = [os.path.join(a.root, f"{n}-s{s}", "log.jsonl") for n in ("rl", "rl-att") for s in a.seeds]
+        print("wrote", ev.plot(logs, os.path.join(a.results, "rl_curves.png")))
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        print(f"plots skipped: {e}")
+        return
+    modes = ("normal", "drop", "noise", "noise_norm", "force", "never", "routed")
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    for i, name in enumerate(MODELS):
+        for j, mode in enumerate(modes):
+            s = agg["models"][name].get(mode)
+            if s:
+                ax.bar(i * (len(modes) + 1) + j, s["acc"]["mean"], yerr=s["acc"]["std"], color=f"C{j}",
+                       label=mode if name == "lvr" else None)
+    ax.axhline(np.mean([1 / ev.n_options(x) for x in data.make_split("test", a.n_test, 0)]), color="k", ls=":", lw=1)
+    ax.set_xticks([i * (len(modes) + 1) + len(modes) / 2 for i in range(len(MODELS))], MODELS)
+    ax.set_ylabel("test accuracy")
+    ax.legend(ncol=4, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(a.results, "ablation.png"), dpi=120)
+    print("wrote", os.path.join(a.results, "ablation.png"))
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    t0 = time.time()
+    try:
+        runs = {name: [evaluate(a, name, s) for s in a.seeds] for name in MODELS}
+    except (M.ModelLoadError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    agg = aggregate(runs)
+    agg["config"] = {k: v for k, v in vars(a).items()}
+    os.makedirs(a.results, exist_ok=True)
+    with open(os.path.join(a.results, "study.json"), "w") as f:
+        json.dump(agg, f, indent=1)
+    md = markdown(agg, a)
+    with open(os.path.join(a.results, "study.md"), "w") as f:
+        f.write(md + "\n")
+    print(md)
+    plots(a, agg)
+    print(f"study done in {math.ceil((time.time() - t0) / 60)} min (this invocation); results in {a.results}/")
+
+
+if __name__ == "__main__":
+    main()
