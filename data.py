@@ -211,14 +211,13 @@ def q_distance(rng, size):
         return None
     ref, cands = objs[0], objs[1:3]
     d = [math.hypot(o.cx - ref.cx, o.cy - ref.cy) for o in cands]
-    if min(d) > 0.6 * max(d):
+    if min(d) > 0.7 * max(d):
         return None
     closer = rng.random() < 0.5
     ans = cands[int(np.argmin(d) if closer else np.argmax(d))]
     word = "closer to" if closer else "farther from"
     question = f"Which is {word} {ref.name}: {cands[0].name} or {cands[1].name}?"
-    reason = f"{ref.colour} {cands[0].colour} {cands[1].colour} {word.split()[0]} {ans.colour}"
-    return objs, question, [o.name for o in cands], ans.name, [ref] + cands, reason
+    return objs, question, [o.name for o in cands], ans.name, [ref] + cands, f"{ref.colour} {word.split()[0]} {ans.colour}"
 
 
 GENERATORS = {"position": q_position, "count": q_count, "attribute": q_attribute, "size": q_size, "distance": q_distance}

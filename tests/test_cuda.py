@@ -1,0 +1,65 @@
+"""The CUDA paths: run with `python -m pytest -m cuda` on a GPU machine (skipped without one).
+torch.compile of the fused attention reward against the naive oracle, the KV-cached decode on the GPU
+against its full recompute, and a bf16-autocast GRPO run end to end."""
+import json
+import os
+
+import pytest
+import torch
+
+import lvr
+import model as M
+import reward
+import train_rl
+from test_reward import rollouts_with_spans
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(scope="module")
+def gpu(tiny):
+    m, tok = tiny
+    return M.build_small_vl(seed=0, text_hidden=64, text_layers=2, vision_hidden=32, vision_depth=1)[0].cuda(), tok
+
+
+def test_compiled_fused_reward_equals_naive_on_cuda(gpu, samples):
+    m, tok = gpu
+    prompt, tokens, latents, latent, real = [x.cuda() if torch.is_tensor(x) else {k: v.cuda() for k, v in x.items()}
+                                             for x in rollouts_with_spans(m, tok, samples)]
+    with torch.no_grad(), reward.capture_qk(m, [0]) as qk:
+        lvr.score_forward(m, prompt, tokens, latents, latent, real)
+    q, k = qk[0]
+    keys, queries = reward.span_masks(tokens, latent, real, M.lvr_token_ids(m)["lvr_end_id"])
+    pad = lambda t: torch.cat([torch.zeros_like(prompt["attention_mask"]).bool(), t], 1)  # noqa: E731
+    full_mask = torch.cat([prompt["attention_mask"], real.long()], 1)
+    compiled = reward.share_fn(q.device)
+    assert compiled is not reward.attention_share
+    got = compiled(q, k, pad(queries), pad(keys), full_mask)
+    kk = k.repeat_interleave(q.shape[1] // k.shape[1], 1).float()
+    s = q.float() @ kk.transpose(-1, -2) / q.shape[-1] ** 0.5
+    L = s.shape[-1]
+    allowed = torch.ones(L, L, dtype=torch.bool, device=s.device).tril() & full_mask.bool()[:, None, None, :]
+    naive = reward.attention_share_naive(torch.softmax(s.masked_fill(~allowed, float("-inf")), -1), pad(queries), pad(keys))
+    assert (got - naive).abs().max() < 1e-5
+
+
+def test_kv_cache_equals_recompute_on_cuda(gpu, samples):
+    m, tok = gpu
+    prompt = {k: v.cuda() for k, v in M.encode(m, tok, samples).items()}
+    force = torch.tensor([1, 0, 1, -1, 1], device="cuda")
+    runs = [lvr.generate(m, tok, prompt, max_new_tokens=12, latent_steps=3, force=force, use_cache=c) for c in (True, False)]
+    assert runs[0].latent_mask.any() and torch.equal(runs[0].tokens, runs[1].tokens)
+    assert (runs[0].latents - runs[1].latents).abs().max() < 1e-4  # TF32-free fp32 on GPU: loose only for kernel order
+
+
+def test_bf16_grpo_run_on_cuda(gpu, tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    M.save_checkpoint(*gpu, ckpt)
+    out = str(tmp_path / "rl")
+    train_rl.main(["--model", ckpt, "--steps", "2", "--out", out, "--prompts", "2", "--group", "4",
+                   "--max-new-tokens", "16", "--latent-steps", "3", "--temperature", "1.0", "--device", "cuda"])
+    rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert [r["step"] for r in rows] == [1, 2] and all(not r["skipped"] for r in rows)
+    assert all(0 <= r["att_share"] <= 1 for r in rows)
+    M.load_model(os.path.join(out, "checkpoint"), device="cuda")
