@@ -8,8 +8,8 @@ B x H x L x L matrix in fp32, as eager attention with output_attentions=True for
 fused = reward.attention_share. Each cell runs in a fresh process: time is the median of 3 runs after a
 warm-up; peak memory is the growth of the process's peak RSS over the first call (CPU) or torch's peak
 allocation above what was allocated before the call (CUDA).
-(b) The same prompts and sampling settings, spans forbidden so both decode text only; tokens/s counts
-generated tokens. Ours prefills each prompt once for its G rollouts; generate repeats the prompt
+(b) The same prompts and sampling settings, spans forbidden so both decode text only, both stopping at
+EOS; tokens/s counts generated tokens (EOS included), best of 5. Ours prefills each prompt once for its G rollouts; generate repeats the prompt
 (image included) G times.
 
     python bench.py                  # both tables (CPU: a few minutes)
@@ -120,7 +120,7 @@ def rollout_table(device, model_dir, G=8, prompts=4, new_tokens=24):
     def theirs():
         torch.manual_seed(0)
         out = model.generate(**prompt, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, num_return_sequences=G, suppress_tokens=[start],
+                             num_return_sequences=G, suppress_tokens=[start],
                              pad_token_id=tok.pad_token_id)
         return int((out[:, prompt["input_ids"].shape[1]:] != tok.pad_token_id).sum())
 
@@ -134,7 +134,7 @@ def rollout_table(device, model_dir, G=8, prompts=4, new_tokens=24):
             fn()
             sync()
             best = None
-            for _ in range(3):
+            for _ in range(5):
                 t0 = time.perf_counter()
                 n = fn()
                 sync()

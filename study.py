@@ -3,7 +3,7 @@ LVR SFT + GRPO + attention reward, for several seeds; every model evaluated on t
 under normal / drop / noise / noise_norm latents, forced and forbidden latents, and task-level routing.
 
     python study.py              # 3 seeds (about 90 min on 2 CPU cores once the base model exists)
-    python study.py --quick      # 1 seed, shorter runs: a first look (about 15 min)
+    python study.py --quick      # 2 seeds, shorter runs: a first look (about 15 min)
 
 All seeds share small-vl's base model (runs/small-vl-base, trained first if missing: ~11 min), as the
 paper's runs share one pretrained Qwen2.5-VL; a seed sets stage-1 SFT and RL (data order, which replies
@@ -40,10 +40,10 @@ LATENT_MODES = ("normal", "drop", "noise", "noise_norm", "force", "never", "rout
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1 seed, 500 SFT steps, 30 RL steps, 200 test questions")
-    p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick: 0)")
+    p.add_argument("--quick", action="store_true", help="2 seeds, 500 SFT steps, 100 RL steps, 200 test questions")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick 0,1)")
     p.add_argument("--sft-steps", type=int, help="stage-1 SFT steps (default 1500; --quick 500)")
-    p.add_argument("--rl-steps", type=int, help="GRPO steps per RL run (default 60; --quick 30)")
+    p.add_argument("--rl-steps", type=int, help="GRPO steps per RL run (default 300; --quick 100)")
     p.add_argument("--n-test", type=int, help="test questions, the same for every model (default 500; --quick 200)")
     p.add_argument("--n-route", type=int, default=200, help="validation questions that choose the routed types")
     p.add_argument("--att-weight", type=float, default=1.0, help="attention reward weight of the rl-att models")
@@ -55,9 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--results", help="results folder (default results, --quick results/quick)")
     a = p.parse_args(argv)
     q = a.quick
-    a.seeds = [int(s) for s in (a.seeds or ("0" if q else "0,1,2")).split(",")]
+    a.seeds = [int(s) for s in (a.seeds or ("0,1" if q else "0,1,2")).split(",")]
     a.sft_steps = a.sft_steps or (500 if q else 1500)
-    a.rl_steps = a.rl_steps or (30 if q else 60)
+    a.rl_steps = a.rl_steps or (100 if q else 300)
     a.n_test = a.n_test or (200 if q else 500)
     a.root = a.root or os.path.join(train_sft.RUNS, "study-quick" if q else "study")
     a.results = a.results or os.path.join("results", "quick" if q else "")

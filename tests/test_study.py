@@ -8,7 +8,7 @@ import pytest
 import study
 
 TINY = ["--seeds", "0,1", "--base-steps", "2", "--sft-steps", "2", "--rl-steps", "1", "--n-test", "10",
-        "--n-route", "10", "--sft-args", "--batch-size 4 --eval-every 0", "--rl-args", "--prompts 2 --group 2"]
+        "--n-route", "10", "--sft-args", "--batch-size 4 --eval-every 0 --n-val 8", "--rl-args", "--prompts 2 --group 2"]
 
 
 @pytest.fixture(scope="module")
