@@ -9,8 +9,8 @@ fused = reward.attention_share. Each cell runs in a fresh process: time is the m
 warm-up; peak memory is the growth of the process's peak RSS over the first call (CPU) or torch's peak
 allocation above what was allocated before the call (CUDA).
 (b) The same prompts and sampling settings, spans forbidden so both decode text only, both stopping at
-EOS; tokens/s counts generated tokens (EOS included), best of 5. Ours prefills each prompt once for its G rollouts; generate repeats the prompt
-(image included) G times.
+EOS; tokens/s counts generated tokens (EOS included), best of 5. Ours prefills each prompt once for its
+G rollouts; generate repeats the prompt (image included) G times.
 
     python bench.py                  # both tables (CPU: a few minutes)
     python bench.py --part reward --lengths 256 1024
