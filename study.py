@@ -217,7 +217,7 @@ def main(argv=None):
     except (M.ModelLoadError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     agg = aggregate(runs)
-    agg["config"] = {k: v for k, v in vars(a).items()}
+    agg["config"] = dict(vars(a))
     os.makedirs(a.results, exist_ok=True)
     with open(os.path.join(a.results, "study.json"), "w") as f:
         json.dump(agg, f, indent=1)
