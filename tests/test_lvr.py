@@ -62,7 +62,7 @@ def test_latent_span_layout(tiny, samples):
     roll = decode(m, tok, samples, force=torch.ones(5, dtype=torch.long), latent_steps=4)
     for row, lat in zip(roll.tokens, roll.latent_mask):
         assert row[0] == ids["lvr_start_id"]
-        assert lat[1:5].all() and not lat[0] and not lat[5:].any()
+        assert lat[1:5].all() and not lat[0] and not lat[5]  # (a random model may open another span later)
         assert (row[1:5] == ids["lvr_id"]).all() and row[5] == ids["lvr_end_id"]
     # the fed latent is the hidden state of the position before it
     h, _ = lvr.score_forward(m, roll.prompt, roll.tokens, roll.latents, roll.latent_mask, roll.mask)
@@ -105,26 +105,21 @@ def test_forcing_and_learned_exit(tiny, samples):
         decode(m, tok, samples, latent_exit="sometimes")
     with pytest.raises(ValueError, match="latent mode"):
         decode(m, tok, samples, mode="silence")
-    # learned exit: bias the head towards <|lvr_end|> so every span ends after its first latent step
-    head = m.lm_head.weight.data.clone()
+    # one span fits in 6 new tokens: <|lvr_start|>, 4 latent steps, <|lvr_end|>
+    run = lambda **kw: lvr.generate(m, tok, M.encode(m, tok, samples), max_new_tokens=6, latent_steps=4,
+                                    force=torch.ones(5, dtype=torch.long), **kw)
+    assert run().latent_mask.sum(1).eq(4).all()
+    # learned exit: a head that always prefers <|lvr_end|> closes every span before its first latent step
+    head = m.lm_head
     try:
-        m.lm_head.weight.data[ids["lvr_end_id"]] = 0
-        bias_dir = torch.ones(head.shape[1])
-        m.lm_head.weight.data[ids["lvr_end_id"]] += 0  # keep shape
-        out = lvr.generate(m, tok, M.encode(m, tok, samples), max_new_tokens=8, latent_steps=4,
-                           force=torch.ones(5, dtype=torch.long), latent_exit="learned")
-        fixed = lvr.generate(m, tok, M.encode(m, tok, samples), max_new_tokens=8, latent_steps=4,
-                             force=torch.ones(5, dtype=torch.long))
-        assert fixed.latent_mask.sum(1).eq(4).all()
-        m.lm_head.weight.data[ids["lvr_end_id"]] = 100 * bias_dir
-        m.lm_head.bias = None
-        forced = lvr.generate(m, tok, M.encode(m, tok, samples), max_new_tokens=8, latent_steps=4,
-                              force=torch.ones(5, dtype=torch.long), latent_exit="learned")
-        lengths = forced.latent_mask.sum(1)
-        assert (lengths < 4).all() and (forced.tokens[:, 0] == ids["lvr_start_id"]).all()
-        del bias_dir, out
+        m.lm_head = torch.nn.Linear(head.in_features, head.out_features)
+        m.lm_head.weight.data.copy_(head.weight)
+        m.lm_head.bias.data.zero_()[ids["lvr_end_id"]] = 1e4
+        learned = run(latent_exit="learned")
+        assert not learned.latent_mask.any() and (learned.tokens[:, 0] == ids["lvr_start_id"]).all()
+        assert (learned.tokens[:, 1] == ids["lvr_end_id"]).all()
     finally:
-        m.lm_head.weight.data.copy_(head)
+        m.lm_head = head
 
 
 def test_region_tokens_known_boxes():
