@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import data
 import eval as ev
 import lvr
 import model as M
@@ -218,3 +219,28 @@ def test_attention_reward_enters_only_with_its_weight(tiny_ckpt, tmp_path):
     assert r0["att_share"] == pytest.approx(r1["att_share"])  # same rollouts, logged either way
     assert r1["reward"] == pytest.approx(r0["reward"] + r1["att_share"] * r1["latent_rate"], abs=1e-5)
     assert reward.parse_answer("<answer>A</answer>") == "A"
+
+
+def test_point_loss_matches_eager_attention(tiny):
+    """The pointing loss against transformers' own eager attention probabilities of layer 0, head 0, on the
+    cells of the objects each reply word names."""
+    m, tok = tiny
+    samples = [data.make_sample(0, "val", i) for i in (0, 4, 5)]  # position, distance, position
+    batch = M.encode(m, tok, samples, [data.chat_response(s.answer, s.reason) for s in samples])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad(), reward.capture_qk(m, [0]) as qk:
+        m(**inputs)
+        loss = train_sft.point_loss(m, tok, qk, batch, samples)
+    with torch.no_grad(), reward.eager_attention(m):
+        att = m(**inputs, output_attentions=True).attentions[0]  # (B, H, L, L)
+    terms = []
+    for b, s in enumerate(samples):
+        cells = (batch["input_ids"][b] == m.config.image_token_id).nonzero()[:, 0]
+        words = tok.convert_ids_to_tokens(batch["input_ids"][b])
+        for p in (batch["labels"][b] != -100).nonzero()[:, 0].tolist():
+            obj = next((o for o in s.objects if o.colour == words[p]), None)
+            if obj is not None:
+                target = cells[lvr.region_tokens(obj.bbox(data.IMAGE_SIZE), 6, 6)]
+                terms.append(-att[b, 0, p, target].sum().log())
+    assert len(terms) == 6  # three replies naming two objects each
+    assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-5)
