@@ -114,9 +114,9 @@ class GroundingProbe(torch.nn.Module):
     Colour and shape are scored by cosine similarity with the decoder's own input embeddings of the
     colour and shape words (CLIP-like), so the token of a red cell and the word "red" come to share a
     direction: the question's words can then find their objects by a plain "same direction" match in
-    attention, the step a tiny decoder otherwise fails to learn (README, "How small-vl was made to learn"). The probe
-    reads RMS-normalised tokens so it never pays the tower to grow their scale. Training-only: it is
-    not part of the checkpoint (the tied embeddings are)."""
+    attention, the step a tiny decoder otherwise fails to learn (README, "How small-vl was made to
+    learn"). The probe reads RMS-normalised tokens so it never pays the tower to grow their scale.
+    Training-only: it is not part of the checkpoint (the tied embeddings are)."""
 
     def __init__(self, model, tok, grid: int = 6):
         super().__init__()
