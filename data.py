@@ -11,7 +11,8 @@ Question types (each answer value and each letter equally likely, so the text al
   count      how many <colour> objects (1-4)
   attribute  what shape is the <colour> object / what colour is the <shape>
   size       which object is the largest / smallest (4 candidates)
-  distance   which of two named objects is closer to / farther from X (as in CV-Bench's relative distance)
+  distance   which of two named objects is closer to X (CV-Bench's relative distance; one within NEAR
+             of X, the other beyond FAR)
 
     python data.py --show 5                              # print a few training samples
     python data.py --export out/ --split val --n 200     # write out/val.jsonl + out/images/*.png
@@ -43,6 +44,7 @@ SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 BACKGROUND = 25
 IMAGE_SIZE = 96
 RADIUS = (5.0, 13.0)  # object half-size range in pixels at IMAGE_SIZE
+NEAR, FAR = 0.3, 0.6  # distance questions: centre distances, in image widths, of the near and the far candidate
 
 
 @dataclass
@@ -145,8 +147,9 @@ def distinct_specs(rng, n: int, size: int, unique_shapes: bool = False):
 # --------------------------------------------------------------------------------------- questions
 # Each generator returns (objects, question, options, answer option, objects asked about, reason).
 # The reason is a short rationale: the colours of the objects the question names (copied from the
-# question), then the answer in words, e.g. "yellow purple below". Each word is one step for a tiny
-# decoder; the letter then follows from the answer word (options are listed in a fixed order).
+# question), then the answer in words, e.g. "yellow purple below" (distance: whether the first option is
+# near or far, "red blue far"). Each word is one step for a tiny decoder; the letter then follows from
+# the last word (options are listed in a fixed order).
 def relation(a: Obj, b: Obj) -> str | None:
     """Where a is relative to b, only when one axis clearly dominates (else ambiguous: None)."""
     dx, dy = a.cx - b.cx, a.cy - b.cy
@@ -206,18 +209,23 @@ def q_size(rng, size):
 
 
 def q_distance(rng, size):
+    """Which of two objects is closer to a reference, as CV-Bench asks it. One candidate lies within NEAR
+    of the reference and the other beyond FAR (image widths), so the reply can say of the first option
+    alone whether it is near or far (a relation of two objects, like position's), and the letter follows
+    from that word as it follows from position's relation word."""
     objs = place(rng, distinct_specs(rng, int(rng.integers(3, 6)), size), size)
     if objs is None:
         return None
-    ref, cands = objs[0], objs[1:3]
-    d = [math.hypot(o.cx - ref.cx, o.cy - ref.cy) for o in cands]
-    if min(d) > 0.7 * max(d):
+    dist = lambda a, b: math.hypot(a.cx - b.cx, a.cy - b.cy) / size
+    triples = [(r, n, f) for r in objs for n in objs for f in objs
+               if len({id(r), id(n), id(f)}) == 3 and dist(r, n) <= NEAR and dist(r, f) >= FAR]
+    if not triples:
         return None
-    closer = rng.random() < 0.5
-    ans = cands[int(np.argmin(d) if closer else np.argmax(d))]
-    word = "closer to" if closer else "farther from"
-    question = f"Which is {word} {ref.name}: {cands[0].name} or {cands[1].name}?"
-    return objs, question, [o.name for o in cands], ans.name, [ref] + cands, f"{ref.colour} {word.split()[0]} {ans.colour}"
+    ref, near, far = triples[rng.integers(len(triples))]
+    first, second = sorted([near, far], key=lambda o: option_rank(o.name))  # the order of the options
+    question = f"Which is closer to {ref.name}: {first.name} or {second.name}?"
+    reason = f"{ref.colour} {first.colour} {'near' if first is near else 'far'}"
+    return objs, question, [first.name, second.name], near.name, [ref, first, second], reason
 
 
 GENERATORS = {"position": q_position, "count": q_count, "attribute": q_attribute, "size": q_size, "distance": q_distance}
@@ -285,8 +293,8 @@ def vocabulary() -> list[str]:
     """Every word the generator can write (the small-vl tokenizer's vocabulary)."""
     words = set(LETTERS) | set(COLOURS) | set(SHAPES) | set(RELATIONS) | {"1", "2", "3", "4"}
     words |= set("Where is the relative to How many objects are there What shape object colour Which "
-                 "largest smallest closest farthest from Answer with option s letter user assistant".split())
-    return sorted(words) + [".", "?", "'", ","]
+                 "largest smallest closer to or near far Answer with option s letter user assistant".split())
+    return sorted(words) + [".", "?", "'", ",", ":"]
 
 
 # ----------------------------------------------------------------------------- LLaVA-style JSONL

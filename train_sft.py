@@ -108,6 +108,9 @@ def lr_at(args, step: int, steps: int) -> float:
     return args.lr * warm * (args.min_lr + (1 - args.min_lr) * 0.5 * (1 + math.cos(math.pi * step / max(1, steps))))
 
 
+POINT_PREV_HEAD = 2  # layer-0 head that points at the previously named object (its own KV head)
+
+
 class GroundingProbe(torch.nn.Module):
     """Dense grounding for stage 0. Every merged visual token is classified by the colour and the shape of
     the object over its cell (or background), by that object's size and by the cell's column and row.
@@ -158,27 +161,35 @@ class GroundingProbe(torch.nn.Module):
 
 def point_loss(model, tok, qk, batch, samples) -> torch.Tensor:
     """Pointing: at every reply word that names objects (a colour; the shape an attribute question
-    names), head 0 of decoder layer 0 should put its attention on those objects' cells:
-    -log(attention mass on the cells), averaged over such words. Synthetic data only (needs the scene)."""
+    names), head 0 of decoder layer 0 should put its attention on those objects' cells, and head 2 on
+    the cells of the objects the previous such word named (so a pair's second word sees both objects,
+    e.g. "yellow purple below"): -log(attention mass on the cells), averaged over such words and heads.
+    Synthetic data only (needs the scene)."""
     q, k = qk[0]
-    q, k = q[:, 0].float(), k[:, 0].float()  # head 0 and its KV head: (B, L, d)
+    q, k = q.float(), k.float()  # (B, H, L, d), (B, Hkv, L, d)
+    group = q.shape[1] // k.shape[1]
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"].bool()
     colours, shapes = {tok.convert_tokens_to_ids(c): c for c in data.COLOURS}, {tok.convert_tokens_to_ids(x): x for x in data.SHAPES}
     rows = []
     for b, s in enumerate(samples):
         cells = (ids[b] == model.config.image_token_id).nonzero()[:, 0]
         gh, gw = M.merged_grid(s.image.shape, model.config.vision_config)
+        prev = []
         for p in (labels[b] != -100).nonzero()[:, 0].tolist():
             word = ids[b, p].item()
             named = [o for o in s.objects if colours.get(word) == o.colour or (s.qtype == "attribute" and shapes.get(word) == o.shape)]
-            target = sorted({c for o in named for c in lvr.region_tokens(o.bbox(s.image.shape[0]), gh, gw)})
-            if target:
-                rows.append((b, p, cells[target]))
+            if not named:
+                continue
+            for head, objs in ((0, named), (POINT_PREV_HEAD, prev)):
+                target = sorted({c for o in objs for c in lvr.region_tokens(o.bbox(s.image.shape[0]), gh, gw)})
+                if target:
+                    rows.append((b, head, p, cells[target]))
+            prev = named
     if not rows:
         return q.new_zeros(())
     losses = []
-    for b, p, target in rows:
-        logits = (k[b, :p + 1] @ q[b, p]) / q.shape[-1] ** 0.5
+    for b, head, p, target in rows:
+        logits = (k[b, head // group, :p + 1] @ q[b, head, p]) / q.shape[-1] ** 0.5
         logits = logits.masked_fill(~mask[b, :p + 1], float("-inf"))
         losses.append(logits.logsumexp(0) - logits[target].logsumexp(0))
     return torch.stack(losses).mean()

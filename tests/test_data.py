@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import data
+import model as M
 
 
 def digest(s):
@@ -73,8 +74,34 @@ def test_reason_names_the_answer():
     for i in range(40):
         s = data.make_sample(0, "val", i)
         option = s.question.splitlines()[1 + "ABCD".index(s.answer)][3:]
-        last = option.split()[-2] if s.qtype in ("size", "distance") else option  # "the red circle" -> red
+        if s.qtype == "distance":  # "ref first near|far": near means the first option is the answer
+            assert s.reason.split()[-1] == ("near" if s.answer == "A" else "far"), (s.reason, s.answer)
+            continue
+        last = option.split()[-2] if s.qtype == "size" else option  # "the red circle" -> red
         assert s.reason.split()[-1] == last, (s.qtype, s.reason, option)
+
+
+def test_distance_rationale_matches_the_geometry():
+    for i in range(4, 400, 5):  # the distance questions (every fifth sample)
+        s = data.make_sample(0, "train", i)
+        ref, first, rel = s.reason.split()
+        pos = {o.colour: np.array([o.cx, o.cy]) / data.IMAGE_SIZE for o in s.objects}
+        d = {c: np.linalg.norm(pos[c] - pos[ref]) for c in pos}
+        lines = s.question.splitlines()
+        assert lines[1] == f"A. the {first} " + lines[1].split()[-1] and ref in lines[0]
+        second = lines[2].split()[2]
+        near, far = (first, second) if rel == "near" else (second, first)
+        assert d[near] <= data.NEAR and d[far] >= data.FAR, s.id
+        assert lines["AB".index(s.answer) + 1].split()[2] == near
+
+
+def test_every_word_the_generator_writes_is_in_the_vocabulary():
+    tok = M.build_tokenizer()
+    unk = tok.convert_tokens_to_ids("<unk>")
+    for i in range(100):
+        s = data.make_sample(0, "train", i)
+        text = data.chat_prompt(s.question, 4) + data.chat_response(s.answer, s.reason, 8)
+        assert unk not in tok(text)["input_ids"], (s.qtype, s.question, s.reason)
 
 
 def test_jsonl_roundtrip(tmp_path):

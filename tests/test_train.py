@@ -222,8 +222,8 @@ def test_attention_reward_enters_only_with_its_weight(tiny_ckpt, tmp_path):
 
 
 def test_point_loss_matches_eager_attention(tiny):
-    """The pointing loss against transformers' own eager attention probabilities of layer 0, head 0, on the
-    cells of the objects each reply word names."""
+    """The pointing loss against transformers' own eager attention probabilities of layer 0: head 0 on the
+    objects a reply word names, head 2 on those the previous naming word named."""
     m, tok = tiny
     samples = [data.make_sample(0, "val", i) for i in (0, 4, 5)]  # position, distance, position
     batch = M.encode(m, tok, samples, [data.chat_response(s.answer, s.reason) for s in samples])
@@ -237,10 +237,15 @@ def test_point_loss_matches_eager_attention(tiny):
     for b, s in enumerate(samples):
         cells = (batch["input_ids"][b] == m.config.image_token_id).nonzero()[:, 0]
         words = tok.convert_ids_to_tokens(batch["input_ids"][b])
+        prev = None
         for p in (batch["labels"][b] != -100).nonzero()[:, 0].tolist():
             obj = next((o for o in s.objects if o.colour == words[p]), None)
-            if obj is not None:
-                target = cells[lvr.region_tokens(obj.bbox(data.IMAGE_SIZE), 6, 6)]
-                terms.append(-att[b, 0, p, target].sum().log())
-    assert len(terms) == 6  # three replies naming two objects each
+            if obj is None:
+                continue
+            for head, o in ((0, obj), (train_sft.POINT_PREV_HEAD, prev)):
+                if o is not None:
+                    target = cells[lvr.region_tokens(o.bbox(data.IMAGE_SIZE), 6, 6)]
+                    terms.append(-att[b, head, p, target].sum().log())
+            prev = obj
+    assert len(terms) == 2 * 6 - 3  # three replies naming two objects each; the first has no previous
     assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-5)
