@@ -5,7 +5,7 @@ under normal / drop / noise / noise_norm latents, forced and forbidden latents, 
     python study.py              # 3 seeds (57 min measured on 2 CPU cores once the base model exists)
     python study.py --quick      # 2 seeds, shorter runs: a first look (19 min measured)
 
-All seeds share small-vl's base model (runs/small-vl-base, trained first if missing: ~11 min), as the
+All seeds share small-vl's base model (runs/small-vl-base, trained first if missing: ~15 min), as the
 paper's runs share one pretrained Qwen2.5-VL; a seed sets stage-1 SFT and RL (data order, which replies
 carry latents, rollout sampling). Work units (a training run, a model's evaluation) are kept under
 --root; an interrupted study run again continues where it stopped (unfinished training resumes).
