@@ -2,8 +2,8 @@
 LVR SFT + GRPO + attention reward, for several seeds; every model evaluated on the same test questions
 under normal / drop / noise / noise_norm latents, forced and forbidden latents, and task-level routing.
 
-    python study.py              # 3 seeds (57 min measured on 2 CPU cores once the base model exists)
-    python study.py --quick      # 2 seeds, shorter runs: a first look (19 min measured)
+    python study.py              # 3 seeds (68 min measured on 2 CPU cores once the base model exists)
+    python study.py --quick      # 2 seeds, shorter runs: a first look (19 min measured, earlier recipe)
 
 All seeds share small-vl's base model (runs/small-vl-base, trained first if missing: ~15 min), as the
 paper's runs share one pretrained Qwen2.5-VL; a seed sets stage-1 SFT and RL (data order, which replies
