@@ -75,7 +75,7 @@ def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, bat
         roll = lvr.generate(model, tok, prompt, max_new_tokens=max_new_tokens, latent_steps=latent_steps, mode=mode,
                             temperature=temperature, top_p=top_p, generator=gen,
                             force=None if force is None else force[i:i + batch_size])
-        share = attention_share(model, roll, att_layers)
+        share = reward.score_rollout(model, roll, att_layers)[1].cpu()
         for j, s in enumerate(chunk):
             text = tok.decode(roll.tokens[j][roll.mask[j]], skip_special_tokens=False)
             pred = reward.parse_answer(text)
@@ -89,14 +89,6 @@ def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, bat
 def n_options(sample) -> int:
     """Number of lettered options ("A. ...") in the question."""
     return sum(line[1:3] == ". " and line[0] in data.OPTION_LETTERS for line in sample.question.splitlines()) or 1
-
-
-def attention_share(model, roll, layers) -> torch.Tensor:
-    with reward.capture_qk(model, layers) as qk:
-        lvr.score_forward(model, roll.prompt, roll.tokens, roll.latents, roll.latent_mask, roll.mask)
-    ids = torch.cat([roll.prompt["input_ids"], roll.tokens], 1)
-    return reward.attention_reward(qk, roll.prompt["attention_mask"], roll.tokens, roll.latent_mask, roll.mask, ids,
-                                   model.config.lvr_end_id).cpu()
 
 
 def summarize(records: list[dict]) -> dict:

@@ -9,6 +9,8 @@ a span also ends early when the token the model would emit at a latent step is `
 `<|lvr_latent_end|>`. Every sample of the batch has its own mode; one KV cache serves all; the
 prompt and image are prefilled once and the cache repeated for the G samples of a GRPO group.
 The sequence records `<|lvr|>` at latent positions; `latents` holds exactly the vectors fed there.
+Outside a span the structural tokens (`structural_ids`: image and vision tokens, `<|lvr|>`,
+`<|lvr_latent_end|>`, `<|lvr_end|>`) are never sampled; `forced` marks the tokens the decoder put in.
 
 Interventions (inference-time ablations, `mode=`):
   normal      the hidden state is fed back, as trained.
@@ -76,21 +78,27 @@ def hidden(model, embeds, attention_mask, position_ids, cache=None):
     return out.last_hidden_state
 
 
-def score_forward(model, prompt: dict, tokens, latents, latent_mask, completion_mask):
+def score_forward(model, prompt: dict, tokens, latents, latent_mask, completion_mask) -> torch.Tensor:
     """One full forward over prompt + completion with the recorded latents put back as constants.
 
-    Returns the post-norm hidden states at the completion's positions (N, T, D) and the logits
-    that predict each completion token (N, T, V). Image and attention mask are always passed."""
+    Returns (N, T, D): at completion position t, the post-norm hidden state one position earlier, the
+    state whose logits predict token t and which, at a latent slot, was fed back as latent t. Image and
+    attention mask are always passed."""
     ids = torch.cat([prompt["input_ids"], tokens], 1)
     mask = torch.cat([prompt["attention_mask"], completion_mask.long()], 1)
     L0 = prompt["input_ids"].shape[1]
-    lat_full = F.pad(latent_mask, (L0, 0))
-    vecs = F.pad(latents, (0, 0, L0, 0))
-    x = embed(model, ids, prompt["pixel_values"], prompt["image_grid_thw"], vecs.detach(), lat_full)
+    x = embed(model, ids, prompt["pixel_values"], prompt["image_grid_thw"], F.pad(latents, (0, 0, L0, 0)).detach(),
+              F.pad(latent_mask, (L0, 0)))
     pos, _ = positions(model, ids, mask, prompt["image_grid_thw"])
-    h = hidden(model, x, mask, pos)
-    logits = model.lm_head(h[:, L0 - 1:-1])
-    return h[:, L0:], logits
+    return hidden(model, x, mask, pos)[:, L0 - 1:-1]
+
+
+def structural_ids(model) -> list[int]:
+    """Tokens never sampled as text: image/video placeholders, vision markers and the LVR tokens other than
+    <|lvr_start|> (a span's slots and its closing <|lvr_end|> are always fed or forced by the decoder)."""
+    cfg, ids = model.config, M.lvr_token_ids(model)
+    return [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id,
+            ids["lvr_id"], ids["lvr_latent_end_id"], ids["lvr_end_id"]]
 
 
 # ---------------------------------------------------------------------------------------- decode
@@ -101,6 +109,7 @@ class Rollout:
     latents: torch.Tensor     # (N, T, D) the vectors fed at latent positions, zeros elsewhere
     latent_mask: torch.Tensor  # (N, T) bool
     mask: torch.Tensor        # (N, T) bool: real completion positions (EOS included)
+    forced: torch.Tensor      # (N, T) bool: tokens the decoder put there, not sampled (<|lvr_end|>, forced opens)
     lvr_start: int            # the <|lvr_start|> id
 
     @property
@@ -161,8 +170,7 @@ def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, lat
     ids = M.lvr_token_ids(model)
     start, lvr, lat_end, end = ids["lvr_start_id"], ids["lvr_id"], ids["lvr_latent_end_id"], ids["lvr_end_id"]
     K = 0 if mode == "drop" else latent_steps
-    cfg = model.config  # structural tokens are never sampled: image/video placeholders, vision markers, <|lvr|>
-    banned = [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id, lvr]
+    in_span_banned = [b for b in structural_ids(model) if b not in (end, lat_end)]
     eos = torch.tensor(eos_ids(model, tok))
     dev = prompt["input_ids"].device
     images_per_row = (prompt["input_ids"] == model.config.vision_start_token_id).sum(1).tolist()
@@ -188,13 +196,15 @@ def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, lat
         feats = repeat_rows(list(feats.split(per_image)), images_per_row, G)
     attn = full["attention_mask"]
 
-    toks, vecs, lmask, real = [], [], [], []
+    toks, vecs, lmask, real, forced = [], [], [], [], []
     in_lat = torch.zeros(N, dtype=torch.bool, device=dev)
     left = torch.zeros(N, dtype=torch.long, device=dev)
     done = torch.zeros(N, dtype=torch.bool, device=dev)
     for t in range(max_new_tokens):
         logits = model.lm_head(h).float()
-        logits[:, banned] = float("-inf")
+        logits[:, in_span_banned] = float("-inf")
+        for b in (end, lat_end):  # only in a span, where sampling them is a learned exit
+            logits[~in_lat, b] = float("-inf")
         if t == 0:
             logits[force > 0] = float("-inf")
             logits[force > 0, start] = 0.0
@@ -213,6 +223,7 @@ def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, lat
         vecs.append(torch.where(feed[:, None], vec, torch.zeros_like(vec)))
         lmask.append(feed)
         real.append(~done)
+        forced.append(exit_now | (entered & (force > 0) & (t == 0)))
         done = done | torch.isin(token, eos.to(dev))
         if bool(done.all()) or t == max_new_tokens - 1:
             break
@@ -222,7 +233,8 @@ def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, lat
             h = hidden(model, step_x[:, None], attn, (nxt + t).view(1, N, 1).expand(3, N, 1), cache)[:, -1]
         else:
             h = recompute(model, full, feats, toks, vecs, lmask, attn)
-    return Rollout(full, torch.stack(toks, 1), torch.stack(vecs, 1), torch.stack(lmask, 1), torch.stack(real, 1), start)
+    return Rollout(full, torch.stack(toks, 1), torch.stack(vecs, 1), torch.stack(lmask, 1), torch.stack(real, 1),
+                   torch.stack(forced, 1), start)
 
 
 def recompute(model, full, feats, toks, vecs, lmask, attn):

@@ -6,9 +6,13 @@ masked) and averaged over heads:
 
     r_attn = mean over query positions t  of  sum over latent keys j  of  A[t, j]
 
-keys j: the latent slots strictly between <|lvr_start|> and <|lvr_end|>; queries t: every real
-completion position after the first span's <|lvr_end|> to the end (answer and EOS included). Our mask
-is causal (a query never sees later keys). Several layers: their r_attn averaged. Variant "relative":
+keys j: the latent slots of every span (strictly between <|lvr_start|> and <|lvr_end|>, markers
+excluded); queries t: every real, non-latent completion position after
+max(last <|lvr_end|>, first <|lvr_start|> + number of latent slots), to the end (answer and EOS
+included), as silent-lvr's code places them; a rollout without <|lvr_start|> has none. Our mask is
+causal (a query never sees later keys; their code may lack the mask on one path). Several layers: their
+r_attn averaged. With two spans the sum runs over both spans' slots, so r_attn grows with the number of
+spans (train_rl.py logs how often rollouts open more than one). Variant "relative":
 r_attn divided by the same mass on the image tokens. A rollout without a span gets 0 (no_latent="zero",
 the paper), or its group's mean r_attn over the rollouts that have one ("neutral": after the group
 normalisation of GRPO it is pushed neither way). The reward is a constant (no gradient flows through it).
@@ -36,6 +40,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import data
+import lvr
 
 SPAN_RE = re.compile(re.escape(data.LVR_START) + r".*?(?:" + re.escape(data.LVR_END) + r"|$)", re.S)
 TAGGED_RE = re.compile(r"<answer>\s*\(?([A-Z])\)?\s*</answer>")
@@ -119,12 +124,15 @@ def eager_attention(model):
         cfg._attn_implementation = old
 
 
-def span_masks(tokens, latent_mask, mask, lvr_end: int):
-    """(keys, queries) over the completion: latent slots, and real non-latent positions after the
-    first span's <|lvr_end|>."""
-    end = (tokens == lvr_end).long()
-    after = (end.cumsum(1) - end) > 0
-    return latent_mask, after & mask & ~latent_mask
+def span_masks(tokens, latent_mask, mask, lvr_start: int, lvr_end: int):
+    """(keys, queries) over the completion (module docstring): the latent slots, and the real non-latent
+    positions after max(last <|lvr_end|>, first <|lvr_start|> + number of latent slots)."""
+    T = tokens.shape[1]
+    pos = torch.arange(T, device=tokens.device)[None]
+    first_start = torch.where(tokens == lvr_start, pos, T).amin(1)
+    last_end = torch.where(tokens == lvr_end, pos, -1).amax(1)
+    begin = torch.maximum(last_end, first_start + latent_mask.sum(1))
+    return latent_mask, (pos > begin[:, None]) & mask & ~latent_mask
 
 
 def attention_share(q, k, query_mask, key_mask, attention_mask, chunk: int = 256) -> torch.Tensor:
@@ -175,21 +183,33 @@ def attention_share_naive(attn: torch.Tensor, query_mask, key_mask) -> torch.Ten
     return (mass * query_mask).sum(1) / query_mask.sum(1).clamp(min=1)
 
 
-def attention_reward(qk: dict, prompt_mask, tokens, latent_mask, completion_mask, ids, lvr_end: int,
-                     variant: str = "share", image_token: int | None = None) -> torch.Tensor:
-    """r_attn per rollout from captured {layer: (q, k)} of a scoring forward over prompt + completion."""
+def attention_reward(qk: dict, prompt: dict, tokens, latent_mask, completion_mask, cfg,
+                     variant: str = "share") -> torch.Tensor:
+    """r_attn per rollout from captured {layer: (q, k)} of a scoring forward over prompt + completion;
+    cfg: the model's config (its LVR and image token ids)."""
     if variant not in ("share", "relative"):
         raise ValueError(f"unknown attention reward variant {variant!r}; expected 'share' or 'relative'")
-    keys, queries = span_masks(tokens, latent_mask, completion_mask, lvr_end)
-    pad = lambda m: torch.cat([torch.zeros_like(prompt_mask, dtype=torch.bool), m], 1)  # noqa: E731
-    full_mask = torch.cat([prompt_mask, completion_mask.long()], 1)
+    keys, queries = span_masks(tokens, latent_mask, completion_mask, cfg.lvr_start_id, cfg.lvr_end_id)
+    pad = lambda m: torch.cat([torch.zeros_like(prompt["attention_mask"], dtype=torch.bool), m], 1)  # noqa: E731
+    full_mask = torch.cat([prompt["attention_mask"], completion_mask.long()], 1)
+    image = torch.cat([prompt["input_ids"], tokens], 1) == cfg.image_token_id
     out, share = [], share_fn(tokens.device)
     for q, k in qk.values():
         r = share(q.detach(), k.detach(), pad(queries), pad(keys), full_mask)
         if variant == "relative":
-            r = r / share(q.detach(), k.detach(), pad(queries), ids == image_token, full_mask).clamp(min=1e-6)
+            r = r / share(q.detach(), k.detach(), pad(queries), image, full_mask).clamp(min=1e-6)
         out.append(r)
     return torch.stack(out).mean(0) * keys.any(1)
+
+
+def score_rollout(model, roll, layers, variant: str = "share"):
+    """The scoring forward of a rollout (lvr.score_forward) and, fused into it, r_attn at `layers`:
+    (hidden states predicting each completion position, r_attn per rollout; zeros without layers)."""
+    with capture_qk(model, layers) as qk:
+        h = lvr.score_forward(model, roll.prompt, roll.tokens, roll.latents, roll.latent_mask, roll.mask)
+    if not layers:
+        return h, torch.zeros(roll.tokens.shape[0], device=h.device)
+    return h, attention_reward(qk, roll.prompt, roll.tokens, roll.latent_mask, roll.mask, model.config, variant)
 
 
 def no_latent_fill(r_attn: torch.Tensor, opened: torch.Tensor, G: int, mode: str) -> torch.Tensor:

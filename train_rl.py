@@ -5,12 +5,15 @@
     python train_rl.py --model small-vl --resume         # continue a killed run with the same data order
 
 Per step: P questions, G rollouts each from one shared prefill (lvr.generate: latent mode per sample);
-rewards (reward.py); advantages normalised within each group; one scoring forward over prompt +
-completion with the image, the attention mask and the recorded latents put back as constants; PPO-clipped
-policy loss. Latent slots: `--latent-logp vlpo` (default, Monet's VLPO as in the paper's code): a slot's
-log-probability is -||z - h||^2 / (2 sigma^2), z the latent fed during the rollout and h the policy's
-hidden state that produces it, so latents sit inside the ratio and the KL; `mask` (LVR's GRPO_latent):
-latent slots carry no policy gradient. Writes OUT/checkpoint (HF format, atomic), OUT/log.jsonl.
+rewards (reward.py); advantages normalised within each group (exactly 0 for a group of equal rewards);
+one scoring forward over prompt + completion with the image, the attention mask and the recorded latents
+put back as constants; token log-probs scored at the rollout temperature (as verl, EasyR1 and TRL do, so
+the ratio refers to the policy that sampled); PPO-clipped policy loss over the sampled tokens (a forced
+<|lvr_end|> is not in it). Latent slots: `--latent-logp vlpo` (default, Monet's VLPO as in the paper's
+code): a slot's log-probability is -||z - h||^2 / (2 sigma^2), z the latent fed during the rollout and h
+the policy's hidden state that produces it, so latents sit inside the ratio and the KL (README says what
+that changes in practice); `mask` (LVR's GRPO_latent): latent slots carry no policy gradient.
+Writes OUT/checkpoint (HF format, atomic), OUT/log.jsonl.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import warnings
 
 import numpy as np
 import torch
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import data
@@ -96,22 +100,38 @@ def initial_model(args) -> str:
 
 # ------------------------------------------------------------------------------------- the loss
 def advantages(rewards: torch.Tensor, G: int, std: bool) -> torch.Tensor:
-    r = rewards.view(-1, G)
+    """Rewards minus their group's mean (divided by the group's std with `std`); a group whose rewards
+    are all equal gets exactly 0 (a float mean can miss equal values by an ulp, which std would blow up)."""
+    r = rewards.view(-1, G).double()
     a = r - r.mean(1, keepdim=True)
     if std:
         a = a / (r.std(1, keepdim=True) + 1e-6)
-    return a.reshape(-1)
+    same = (r == r[:, :1]).all(1, keepdim=True)
+    return torch.where(same, 0.0, a).float().reshape(-1)
 
 
-def token_logps(logits, tokens, h, latents, latent_mask, sigma: float, vlpo: bool) -> torch.Tensor:
-    """log p of each completion token; at latent slots VLPO's Gaussian log-density of the fed latent
-    around the hidden state one position earlier (the state that produced it), or 0 when masked."""
-    lp = torch.log_softmax(logits.float(), -1).gather(-1, tokens[..., None])[..., 0]
-    if not vlpo:
-        return lp.masked_fill(latent_mask, 0.0)
-    prev = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], 1).float()
-    gauss = -0.5 * (latents.float() - prev).pow(2).sum(-1) / sigma ** 2
-    return torch.where(latent_mask, gauss, lp)
+def token_logps(model, h, roll, args, chunk: int = 64) -> torch.Tensor:
+    """log p of each completion token under the policy that sampled it: log_softmax(logits / T) with the
+    never-sampled structural tokens excluded, from h (lvr.score_forward: the state predicting each token).
+    At latent slots VLPO's Gaussian log-density -||z - h||^2 / (2 sigma^2) of the fed latent z around the
+    state that produced it, or 0 with `--latent-logp mask`; 0 where the decoder forced the token.
+
+    The (N, T, vocab) logits are made `chunk` positions at a time and recomputed in the backward
+    (activation checkpointing), so only one chunk of them is ever alive."""
+    banned = torch.tensor(lvr.structural_ids(model), device=h.device)
+
+    def chunk_logp(hc, tc):
+        logits = model.lm_head(hc).float() / args.temperature
+        logits = logits.index_fill(-1, banned, float("-inf"))
+        return logits.gather(-1, tc[..., None])[..., 0] - logits.logsumexp(-1)
+
+    lp = torch.cat([checkpoint(chunk_logp, h[:, i:i + chunk], roll.tokens[:, i:i + chunk], use_reentrant=False)
+                    for i in range(0, roll.tokens.shape[1], chunk)], 1)
+    lp = lp.masked_fill(roll.forced | roll.latent_mask, 0.0)  # a forced <|lvr_end|> scores -inf: never in the loss
+    if args.latent_logp == "mask":
+        return lp
+    gauss = -0.5 * (roll.latents.float() - h.float()).pow(2).sum(-1) / args.sigma ** 2
+    return torch.where(roll.latent_mask, gauss, lp)
 
 
 def policy_loss(logp, old_logp, adv, mask, args, ref_logp=None) -> tuple[torch.Tensor, dict]:
@@ -134,8 +154,11 @@ def policy_loss(logp, old_logp, adv, mask, args, ref_logp=None) -> tuple[torch.T
         total = ((loss * m).sum(1) / m.sum(1).clamp(min=1)).mean()
     else:
         total = (loss * m).sum() / (loss.shape[0] * args.max_new_tokens)
-    stats = {"clip_frac": (((ratio < 1 - args.clip_low) | (ratio > 1 + args.clip_high)).float() * m).sum() / m.sum().clamp(min=1),
-             "kl": (kl * m).sum() / m.sum().clamp(min=1)}
+    low = (ratio < 1 - args.clip_low) & (a < 0)  # where the clip binds (TRL's clip_ratio metrics)
+    high = (ratio > 1 + args.clip_high) & (a > 0)
+    mean = lambda x: (x.float() * m).sum() / m.sum().clamp(min=1)  # noqa: E731
+    stats = {"clip_ratio/low_mean": mean(low), "clip_ratio/high_mean": mean(high),
+             "clip_ratio/region_mean": mean(low | high), "kl": mean(kl)}
     return total, {k: float(v) for k, v in stats.items()}
 
 
@@ -152,15 +175,8 @@ def rollout(args, model, tok, samples, step):
 
 def score(args, model, roll, need_attn: bool):
     """The scoring forward: (logp per token, r_attn per rollout) with the latents put back as constants."""
-    with reward.capture_qk(model, args.att_layers if need_attn else []) as qk:
-        h, logits = lvr.score_forward(model, roll.prompt, roll.tokens, roll.latents, roll.latent_mask, roll.mask)
-    logp = token_logps(logits, roll.tokens, h, roll.latents, roll.latent_mask, args.sigma, args.latent_logp == "vlpo")
-    r_attn = torch.zeros(roll.tokens.shape[0], device=logp.device)
-    if need_attn:
-        ids = torch.cat([roll.prompt["input_ids"], roll.tokens], 1)
-        r_attn = reward.attention_reward(qk, roll.prompt["attention_mask"], roll.tokens, roll.latent_mask, roll.mask,
-                                         ids, model.config.lvr_end_id, args.att_variant, model.config.image_token_id)
-    return logp, r_attn
+    h, r_attn = reward.score_rollout(model, roll, args.att_layers if need_attn else [], args.att_variant)
+    return token_logps(model, h, roll, args), r_attn
 
 
 def rewards(args, tok, samples, roll, r_attn, length_penalty):
@@ -197,7 +213,7 @@ def grpo_step(args, model, tok, ref, opt, samples, step, length_penalty) -> dict
     total, parts = rewards(args, tok, samples, roll, r_attn, length_penalty)
     adv = advantages(total, args.group, std=not (args.no_std or args.loss == "dr_grpo")).to(logp.device)
     keep = keep_groups(args, parts["acc"]).to(logp.device)
-    mask = roll.mask & (~roll.latent_mask if args.latent_logp == "mask" else torch.ones_like(roll.mask))
+    mask = roll.mask & ~roll.forced & (~roll.latent_mask if args.latent_logp == "mask" else torch.ones_like(roll.mask))
     mask = mask & keep[:, None]
     ref_logp = None
     if ref is not None:
@@ -220,13 +236,16 @@ def grpo_step(args, model, tok, ref, opt, samples, step, length_penalty) -> dict
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], args.clip_grad)
         opt.step()
     t3 = time.time()
-    spread = total.view(-1, args.group).std(1) > 0
+    same = (total.view(-1, args.group) == total.view(-1, args.group)[:, :1]).all(1)
     opened = roll.opened.cpu()
+    multi = (roll.tokens == roll.lvr_start).sum(1).cpu() >= 2
     return {"step": step + 1, "reward": total.mean().item(), "acc": parts["acc"].mean().item(),
             "format": parts["format"].mean().item(), "latent_rate": opened.float().mean().item(),
             "att_share": (parts["r_attn"][opened].mean().item() if opened.any() else 0.0),
-            "kl": stats.get("kl", 0.0), "clip_frac": stats.get("clip_frac", 0.0),
-            "zero_spread": 1 - spread.float().mean().item(), "kept_groups": keep.float().mean().item(),
+            "multi_span": multi.float().mean().item(),
+            "att_share_multi": (parts["r_attn"][multi].mean().item() if multi.any() else None),
+            **{k: stats.get(k, 0.0) for k in ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")},
+            "zero_spread": same.float().mean().item(), "kept_groups": keep.float().mean().item(),
             "length": parts["length"].mean().item(), "loss": float(loss.detach()), "skipped": skipped,
             "t_rollout": t1 - t0, "t_score": t2 - t1, "t_update": t3 - t2}
 

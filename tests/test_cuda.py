@@ -30,7 +30,7 @@ def test_compiled_fused_reward_equals_naive_on_cuda(gpu, samples):
     with torch.no_grad(), reward.capture_qk(m, [0]) as qk:
         lvr.score_forward(m, prompt, tokens, latents, latent, real)
     q, k = qk[0]
-    keys, queries = reward.span_masks(tokens, latent, real, M.lvr_token_ids(m)["lvr_end_id"])
+    keys, queries = reward.span_masks(tokens, latent, real, m.config.lvr_start_id, m.config.lvr_end_id)
     pad = lambda t: torch.cat([torch.zeros_like(prompt["attention_mask"]).bool(), t], 1)  # noqa: E731
     full_mask = torch.cat([prompt["attention_mask"], real.long()], 1)
     compiled = reward.share_fn(q.device)

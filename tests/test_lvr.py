@@ -65,8 +65,8 @@ def test_latent_span_layout(tiny, samples):
         assert lat[1:5].all() and not lat[0] and not lat[5]  # (a random model may open another span later)
         assert (row[1:5] == ids["lvr_id"]).all() and row[5] == ids["lvr_end_id"]
     # the fed latent is the hidden state of the position before it
-    h, _ = lvr.score_forward(m, roll.prompt, roll.tokens, roll.latents, roll.latent_mask, roll.mask)
-    assert (h[:, 0:4] - roll.latents[:, 1:5]).abs().max() < 1e-5
+    h = lvr.score_forward(m, roll.prompt, roll.tokens, roll.latents, roll.latent_mask, roll.mask)
+    assert (h[:, 1:5] - roll.latents[:, 1:5]).abs().max() < 1e-5
 
 
 def test_drop_feeds_no_latents(tiny, samples):
@@ -206,15 +206,24 @@ def test_multi_image_prompts_decode_like_single_ones(tiny, samples):
 
 
 def test_structural_tokens_are_never_sampled(tiny, samples):
+    """A head that prefers the structural tokens by far still never samples them as text: image and vision
+    tokens, <|lvr|>, and outside a span <|lvr_latent_end|> and <|lvr_end|> (each <|lvr_end|> is forced)."""
     m, tok = tiny
     cfg = m.config
-    banned = [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id]
-    head = m.lm_head.weight.data.clone()
+    banned = lvr.structural_ids(m)
+    assert {cfg.lvr_end_id, cfg.lvr_latent_end_id, cfg.lvr_id, cfg.image_token_id} <= set(banned)
+    head = m.lm_head
     try:
-        m.lm_head.weight.data[banned] = 50 * torch.ones(head.shape[1])  # the head now prefers them by far
-        roll = decode(m, tok, samples, temperature=1.0, generator=torch.Generator().manual_seed(0))
-        assert not torch.isin(roll.tokens, torch.tensor(banned)).any()
-        text = roll.tokens[~roll.latent_mask & roll.mask]
-        assert not (text == cfg.lvr_id).any()
+        m.lm_head = torch.nn.Linear(head.in_features, head.out_features)
+        m.lm_head.weight.data.copy_(head.weight)
+        m.lm_head.bias.data.zero_()[banned] = 1e4
+        roll = decode(m, tok, samples, G=2, temperature=1.0, generator=torch.Generator().manual_seed(0),
+                      force=torch.tensor([1, 0] * 5))
     finally:
-        m.lm_head.weight.data.copy_(head)
+        m.lm_head = head
+    text = roll.tokens[~roll.latent_mask & roll.mask]
+    assert not torch.isin(text, torch.tensor([b for b in banned if b != cfg.lvr_end_id])).any()
+    ends = roll.tokens == cfg.lvr_end_id
+    assert ends[0::2].any(1).all() and torch.equal(ends, roll.forced & ends)
+    assert torch.equal(roll.forced & ~ends, torch.zeros_like(ends).index_fill(0, torch.arange(0, 10, 2), True) &
+                       (torch.arange(ends.shape[1]) == 0))  # the forced opens at t=0, nothing else

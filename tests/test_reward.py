@@ -75,7 +75,7 @@ def test_fused_attention_reward_equals_naive(tiny, samples, layers):
     with torch.no_grad(), reward.capture_qk(m, layers) as qk:
         lvr.score_forward(m, prompt, tokens, latents, latent, real)
     ids = torch.cat([prompt["input_ids"], tokens], 1)
-    fused = reward.attention_reward(qk, prompt["attention_mask"], tokens, latent, real, ids, end)
+    fused = reward.attention_reward(qk, prompt, tokens, latent, real, m.config)
 
     full_mask = torch.cat([prompt["attention_mask"], real.long()], 1)
     L0 = prompt["input_ids"].shape[1]
@@ -84,7 +84,7 @@ def test_fused_attention_reward_equals_naive(tiny, samples, layers):
     pos, _ = lvr.positions(m, ids, full_mask, prompt["image_grid_thw"])
     with torch.no_grad(), reward.eager_attention(m):
         out = m.model.language_model(inputs_embeds=x, attention_mask=full_mask, position_ids=pos, output_attentions=True)
-    keys, queries = reward.span_masks(tokens, latent, real, end)
+    keys, queries = reward.span_masks(tokens, latent, real, m.config.lvr_start_id, end)
     pad = lambda t: torch.cat([torch.zeros_like(prompt["attention_mask"]).bool(), t], 1)  # noqa: E731
     naive = torch.stack([reward.attention_share_naive(out.attentions[l], pad(queries), pad(keys)) for l in layers]).mean(0)
     assert naive[3] == 0 and fused[3] == 0  # no span: no reward
@@ -104,14 +104,49 @@ def test_relative_variant_divides_by_image_mass(tiny, samples):
     with torch.no_grad(), reward.capture_qk(m, [0]) as qk:
         lvr.score_forward(m, prompt, tokens, latents, latent, real)
     ids = torch.cat([prompt["input_ids"], tokens], 1)
-    share = reward.attention_reward(qk, prompt["attention_mask"], tokens, latent, real, ids, end)
-    rel = reward.attention_reward(qk, prompt["attention_mask"], tokens, latent, real, ids, end, "relative",
-                                  m.config.image_token_id)
-    keys, queries = reward.span_masks(tokens, latent, real, end)
+    share = reward.attention_reward(qk, prompt, tokens, latent, real, m.config)
+    rel = reward.attention_reward(qk, prompt, tokens, latent, real, m.config, "relative")
+    keys, queries = reward.span_masks(tokens, latent, real, m.config.lvr_start_id, end)
     pad = lambda t: torch.cat([torch.zeros_like(prompt["attention_mask"]).bool(), t], 1)  # noqa: E731
     q, k = qk[0]
     full_mask = torch.cat([prompt["attention_mask"], real.long()], 1)
     image = reward.attention_share(q, k, pad(queries), ids == m.config.image_token_id, full_mask)
     assert torch.allclose(rel[:3], share[:3] / image[:3], rtol=1e-5) and rel[3] == 0
     with pytest.raises(ValueError, match="variant"):
-        reward.attention_reward(qk, prompt["attention_mask"], tokens, latent, real, ids, end, "token")
+        reward.attention_reward(qk, prompt, tokens, latent, real, m.config, "token")
+
+
+def test_query_window_follows_the_last_span(tiny, samples):
+    """Queries start after max(last <|lvr_end|>, first <|lvr_start|> + latent slots): a stray <|lvr_end|> before
+    the span does not open the window early; with two spans it opens after the second. Scored against the
+    eager attention oracle with the window written out by position."""
+    m, tok = tiny
+    ids = M.lvr_token_ids(m)
+    S, L, E, eos = ids["lvr_start_id"], ids["lvr_id"], ids["lvr_end_id"], tok.eos_token_id
+    w = tok.convert_tokens_to_ids("red")
+    rows = [[w, E, w, S, L, L, L, E, w, w, w, eos],  # w E w S L L L E w w w EOS
+            [S, L, L, E, w, S, L, E, w, w, eos, eos]]
+    tokens = torch.tensor(rows)
+    latent = tokens == L
+    real = torch.ones_like(tokens, dtype=torch.bool)
+    real[1, -1] = False
+    keys, queries = reward.span_masks(tokens, latent, real, S, E)
+    assert queries[0].nonzero()[:, 0].tolist() == [8, 9, 10, 11]
+    assert queries[1].nonzero()[:, 0].tolist() == [8, 9, 10]
+    assert torch.equal(keys, latent)
+    latents = torch.randn(2, 12, m.config.text_config.hidden_size) * latent[..., None]
+    prompt = M.encode(m, tok, samples[:2])
+    with torch.no_grad(), reward.capture_qk(m, [0]) as qk:
+        lvr.score_forward(m, prompt, tokens, latents, latent, real)
+    fused = reward.attention_reward(qk, prompt, tokens, latent, real, m.config)
+    full_mask = torch.cat([prompt["attention_mask"], real.long()], 1)
+    L0 = prompt["input_ids"].shape[1]
+    x = lvr.embed(m, torch.cat([prompt["input_ids"], tokens], 1), prompt["pixel_values"], prompt["image_grid_thw"],
+                  F.pad(latents, (0, 0, L0, 0)), F.pad(latent, (L0, 0)))
+    pos, _ = lvr.positions(m, torch.cat([prompt["input_ids"], tokens], 1), full_mask, prompt["image_grid_thw"])
+    with torch.no_grad(), reward.eager_attention(m):
+        att = m.model.language_model(inputs_embeds=x, attention_mask=full_mask, position_ids=pos,
+                                     output_attentions=True).attentions[0].mean(1)  # (B, L, L), heads averaged
+    want = [att[0, L0 + 8:L0 + 12][:, L0 + torch.tensor([4, 5, 6])].sum(-1).mean(),
+            att[1, L0 + 8:L0 + 11][:, L0 + torch.tensor([1, 2, 6])].sum(-1).mean()]
+    assert torch.allclose(fused, torch.stack(want), atol=1e-5)

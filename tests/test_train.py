@@ -1,5 +1,6 @@
 """Both trainers end to end on tiny settings, resume, and the GRPO loss against formulas written out by hand."""
 import argparse
+import dataclasses
 import json
 import os
 
@@ -101,7 +102,8 @@ def test_rl_two_steps_write_a_checkpoint_eval_loads(tiny_ckpt, tmp_path, samples
     train_rl.main(["--model", tiny_ckpt, "--steps", "2", "--out", out] + TINY_RL)
     log = rows(out)
     assert [r["step"] for r in log] == [1, 2]
-    for key in ("reward", "acc", "latent_rate", "att_share", "kl", "clip_frac", "zero_spread", "length",
+    for key in ("reward", "acc", "latent_rate", "att_share", "multi_span", "att_share_multi", "kl",
+                "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "zero_spread", "length",
                 "t_rollout", "t_score", "t_update"):
         assert key in log[0]
     model, tok = M.load_model(os.path.join(out, "checkpoint"))
@@ -173,7 +175,40 @@ def test_policy_loss_matches_hand_written(loss, beta):
     a = hand_args(loss, beta=beta)
     got, stats = train_rl.policy_loss(logp, old, adv, mask, a, ref if beta else None)
     assert got.item() == pytest.approx(by_hand(logp, old, adv, mask, a, ref if beta else None), abs=1e-6)
-    assert 0 < stats["clip_frac"] < 1
+    # TRL's clip metrics: tokens where the clip binds (ratio below the band with A < 0, above it with A > 0)
+    r, A, m = torch.exp(logp - old), adv[:, None].expand_as(logp), mask
+    low = [(r[i, t] < 0.8 and A[i, t] < 0) for i in range(3) for t in range(4) if m[i, t]]
+    high = [(r[i, t] > 1.3 and A[i, t] > 0) for i in range(3) for t in range(4) if m[i, t]]
+    assert stats["clip_ratio/low_mean"] == pytest.approx(sum(low) / len(low)) and sum(low) > 0
+    assert stats["clip_ratio/high_mean"] == pytest.approx(sum(high) / len(high)) and sum(high) > 0
+    assert stats["clip_ratio/region_mean"] == pytest.approx((sum(low) + sum(high)) / len(low))
+    # a ratio outside the band whose clip does not bind (ratio 0.22 with A > 0) counts in neither
+    assert r[0, 1] < 0.8 and A[0, 1] > 0
+
+
+@pytest.mark.parametrize("value", [0.9, 0.997, 0.1 + 0.2])
+def test_equal_rewards_give_exactly_zero_advantage(value):
+    for std in (True, False):
+        assert torch.equal(train_rl.advantages(torch.full((8,), value), 8, std), torch.zeros(8))
+    mixed = torch.tensor([0.9] * 8 + [0.997] * 8 + [1.0, 0.0] * 4)  # two equal groups batched with a spread one
+    a = train_rl.advantages(mixed, 8, True)
+    assert torch.equal(a[:16], torch.zeros(16)) and a[16:].abs().min() > 0.9
+
+
+def test_first_epoch_logps_are_the_sampling_distribution(tiny, samples, monkeypatch):
+    """Scored log-prob of every sampled token == log_softmax(logits / T) of the decode step that sampled it."""
+    m, tok = tiny
+    seen, real = [], lvr.sample_token
+    monkeypatch.setattr(lvr, "sample_token", lambda logits, *a: seen.append(logits.clone()) or real(logits, *a))
+    roll = lvr.generate(m, tok, M.encode(m, tok, samples[:3]), G=2, max_new_tokens=12, latent_steps=3, temperature=0.5,
+                        top_p=0.99, generator=torch.Generator().manual_seed(0), force=torch.tensor([1, 1, 0, 0, 0, 0]))
+    args = train_rl.parse_args(["--temperature", "0.5"])
+    logp, _ = train_rl.score(args, m, roll, need_attn=False)
+    want = torch.log_softmax(torch.stack(seen, 1) / 0.5, -1).gather(-1, roll.tokens[..., None])[..., 0]
+    sampled = roll.mask & ~roll.latent_mask & ~roll.forced
+    assert sampled.sum() > 20 and roll.forced[:2, 0].all() and roll.latent_mask.any()
+    assert (logp[sampled] - want[sampled]).abs().max() < 1e-4
+    assert (logp[roll.forced] == 0).all()  # forced tokens carry no log-prob (and are out of the loss mask)
 
 
 def test_advantages_normalised_within_groups():
@@ -186,27 +221,23 @@ def test_advantages_normalised_within_groups():
 
 @pytest.mark.parametrize("mode", ["mask", "vlpo"])
 def test_latent_positions_in_the_policy_gradient(tiny, samples, mode):
-    """No token log-prob is ever taken at a latent slot. mask: the slots carry no policy gradient at all;
-    vlpo: they do, through the hidden state that produced each latent (its Gaussian log-density)."""
+    """No token log-prob is ever taken at a latent slot. There, mask gives no gradient at all and vlpo only
+    its Gaussian's: d logp / dh = (z - h) / sigma^2, through the hidden state that produced latent z."""
     m, tok = tiny
     roll = lvr.generate(m, tok, M.encode(m, tok, samples[:2]), G=2, max_new_tokens=10, latent_steps=3,
                         force=torch.tensor([1, 1, 0, 0]))
     lat = roll.latent_mask
-    h, logits = lvr.score_forward(m, roll.prompt, roll.tokens, roll.latents, lat, roll.mask)
-    h.retain_grad()
-    logits.retain_grad()
-    logp = train_rl.token_logps(logits, roll.tokens, h, roll.latents, lat, 10.0, mode == "vlpo")
-    if mode == "vlpo":  # the rollout policy is the current one: z == h, log-density ~0
-        assert logp[lat].abs().max() < 1e-6
-    mask = roll.mask & ~lat if mode == "mask" else roll.mask
-    loss, _ = train_rl.policy_loss(logp, logp.detach(), torch.tensor([1.0, -1.0, 0.5, -0.5]), mask, hand_args("dapo"))
-    loss.backward()
-    assert logits.grad[lat].abs().max() == 0
-    producers = torch.roll(lat, -1, 1)  # h at t-1 produced the latent fed at t
-    if mode == "mask":
-        assert h.grad is None or h.grad.abs().max() == 0
-    else:
-        assert h.grad[producers].abs().sum(-1).min() > 0
+    z = roll.latents + 0.1 * torch.randn(roll.latents.shape, generator=torch.Generator().manual_seed(0)) * lat[..., None]
+    roll = dataclasses.replace(roll, latents=z)
+    h = lvr.score_forward(m, roll.prompt, roll.tokens, z, lat, roll.mask).detach().requires_grad_()
+    args = train_rl.parse_args(["--latent-logp", mode, "--temperature", "1.0", "--sigma", "10"])
+    logp = train_rl.token_logps(m, h, roll, args, chunk=3)
+    logp.sum().backward()
+    want = (z - h.detach()) / 100 if mode == "vlpo" else torch.zeros_like(z)
+    assert lat.sum() == 12 and torch.allclose(h.grad[lat], want[lat], atol=1e-7)
+    if mode == "vlpo":
+        assert torch.allclose(logp[lat], -0.5 * (z - h).pow(2).sum(-1)[lat] / 100)
+    assert h.grad[roll.mask & ~lat & ~roll.forced].abs().sum(-1).min() > 0  # every sampled token has a gradient
 
 
 def test_attention_reward_enters_only_with_its_weight(tiny_ckpt, tmp_path):
