@@ -9,12 +9,14 @@ fused = reward.attention_share. Each cell runs in a fresh process: time is the m
 warm-up; peak memory is the growth of the process's peak RSS over the first call (CPU) or torch's peak
 allocation above what was allocated before the call (CUDA).
 (b) The same prompts and sampling settings, spans forbidden so both decode text only, both stopping at
-EOS; tokens/s counts generated tokens (EOS included), best of 5. Ours prefills each prompt once for its
-G rollouts; generate repeats the prompt (image included) G times.
+EOS; tokens/s counts each reply's tokens up to its first EOS (included; ours: the rollout's mask), over
+7 interleaved repeats, with the median, the range and the per-repeat ratio. Ours prefills each prompt
+once for its G rollouts; generate repeats the prompt (image included) G times.
 
     python bench.py                  # both tables (CPU: a few minutes)
     python bench.py --part reward --lengths 256 1024
     python bench.py --compile        # CUDA: torch.compile the fused reward
+    python bench.py --part vlpo      # (c) VLPO against masked latent slots, from the LVR SFT checkpoint
 """
 from __future__ import annotations
 
@@ -100,7 +102,15 @@ def reward_table(lengths, device, compile_):
                   f"{f['peak_mb']:.1f} | {n['peak_mb'] / max(f['peak_mb'], 0.1):.0f}x |", flush=True)
 
 
-def rollout_table(device, model_dir, G=8, prompts=4, new_tokens=24):
+def tokens_until_eos(seqs: torch.Tensor, eos: list[int]) -> int:
+    """Generated tokens per row up to and including the first EOS (all of the row without one), summed:
+    a pad id sampled as text mid-reply still counts."""
+    hit = torch.isin(seqs, torch.tensor(eos, device=seqs.device))
+    first = torch.where(hit.any(1), hit.float().argmax(1) + 1, seqs.shape[1])
+    return int(first.sum())
+
+
+def rollout_table(device, model_dir, G=8, prompts=8, new_tokens=32, repeats=7):
     import data
     import lvr
     import model as M
@@ -109,46 +119,82 @@ def rollout_table(device, model_dir, G=8, prompts=4, new_tokens=24):
     samples = data.make_split("test", prompts)
     prompt = {k: v.to(device) for k, v in M.encode(model, tok, samples).items()}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    start = model.config.lvr_start_id
+    start, eos = model.config.lvr_start_id, lvr.eos_ids(model, tok)
 
-    def ours():
-        g = torch.Generator(device=device).manual_seed(0)
+    def ours(seed):
+        g = torch.Generator(device=device).manual_seed(seed)
         r = lvr.generate(model, tok, prompt, G=G, max_new_tokens=new_tokens, temperature=1.0, generator=g,
                          force=-torch.ones(prompts * G, dtype=torch.long))
         return int(r.mask.sum())
 
-    def theirs():
-        torch.manual_seed(0)
+    def theirs(seed):
+        torch.manual_seed(seed)
         out = model.generate(**prompt, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=new_tokens,
-                             num_return_sequences=G, suppress_tokens=[start],
+                             num_return_sequences=G, suppress_tokens=[start], eos_token_id=eos,
                              pad_token_id=tok.pad_token_id)
-        return int((out[:, prompt["input_ids"].shape[1]:] != tok.pad_token_id).sum())
+        return tokens_until_eos(out[:, prompt["input_ids"].shape[1]:], eos)
 
-    print(f"\n(b) rollouts: {prompts} prompts x G={G}, {new_tokens} new tokens, {device}, "
-          f"model {model_dir or 'small-vl (random init)'}")
-    print("| decoder | tokens | seconds | tokens/s |")
-    print("|---|---|---|---|")
-    rates = {}
-    for name, fn in (("lvr.generate (one prefill per prompt)", ours), ("generate(num_return_sequences=8)", theirs)):
-        with torch.no_grad():
-            fn()
-            sync()
-            best = None
-            for _ in range(5):
-                t0 = time.perf_counter()
-                n = fn()
+    print(f"\n(b) rollouts: {prompts} prompts x G={G}, up to {new_tokens} new tokens, {device}, "
+          f"model {model_dir or 'small-vl (random init)'}; {repeats} interleaved repeats after a warm-up")
+    runs = {"lvr.generate (one prefill per prompt)": ours, f"generate(num_return_sequences={G})": theirs}
+    rates = {name: [] for name in runs}
+    with torch.no_grad():
+        for name, fn in runs.items():
+            fn(0)
+        for seed in range(repeats):  # interleaved, so a slow spell of the machine hits both alike
+            for name, fn in runs.items():
                 sync()
-                dt = time.perf_counter() - t0
-                best = (n, dt) if best is None or dt < best[1] else best
-        rates[name] = best[0] / best[1]
-        print(f"| {name} | {best[0]} | {best[1]:.3f} | {rates[name]:.0f} |", flush=True)
-    a, b = rates.values()
-    print(f"ratio: {a / b:.2f}x")
+                t0 = time.perf_counter()
+                n = fn(seed)
+                sync()
+                rates[name].append(n / (time.perf_counter() - t0))
+    print("| decoder | median tokens/s | min | max | spread (max-min)/median |")
+    print("|---|---|---|---|---|")
+    for name, r in rates.items():
+        med = statistics.median(r)
+        print(f"| {name} | {med:.0f} | {min(r):.0f} | {max(r):.0f} | {(max(r) - min(r)) / med:.0%} |")
+    ratios = [a / b for a, b in zip(*rates.values())]
+    print(f"ratio per repeat: median {statistics.median(ratios):.2f}x, range {min(ratios):.2f}x-{max(ratios):.2f}x")
+
+
+def vlpo_table(device, model_dir, epochs=(1, 2, 4), steps=3):
+    """What VLPO changes against masking the latent slots: the same GRPO steps (same rollouts: the same
+    start, seeds and data) with --latent-logp vlpo and mask; relative difference of the last update's
+    gradient and of the parameters after `steps` steps."""
+    import train_rl
+    import train_sft
+    import model as M
+    import reward
+    print(f"\n(c) VLPO vs masked latent slots: {steps} GRPO steps from {model_dir}, {device}, defaults otherwise")
+    print("| PPO epochs | latent rate | grad diff / grad | update diff / update |")
+    print("|---|---|---|---|")
+    for e in epochs:
+        out = {}
+        for mode in ("vlpo", "mask"):
+            args = train_rl.parse_args(["--latent-logp", mode, "--ppo-epochs", str(e), "--device", device])
+            torch.manual_seed(0)
+            model, tok = M.load_model(model_dir, device=device)
+            start = {n: p.detach().clone() for n, p in model.named_parameters()}
+            for p in model.model.visual.parameters():
+                p.requires_grad_(False)
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+            stream, penalty = train_sft.Stream(args), reward.LengthPenalty()
+            for step in range(steps):
+                for g in opt.param_groups:
+                    g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+                row = train_rl.grpo_step(args, model, tok, None, opt, [stream[(1 << 30) + step * args.prompts + i]
+                                                                        for i in range(args.prompts)], step, penalty)
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            out[mode] = (torch.cat([p.grad.flatten() for _, p in named]),
+                         torch.cat([(p.detach() - start[n]).flatten() for n, p in named]), row["latent_rate"])
+        (gv, uv, rate), (gm, um, _) = out["vlpo"], out["mask"]
+        print(f"| {e} | {rate:.2f} | {(gv - gm).norm() / gm.norm():.2e} | {(uv - um).norm() / um.norm():.2e} |", flush=True)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", default="all", choices=["all", "reward", "rollout"], help="which table")
+    p.add_argument("--part", default="all", choices=["all", "reward", "rollout", "vlpo"],
+                   help="which table (vlpo: what VLPO changes against masked latents; needs --model or an SFT run)")
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048], help="sequence lengths for (a)")
     p.add_argument("--model", help="checkpoint for (b) (default: runs/small-vl-sft/checkpoint if present)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
@@ -163,6 +209,8 @@ def main():
     if a.part in ("all", "rollout"):
         default = os.path.join("runs", "small-vl-sft", "checkpoint")
         rollout_table(a.device, a.model or (default if os.path.isdir(default) else None))
+    if a.part == "vlpo":
+        vlpo_table(a.device, a.model or os.path.join("runs", "small-vl-sft", "checkpoint"))
 
 
 if __name__ == "__main__":

@@ -127,3 +127,11 @@ def test_plot_writes_a_png_or_says_what_is_missing(tmp_path):
     if importlib.util.find_spec("matplotlib") is not None:
         with pytest.raises(SystemExit, match="no train_rl.py rows"):
             ev.main(["--plot", str(bad), "--plot-out", png])
+
+
+def test_bench_counts_tokens_up_to_the_first_eos():
+    """A pad id sampled as text mid-reply is a generated token; what follows the first EOS is not."""
+    import bench
+    pad, eos, a, b = 0, 9, 5, 6
+    seqs = torch.tensor([[a, pad, b, eos, pad, pad], [a, a, a, a, a, a], [eos, pad, pad, pad, pad, pad]])
+    assert bench.tokens_until_eos(seqs, [eos, 8]) == 4 + 6 + 1
