@@ -206,6 +206,7 @@ def parse_args(argv=None):
     r.add_argument("--route", metavar="T1,T2", help="latents forced for these question types, forbidden for the rest")
     p.add_argument("--att-layers", default="0", help="layers of the attention share (as train_rl.py)")
     p.add_argument("--out", help="JSON results file (default: <model>/eval_<split or bench>.json)")
+    M.add_device_args(p)
     p.add_argument("--plot", nargs="+", metavar="LOG", help="draw train_rl.py log(s) side by side and exit")
     p.add_argument("--plot-out", default="curves.png", help="PNG file for --plot")
     return p.parse_args(argv)
@@ -218,7 +219,7 @@ def main(argv=None):
             print("wrote", plot(a.plot, a.plot_out))
             return
         a.model = a.model or newest_checkpoint()
-        model, tok = M.load_model(a.model)
+        model, tok = M.load_model(a.model, M.DTYPES[M.resolve_dtype(a)], a.device)
         if a.bench:
             if not a.bench_root:
                 raise ValueError("--bench needs --bench-root (the benchmark's directory or .tsv file)")

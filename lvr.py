@@ -78,18 +78,25 @@ def hidden(model, embeds, attention_mask, position_ids, cache=None):
     return out.last_hidden_state
 
 
-def score_forward(model, prompt: dict, tokens, latents, latent_mask, completion_mask) -> torch.Tensor:
-    """One full forward over prompt + completion with the recorded latents put back as constants.
+def score_forward(model, roll, vision_grad: bool = False) -> torch.Tensor:
+    """One full forward over prompt + completion of every rollout, with the recorded latents put back as
+    constants and the image and attention mask always passed.
 
     Returns (N, T, D): at completion position t, the post-norm hidden state one position earlier, the
-    state whose logits predict token t and which, at a latent slot, was fed back as latent t. Image and
-    attention mask are always passed."""
-    ids = torch.cat([prompt["input_ids"], tokens], 1)
-    mask = torch.cat([prompt["attention_mask"], completion_mask.long()], 1)
-    L0 = prompt["input_ids"].shape[1]
-    x = embed(model, ids, prompt["pixel_values"], prompt["image_grid_thw"], F.pad(latents, (0, 0, L0, 0)).detach(),
-              F.pad(latent_mask, (L0, 0)))
-    pos, _ = positions(model, ids, mask, prompt["image_grid_thw"])
+    state whose logits predict token t and which, at a latent slot, was fed back as latent t. The visual
+    tokens are the rollout's own (computed once per prompt while decoding); `vision_grad` runs the vision
+    tower again, once per prompt, so that gradients reach it."""
+    rp = row_prompt(roll)
+    feats = roll.feats
+    if vision_grad:
+        feats = split_features(model, image_features(model, roll.prompt["pixel_values"], roll.prompt["image_grid_thw"]),
+                               roll.prompt["image_grid_thw"], roll.images)
+    ids = torch.cat([rp["input_ids"], roll.tokens], 1)
+    mask = torch.cat([rp["attention_mask"], roll.mask.long()], 1)
+    L0 = rp["input_ids"].shape[1]
+    x = embed(model, ids, latents=F.pad(roll.latents, (0, 0, L0, 0)).detach(), latent_mask=F.pad(roll.latent_mask, (L0, 0)),
+              feats=torch.cat([feats[p] for p in roll.prow.tolist()]))
+    pos, _ = positions(model, ids, mask, rp["image_grid_thw"])
     return hidden(model, x, mask, pos)[:, L0 - 1:-1]
 
 
@@ -104,7 +111,10 @@ def structural_ids(model) -> list[int]:
 # ---------------------------------------------------------------------------------------- decode
 @dataclass
 class Rollout:
-    prompt: dict              # the encoded prompts, repeated G times (row i*G+g is prompt i)
+    prompt: dict              # the encoded prompts, one row per question, images included
+    images: list              # number of images of each prompt row
+    prow: torch.Tensor        # (N,) cpu: the prompt row of each rollout (generate: rollout i*G+g -> prompt i)
+    feats: list               # per prompt row: its images' merged visual tokens, as the decoder saw them
     tokens: torch.Tensor      # (N, T) ids; <|lvr|> at latent positions; pad after the end
     latents: torch.Tensor     # (N, T, D) the vectors fed at latent positions, zeros elsewhere
     latent_mask: torch.Tensor  # (N, T) bool
@@ -117,25 +127,69 @@ class Rollout:
         """(N,) bool: the sample opened at least one latent span."""
         return (self.tokens == self.lvr_start).any(1)
 
+    def select(self, rows) -> "Rollout":
+        """The rollouts `rows` (a slice or a list of indices), with only the prompts they come from."""
+        idx = torch.arange(len(self.prow))[rows]
+        used, prow = self.prow[idx].unique(return_inverse=True)
+        used = used.tolist()
+        dev = self.tokens.device
+        return Rollout(select_prompt(self.prompt, used, self.images), [self.images[i] for i in used], prow,
+                       [self.feats[i] for i in used], *(t[idx.to(dev)] for t in (self.tokens, self.latents,
+                       self.latent_mask, self.mask, self.forced)), self.lvr_start)
 
-def repeat_rows(per_image: list[torch.Tensor], images_per_row: list[int], G: int) -> torch.Tensor:
-    """Concatenate per-image tensors with each row's group of images repeated G times."""
-    out, i = [], 0
-    for n in images_per_row:
-        out += per_image[i:i + n] * G
-        i += n
-    return torch.cat(out)
+
+def select_prompt(prompt: dict, rows: list[int], images: list[int], pixels: bool = True) -> dict:
+    """Prompt rows `rows` (repeats allowed), each with its images (`images`: images per prompt row)."""
+    grids = prompt["image_grid_thw"].split(images)
+    out = {k: prompt[k][rows] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    out["image_grid_thw"] = torch.cat([grids[r] for r in rows])
+    if pixels:
+        pix = prompt["pixel_values"].split([int(g.prod(-1).sum()) for g in grids])
+        out["pixel_values"] = torch.cat([pix[r] for r in rows])
+    return out
 
 
-def repeat_prompt(prompt: dict, G: int, images_per_row: list[int]) -> dict:
-    """Every prompt row repeated G times (row i*G+g is prompt i), its images with it."""
-    if G == 1:
-        return prompt
-    grids = list(prompt["image_grid_thw"].split(1))
-    pix = list(prompt["pixel_values"].split(prompt["image_grid_thw"].prod(-1).tolist()))
-    rows = {k: prompt[k].repeat_interleave(G, 0) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    return {**rows, "image_grid_thw": repeat_rows(grids, images_per_row, G),
-            "pixel_values": repeat_rows(pix, images_per_row, G)}
+def row_prompt(roll: Rollout) -> dict:
+    """Each rollout's prompt (ids, mask, grids; no pixels), row for row."""
+    return select_prompt(roll.prompt, roll.prow.tolist(), roll.images, pixels=False)
+
+
+def split_features(model, feats: torch.Tensor, grid_thw: torch.Tensor, images: list[int]) -> list[torch.Tensor]:
+    """Concatenated merged visual tokens -> one tensor per prompt row (all of its images)."""
+    per_image = (grid_thw.prod(-1) // model.config.vision_config.spatial_merge_size ** 2).tolist()
+    counts = [sum(x) for x in (per_image[sum(images[:i]):sum(images[:i + 1])] for i in range(len(images)))]
+    return list(feats.split(counts))
+
+
+def cat_rollouts(rolls: list[Rollout], pad_id: int) -> Rollout:
+    """Rollouts of several decode batches as one: prompts left-padded to one length, completions
+    right-padded (positions follow the attention mask, so padding changes no position)."""
+    if len(rolls) == 1:
+        return rolls[0]
+    L0, T = (max(r.prompt["input_ids"].shape[1] for r in rolls), max(r.tokens.shape[1] for r in rolls))
+    left = lambda x, v: F.pad(x, (L0 - x.shape[1], 0), value=v)  # noqa: E731
+    right = lambda x, v: F.pad(x, (0, T - x.shape[1]), value=v)  # noqa: E731
+    prompt = {"input_ids": torch.cat([left(r.prompt["input_ids"], pad_id) for r in rolls]),
+              **{k: torch.cat([left(r.prompt[k], 0) for r in rolls]) for k in ("attention_mask", "mm_token_type_ids")},
+              **{k: torch.cat([r.prompt[k] for r in rolls]) for k in ("pixel_values", "image_grid_thw")}}
+    offsets = [sum(len(r.images) for r in rolls[:i]) for i in range(len(rolls))]
+    return Rollout(prompt, [n for r in rolls for n in r.images], torch.cat([r.prow + o for r, o in zip(rolls, offsets)]),
+                   [f for r in rolls for f in r.feats], torch.cat([right(r.tokens, pad_id) for r in rolls]),
+                   torch.cat([F.pad(r.latents, (0, 0, 0, T - r.latents.shape[1])) for r in rolls]),
+                   *(torch.cat([right(getattr(r, k), False) for r in rolls]) for k in ("latent_mask", "mask", "forced")),
+                   rolls[0].lvr_start)
+
+
+def rollout_of(model, prompt: dict, tokens, latents, latent_mask, mask, G: int = 1, feats=None, forced=None) -> Rollout:
+    """A Rollout from given completions (G per prompt row); the visual tokens computed when not given."""
+    images = (prompt["input_ids"] == model.config.vision_start_token_id).sum(1).tolist()
+    if feats is None:
+        with torch.no_grad():
+            feats = image_features(model, prompt["pixel_values"], prompt["image_grid_thw"])
+    prow = torch.arange(len(images)).repeat_interleave(G)
+    forced = torch.zeros_like(mask) if forced is None else forced
+    return Rollout(prompt, images, prow, split_features(model, feats, prompt["image_grid_thw"], images), tokens,
+                   latents, latent_mask, mask, forced, M.lvr_token_ids(model)["lvr_start_id"])
 
 
 def sample_token(logits, temperature, top_p, generator):
@@ -174,8 +228,9 @@ def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, lat
     eos = torch.tensor(eos_ids(model, tok))
     dev = prompt["input_ids"].device
     images_per_row = (prompt["input_ids"] == model.config.vision_start_token_id).sum(1).tolist()
-    full = repeat_prompt(prompt, G, images_per_row)
-    N = full["input_ids"].shape[0]
+    prow = torch.arange(len(images_per_row)).repeat_interleave(G)
+    full = select_prompt(prompt, prow.tolist(), images_per_row, pixels=False)
+    N = len(prow)
     force = torch.zeros(N, dtype=torch.long, device=dev) if force is None else force.to(dev)
 
     # prefill once per prompt, then repeat the cache G times
@@ -191,9 +246,8 @@ def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, lat
         h, nxt = h.repeat_interleave(G, 0), nxt.repeat_interleave(G, 0)
         if cache is not None:
             cache.batch_repeat_interleave(G)
-    if not use_cache:
-        per_image = (prompt["image_grid_thw"].prod(-1) // model.config.vision_config.spatial_merge_size ** 2).tolist()
-        feats = repeat_rows(list(feats.split(per_image)), images_per_row, G)
+    row_feats = None if use_cache else torch.cat([split_features(model, feats, prompt["image_grid_thw"],
+                                                                 images_per_row)[p] for p in prow.tolist()])
     attn = full["attention_mask"]
 
     toks, vecs, lmask, real, forced = [], [], [], [], []
@@ -232,9 +286,9 @@ def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, lat
         if use_cache:
             h = hidden(model, step_x[:, None], attn, (nxt + t).view(1, N, 1).expand(3, N, 1), cache)[:, -1]
         else:
-            h = recompute(model, full, feats, toks, vecs, lmask, attn)
-    return Rollout(full, torch.stack(toks, 1), torch.stack(vecs, 1), torch.stack(lmask, 1), torch.stack(real, 1),
-                   torch.stack(forced, 1), start)
+            h = recompute(model, full, row_feats, toks, vecs, lmask, attn)
+    return rollout_of(model, prompt, torch.stack(toks, 1), torch.stack(vecs, 1), torch.stack(lmask, 1),
+                      torch.stack(real, 1), G, feats, torch.stack(forced, 1))
 
 
 def recompute(model, full, feats, toks, vecs, lmask, attn):
@@ -317,8 +371,8 @@ def sft_loss(model, batch: dict, slot_weights: torch.Tensor, lam: float = 0.1) -
     pos, _ = positions(model, ids, batch["attention_mask"], batch["image_grid_thw"])
     h = hidden(model, x, batch["attention_mask"], pos)
     labels = batch["labels"][:, 1:].masked_fill(slot[:, 1:], -100)
-    logits = model.lm_head(h[:, :-1])
-    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    scored = labels != -100  # logits only where a text label is (not over the prompt and image)
+    ce = F.cross_entropy(model.lm_head(h[:, :-1][scored]).float(), labels[scored]) if scored.any() else h.new_zeros(())
     before = torch.nonzero(slot[:, 1:], as_tuple=True)  # position p predicts slot p+1
     mse = F.mse_loss(h[:, :-1][before].float(), targets.float()) if slot.any() else h.new_zeros(())
     return {"loss": ce + lam * mse, "ce": ce.detach(), "mse": mse.detach(), "feats": feats}
@@ -329,13 +383,14 @@ def main():
     p.add_argument("--model", required=True, help="checkpoint directory (train_sft.py / train_rl.py output)")
     p.add_argument("--n", type=int, default=4, help="number of test questions to decode")
     p.add_argument("--mode", default="normal", choices=MODES, help="latent intervention")
+    M.add_device_args(p)
     a = p.parse_args()
     try:
-        model, tok = M.load_model(a.model)
+        model, tok = M.load_model(a.model, M.DTYPES[M.resolve_dtype(a)], a.device)
     except M.ModelLoadError as e:
         raise SystemExit(f"error: {e}")
     samples = data.make_split("test", a.n)
-    roll = generate(model, tok, M.encode(model, tok, samples), mode=a.mode)
+    roll = generate(model, tok, {k: v.to(a.device) for k, v in M.encode(model, tok, samples).items()}, mode=a.mode)
     for s, t in zip(samples, roll.tokens):
         print(f"[{s.qtype}] answer {s.answer}: {tok.decode(t, skip_special_tokens=False)}")
 

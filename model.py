@@ -152,6 +152,25 @@ def encode(model, tok, samples, responses=None, images=None):
     return batch
 
 
+# ------------------------------------------------------------------------------ device / dtype
+def add_device_args(p):
+    """--device and --dtype, the same on every script."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="compute dtype: auto = bf16 on CUDA, fp32 on CPU (training keeps fp32 weights and runs "
+                        "bf16 under autocast unless --param-dtype bf16; eval loads the weights in it)")
+
+
+def resolve_dtype(args) -> str:
+    """'fp32' or 'bf16' for args.dtype 'auto' on args.device."""
+    if args.dtype != "auto":
+        return args.dtype
+    return "bf16" if torch.device(args.device).type == "cuda" else "fp32"
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 # ---------------------------------------------------------------------------------- load / save
 def lvr_token_ids(model) -> dict:
     """{'lvr_start_id': .., 'lvr_id': .., 'lvr_latent_end_id': .., 'lvr_end_id': ..} from the config."""
@@ -237,9 +256,11 @@ def save_checkpoint(model, tok, path: str, state: dict | None = None):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", metavar="DIR", help="load this checkpoint directory instead of building small-vl")
+    add_device_args(p)
     a = p.parse_args()
+    a.dtype = resolve_dtype(a)
     try:
-        model, tok = load_model(a.load) if a.load else build_small_vl()
+        model, tok = load_model(a.load, DTYPES[a.dtype], a.device) if a.load else build_small_vl()
     except (ModelLoadError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     n = sum(p.numel() for p in model.parameters())

@@ -186,7 +186,7 @@ def attention_share_naive(attn: torch.Tensor, query_mask, key_mask) -> torch.Ten
 def attention_reward(qk: dict, prompt: dict, tokens, latent_mask, completion_mask, cfg,
                      variant: str = "share") -> torch.Tensor:
     """r_attn per rollout from captured {layer: (q, k)} of a scoring forward over prompt + completion;
-    cfg: the model's config (its LVR and image token ids)."""
+    prompt: each rollout's prompt ids and mask (lvr.row_prompt); cfg: the model's config (token ids)."""
     if variant not in ("share", "relative"):
         raise ValueError(f"unknown attention reward variant {variant!r}; expected 'share' or 'relative'")
     keys, queries = span_masks(tokens, latent_mask, completion_mask, cfg.lvr_start_id, cfg.lvr_end_id)
@@ -202,14 +202,14 @@ def attention_reward(qk: dict, prompt: dict, tokens, latent_mask, completion_mas
     return torch.stack(out).mean(0) * keys.any(1)
 
 
-def score_rollout(model, roll, layers, variant: str = "share"):
+def score_rollout(model, roll, layers, variant: str = "share", vision_grad: bool = False):
     """The scoring forward of a rollout (lvr.score_forward) and, fused into it, r_attn at `layers`:
     (hidden states predicting each completion position, r_attn per rollout; zeros without layers)."""
     with capture_qk(model, layers) as qk:
-        h = lvr.score_forward(model, roll.prompt, roll.tokens, roll.latents, roll.latent_mask, roll.mask)
+        h = lvr.score_forward(model, roll, vision_grad)
     if not layers:
         return h, torch.zeros(roll.tokens.shape[0], device=h.device)
-    return h, attention_reward(qk, roll.prompt, roll.tokens, roll.latent_mask, roll.mask, model.config, variant)
+    return h, attention_reward(qk, lvr.row_prompt(roll), roll.tokens, roll.latent_mask, roll.mask, model.config, variant)
 
 
 def no_latent_fill(r_attn: torch.Tensor, opened: torch.Tensor, G: int, mode: str) -> torch.Tensor:

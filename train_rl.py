@@ -80,9 +80,19 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and the sampling")
     p.add_argument("--save-every", type=int, default=50, help="write a checkpoint every N steps (and at the end)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--micro-batch", type=int,
+                   help="rollouts per scoring forward/backward, gradients accumulated (default: all for small-vl, 4 "
+                        "for other models); any value gives the same update")
+    p.add_argument("--rollout-batch", type=int, help="questions decoded together (default: all of a step's)")
+    p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of the decoder layers (non-reentrant)")
+    p.add_argument("--param-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="dtype of the trained weights, their gradients and AdamW's state (README: what bf16 loses)")
+    M.add_device_args(p)
     a = p.parse_args(argv)
     a.out = a.out or os.path.join(train_sft.RUNS, "small-vl-rl-att" if a.att_weight else "small-vl-rl")
+    a.dtype = M.resolve_dtype(a)
+    a.micro_batch = a.micro_batch or (a.prompts * a.group if a.model == "small-vl" else 4)
+    a.rollout_batch = a.rollout_batch or a.prompts
     a.att_layers = [int(x) for x in a.att_layers.split(",")]
     return a
 
@@ -94,7 +104,7 @@ def initial_model(args) -> str:
     ckpt = os.path.join(train_sft.RUNS, "small-vl-sft", "checkpoint")
     if not os.path.isdir(ckpt):
         print(f"no small-vl SFT checkpoint at {ckpt}: training it first (python train_sft.py --model small-vl)")
-        train_sft.main(["--model", "small-vl", "--device", args.device])
+        train_sft.main(["--model", "small-vl", "--device", args.device, "--dtype", args.dtype])
     return ckpt
 
 
@@ -134,8 +144,20 @@ def token_logps(model, h, roll, args, chunk: int = 64) -> torch.Tensor:
     return torch.where(roll.latent_mask, gauss, lp)
 
 
-def policy_loss(logp, old_logp, adv, mask, args, ref_logp=None) -> tuple[torch.Tensor, dict]:
-    """PPO-clip (asymmetric, dual-clip) with the chosen aggregation, plus beta * k3 KL."""
+def loss_weights(mask, args) -> torch.Tensor:
+    """Per-token weights whose weighted sum of per-token losses is the chosen aggregation over the whole
+    batch, so micro-batches (any split of the rows) add up to exactly the full batch's loss."""
+    m = mask.float()
+    if args.loss == "dapo":
+        return m / m.sum().clamp(min=1)
+    if args.loss == "grpo":
+        return m / m.sum(1, keepdim=True).clamp(min=1) / m.shape[0]
+    return m / (m.shape[0] * args.max_new_tokens)
+
+
+def policy_loss(logp, old_logp, adv, mask, weights, args, ref_logp=None) -> tuple[torch.Tensor, dict]:
+    """PPO-clip (asymmetric, dual-clip) plus beta * k3 KL, summed with `weights` (loss_weights); stats are
+    sums over the mask's tokens (clip_ratio: where the clip binds, as TRL counts it; kl) and their count."""
     ratio = torch.exp(logp - old_logp)
     a = adv[:, None]
     clipped = torch.clamp(ratio, 1 - args.clip_low, 1 + args.clip_high)
@@ -147,36 +169,43 @@ def policy_loss(logp, old_logp, adv, mask, args, ref_logp=None) -> tuple[torch.T
         d = ref_logp - logp
         kl = torch.exp(d) - d - 1
         loss = loss + args.beta * kl
+    low, high = (ratio < 1 - args.clip_low) & (a < 0), (ratio > 1 + args.clip_high) & (a > 0)
     m = mask.float()
-    if args.loss == "dapo":
-        total = (loss * m).sum() / m.sum().clamp(min=1)
-    elif args.loss == "grpo":
-        total = ((loss * m).sum(1) / m.sum(1).clamp(min=1)).mean()
-    else:
-        total = (loss * m).sum() / (loss.shape[0] * args.max_new_tokens)
-    low = (ratio < 1 - args.clip_low) & (a < 0)  # where the clip binds (TRL's clip_ratio metrics)
-    high = (ratio > 1 + args.clip_high) & (a > 0)
-    mean = lambda x: (x.float() * m).sum() / m.sum().clamp(min=1)  # noqa: E731
-    stats = {"clip_ratio/low_mean": mean(low), "clip_ratio/high_mean": mean(high),
-             "clip_ratio/region_mean": mean(low | high), "kl": mean(kl)}
-    return total, {k: float(v) for k, v in stats.items()}
+    stats = {"clip_ratio/low_mean": low, "clip_ratio/high_mean": high, "clip_ratio/region_mean": low | high, "kl": kl}
+    return (loss * weights).sum(), {"tokens": float(m.sum()), **{k: float((v.detach().float() * m).sum()) for k, v in stats.items()}}
 
 
 # ------------------------------------------------------------------------------------ one step
 def rollout(args, model, tok, samples, step):
+    """G rollouts of every question, decoded --rollout-batch questions at a time."""
     gen = torch.Generator(device=args.device).manual_seed(args.seed * 1_000_003 + step)
-    prompt = {k: v.to(args.device) for k, v in M.encode(model, tok, samples).items()}
     model.eval()
-    roll = lvr.generate(model, tok, prompt, G=args.group, max_new_tokens=args.max_new_tokens,
-                        latent_steps=args.latent_steps, temperature=args.temperature, top_p=args.top_p, generator=gen)
+    rolls = []
+    for i in range(0, len(samples), args.rollout_batch):
+        prompt = {k: v.to(args.device) for k, v in M.encode(model, tok, samples[i:i + args.rollout_batch]).items()}
+        rolls.append(lvr.generate(model, tok, prompt, G=args.group, max_new_tokens=args.max_new_tokens,
+                                  latent_steps=args.latent_steps, temperature=args.temperature, top_p=args.top_p,
+                                  generator=gen))
     model.train()
-    return roll
+    return lvr.cat_rollouts(rolls, tok.pad_token_id)
+
+
+def micro_batches(args, n: int) -> list[slice]:
+    return [slice(i, min(n, i + args.micro_batch)) for i in range(0, n, args.micro_batch)]
 
 
 def score(args, model, roll, need_attn: bool):
-    """The scoring forward: (logp per token, r_attn per rollout) with the latents put back as constants."""
-    h, r_attn = reward.score_rollout(model, roll, args.att_layers if need_attn else [], args.att_variant)
+    """The scoring forward of one micro-batch: (logp per token, r_attn per rollout), latents as constants."""
+    h, r_attn = reward.score_rollout(model, roll, args.att_layers if need_attn else [], args.att_variant,
+                                     vision_grad=args.train_vision and torch.is_grad_enabled())
     return token_logps(model, h, roll, args), r_attn
+
+
+@torch.no_grad()
+def score_all(args, model, roll, need_attn: bool):
+    """Log-probs (N, T) and r_attn (N,) of every rollout, micro-batch by micro-batch, without gradients."""
+    parts = [score(args, model, roll.select(mb), need_attn) for mb in micro_batches(args, roll.tokens.shape[0])]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def rewards(args, tok, samples, roll, r_attn, length_penalty):
@@ -203,39 +232,46 @@ def keep_groups(args, acc: torch.Tensor) -> torch.Tensor:
 
 
 def grpo_step(args, model, tok, ref, opt, samples, step, length_penalty) -> dict:
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device == "cuda")
+    """Rollouts; a gradient-free scoring pass (the rollout policy's log-probs, r_attn, the reference's);
+    rewards and advantages; then per PPO epoch one update accumulated over micro-batches of rollouts."""
+    autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     t0 = time.time()
     with autocast:
         roll = rollout(args, model, tok, samples, step)
     t1 = time.time()
     with autocast:
-        logp, r_attn = score(args, model, roll, need_attn=True)  # r_attn is always logged; the reward uses its weight
+        old, r_attn = score_all(args, model, roll, need_attn=True)  # r_attn is always logged; the reward uses its weight
+        ref_logp = score_all(args, ref, roll, need_attn=False)[0] if ref is not None else None
     total, parts = rewards(args, tok, samples, roll, r_attn, length_penalty)
-    adv = advantages(total, args.group, std=not (args.no_std or args.loss == "dr_grpo")).to(logp.device)
-    keep = keep_groups(args, parts["acc"]).to(logp.device)
+    adv = advantages(total, args.group, std=not (args.no_std or args.loss == "dr_grpo")).to(old.device)
+    keep = keep_groups(args, parts["acc"]).to(old.device)
     mask = roll.mask & ~roll.forced & (~roll.latent_mask if args.latent_logp == "mask" else torch.ones_like(roll.mask))
     mask = mask & keep[:, None]
-    ref_logp = None
-    if ref is not None:
-        with torch.no_grad():
-            ref_logp, _ = score(args, ref, roll, False)
-    old = logp.detach()
+    weights = loss_weights(mask, args)
     t2 = time.time()
-    stats, skipped = {}, False
+    skipped, loss = False, 0.0
     for epoch in range(args.ppo_epochs):
-        if epoch:
-            with autocast:
-                logp, _ = score(args, model, roll, False)
-        loss, stats = policy_loss(logp, old, adv, mask, args, ref_logp)
-        if not torch.isfinite(loss):
-            warnings.warn(f"step {step}: non-finite loss, update skipped")
-            skipped = True
-            break
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        stats, loss = {}, 0.0
+        for mb in micro_batches(args, len(adv)):
+            with autocast:
+                logp, _ = score(args, model, roll.select(mb), need_attn=False)
+            part, st = policy_loss(logp, old[mb], adv[mb], mask[mb], weights[mb], args,
+                                   None if ref_logp is None else ref_logp[mb])
+            if not torch.isfinite(part):
+                warnings.warn(f"step {step}: non-finite loss, update skipped")
+                skipped = True
+                break
+            part.backward()
+            loss += float(part.detach())
+            stats = {k: stats.get(k, 0.0) + v for k, v in st.items()}
+        if skipped:
+            opt.zero_grad(set_to_none=True)
+            break
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], args.clip_grad)
         opt.step()
     t3 = time.time()
+    n_tok = max(1.0, stats.get("tokens", 0.0)) if not skipped else 1.0
     same = (total.view(-1, args.group) == total.view(-1, args.group)[:, :1]).all(1)
     opened = roll.opened.cpu()
     multi = (roll.tokens == roll.lvr_start).sum(1).cpu() >= 2
@@ -244,9 +280,10 @@ def grpo_step(args, model, tok, ref, opt, samples, step, length_penalty) -> dict
             "att_share": (parts["r_attn"][opened].mean().item() if opened.any() else 0.0),
             "multi_span": multi.float().mean().item(),
             "att_share_multi": (parts["r_attn"][multi].mean().item() if multi.any() else None),
-            **{k: stats.get(k, 0.0) for k in ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")},
+            **{k: (0.0 if skipped else stats.get(k, 0.0) / n_tok)
+               for k in ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")},
             "zero_spread": same.float().mean().item(), "kept_groups": keep.float().mean().item(),
-            "length": parts["length"].mean().item(), "loss": float(loss.detach()), "skipped": skipped,
+            "length": parts["length"].mean().item(), "loss": loss, "skipped": skipped,
             "t_rollout": t1 - t0, "t_score": t2 - t1, "t_update": t3 - t2}
 
 
@@ -256,9 +293,11 @@ def start(args):
     resume = args.resume and os.path.isdir(ckpt)
     if args.resume and not resume:
         print(f"no checkpoint in {args.out}: starting fresh")
-    model, tok = M.load_model(ckpt if resume else initial_model(args), device=args.device)
+    model, tok = M.load_model(ckpt if resume else initial_model(args), M.DTYPES[args.param_dtype], args.device)
     for p in model.model.visual.parameters():
         p.requires_grad_(args.train_vision)
+    if args.grad_ckpt:
+        model.activation_checkpointing_enable({"use_reentrant": False})
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     state = {"step": 0, "length_penalty": {}}
     if resume:
@@ -267,7 +306,7 @@ def start(args):
         print(f"resuming {args.out} at step {state['step']}")
     ref = None
     if args.beta > 0:  # the frozen reference is the starting checkpoint
-        ref, _ = M.load_model(initial_model(args), device=args.device)
+        ref, _ = M.load_model(initial_model(args), M.DTYPES[args.dtype], args.device)  # no grad, compute dtype
         ref.requires_grad_(False)
     penalty = reward.LengthPenalty()
     penalty.best = dict(state["length_penalty"])

@@ -69,8 +69,12 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=250, help="quick greedy validation every N steps (0 = never)")
     p.add_argument("--save-every", type=int, default=250, help="write a checkpoint every N steps (and at the end)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint with the same data order")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of the decoder layers (non-reentrant)")
+    p.add_argument("--param-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="dtype of the trained weights, their gradients and AdamW's state")
+    M.add_device_args(p)
     a = p.parse_args(argv)
+    a.dtype = M.resolve_dtype(a)
     if a.out is None:
         a.out = os.path.join(RUNS, "small-vl-sft-text" if a.no_latents else "small-vl-sft")
     if a.base is None:
@@ -202,10 +206,12 @@ def start(args, stage: int, out: str, init: str | None):
     if args.resume and not resume:
         print(f"no checkpoint in {out}: starting fresh")
     if resume or init is not None:
-        model, tok = M.load_model(ckpt if resume else init, device=args.device)
+        model, tok = M.load_model(ckpt if resume else init, M.DTYPES[args.param_dtype], args.device)
     else:
         model, tok = M.build_small_vl(args.seed)
-        model.to(args.device)
+        model.to(args.device, M.DTYPES[args.param_dtype])
+    if args.grad_ckpt:
+        model.activation_checkpointing_enable({"use_reentrant": False})
     grid = M.merged_grid((data.IMAGE_SIZE, data.IMAGE_SIZE), model.config.vision_config)[0]
     probe = GroundingProbe(model, tok, grid).to(args.device)
     for p in model.model.visual.parameters():
@@ -264,7 +270,7 @@ def train(args, stage: int, out: str, init: str | None) -> str:
     log = os.path.join(out, "log.jsonl")
     log_line(log, {}, upto=step)
     model.train()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device == "cuda")
+    autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     bar = tqdm(range(step, total), initial=step, total=total, desc=f"stage {stage}")
     for step in bar:
         t0 = time.time()
@@ -322,7 +328,7 @@ def base_model(args) -> str:
 
 def final_eval(args, ckpt: str, out: str, modes=None) -> dict:
     """The validation table: latent interventions, blank images, latent rate (greedy and sampled)."""
-    model, tok = M.load_model(ckpt, device=args.device)
+    model, tok = M.load_model(ckpt, M.DTYPES[args.dtype], args.device)
     val = Stream(args).val(args.n_val)
     table = {"normal": {}, "drop": {"mode": "drop"}, "noise": {"mode": "noise"}, "noise_norm": {"mode": "noise_norm"},
              "blank image": {"blank": True}, "sampled T=1": {"temperature": 1.0}}

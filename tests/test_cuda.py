@@ -28,7 +28,7 @@ def test_compiled_fused_reward_equals_naive_on_cuda(gpu, samples):
     prompt, tokens, latents, latent, real = [x.cuda() if torch.is_tensor(x) else {k: v.cuda() for k, v in x.items()}
                                              for x in rollouts_with_spans(m, tok, samples)]
     with torch.no_grad(), reward.capture_qk(m, [0]) as qk:
-        lvr.score_forward(m, prompt, tokens, latents, latent, real)
+        lvr.score_forward(m, lvr.rollout_of(m, prompt, tokens, latents, latent, real))
     q, k = qk[0]
     keys, queries = reward.span_masks(tokens, latent, real, m.config.lvr_start_id, m.config.lvr_end_id)
     pad = lambda t: torch.cat([torch.zeros_like(prompt["attention_mask"]).bool(), t], 1)  # noqa: E731

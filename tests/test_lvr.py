@@ -51,7 +51,7 @@ def test_group_rows_share_the_prompt(tiny, samples):
     m, tok = tiny
     roll = decode(m, tok, samples[:2], G=3, force=torch.tensor([1, 1, 1, -1, -1, -1]))
     assert roll.tokens.shape[0] == 6
-    assert torch.equal(roll.prompt["input_ids"][0], roll.prompt["input_ids"][2])
+    assert roll.prow.tolist() == [0, 0, 0, 1, 1, 1] and roll.prompt["input_ids"].shape[0] == 2  # one prompt per group
     assert torch.equal(roll.tokens[0], roll.tokens[1])  # greedy: identical rows within a group
     assert roll.opened.tolist() == [True] * 3 + [False] * 3
 
@@ -65,7 +65,7 @@ def test_latent_span_layout(tiny, samples):
         assert lat[1:5].all() and not lat[0] and not lat[5]  # (a random model may open another span later)
         assert (row[1:5] == ids["lvr_id"]).all() and row[5] == ids["lvr_end_id"]
     # the fed latent is the hidden state of the position before it
-    h = lvr.score_forward(m, roll.prompt, roll.tokens, roll.latents, roll.latent_mask, roll.mask)
+    h = lvr.score_forward(m, roll)
     assert (h[:, 1:5] - roll.latents[:, 1:5]).abs().max() < 1e-5
 
 

@@ -73,7 +73,7 @@ def test_fused_attention_reward_equals_naive(tiny, samples, layers):
     assert (prompt["attention_mask"] == 0).any()
     end = M.lvr_token_ids(m)["lvr_end_id"]
     with torch.no_grad(), reward.capture_qk(m, layers) as qk:
-        lvr.score_forward(m, prompt, tokens, latents, latent, real)
+        lvr.score_forward(m, lvr.rollout_of(m, prompt, tokens, latents, latent, real))
     ids = torch.cat([prompt["input_ids"], tokens], 1)
     fused = reward.attention_reward(qk, prompt, tokens, latent, real, m.config)
 
@@ -102,7 +102,7 @@ def test_relative_variant_divides_by_image_mass(tiny, samples):
     prompt, tokens, latents, latent, real = rollouts_with_spans(m, tok, samples)
     end = M.lvr_token_ids(m)["lvr_end_id"]
     with torch.no_grad(), reward.capture_qk(m, [0]) as qk:
-        lvr.score_forward(m, prompt, tokens, latents, latent, real)
+        lvr.score_forward(m, lvr.rollout_of(m, prompt, tokens, latents, latent, real))
     ids = torch.cat([prompt["input_ids"], tokens], 1)
     share = reward.attention_reward(qk, prompt, tokens, latent, real, m.config)
     rel = reward.attention_reward(qk, prompt, tokens, latent, real, m.config, "relative")
@@ -137,7 +137,7 @@ def test_query_window_follows_the_last_span(tiny, samples):
     latents = torch.randn(2, 12, m.config.text_config.hidden_size) * latent[..., None]
     prompt = M.encode(m, tok, samples[:2])
     with torch.no_grad(), reward.capture_qk(m, [0]) as qk:
-        lvr.score_forward(m, prompt, tokens, latents, latent, real)
+        lvr.score_forward(m, lvr.rollout_of(m, prompt, tokens, latents, latent, real))
     fused = reward.attention_reward(qk, prompt, tokens, latent, real, m.config)
     full_mask = torch.cat([prompt["attention_mask"], real.long()], 1)
     L0 = prompt["input_ids"].shape[1]

@@ -1,5 +1,6 @@
 """Both trainers end to end on tiny settings, resume, and the GRPO loss against formulas written out by hand."""
 import argparse
+import math
 import dataclasses
 import json
 import os
@@ -173,8 +174,14 @@ def test_policy_loss_matches_hand_written(loss, beta):
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]).bool()
     ref = old - 0.3
     a = hand_args(loss, beta=beta)
-    got, stats = train_rl.policy_loss(logp, old, adv, mask, a, ref if beta else None)
+    got, stats = train_rl.policy_loss(logp, old, adv, mask, train_rl.loss_weights(mask, a), a, ref if beta else None)
     assert got.item() == pytest.approx(by_hand(logp, old, adv, mask, a, ref if beta else None), abs=1e-6)
+    # micro-batches (any split of the rows) add up to the full batch's loss
+    w = train_rl.loss_weights(mask, a)
+    parts = [train_rl.policy_loss(logp[r], old[r], adv[r], mask[r], w[r], a, ref[r] if beta else None)[0]
+             for r in (slice(0, 1), slice(1, 3))]
+    assert sum(parts).item() == pytest.approx(got.item(), abs=1e-7)
+    stats = {k: v / stats["tokens"] for k, v in stats.items()}
     # TRL's clip metrics: tokens where the clip binds (ratio below the band with A < 0, above it with A > 0)
     r, A, m = torch.exp(logp - old), adv[:, None].expand_as(logp), mask
     low = [(r[i, t] < 0.8 and A[i, t] < 0) for i in range(3) for t in range(4) if m[i, t]]
@@ -229,7 +236,7 @@ def test_latent_positions_in_the_policy_gradient(tiny, samples, mode):
     lat = roll.latent_mask
     z = roll.latents + 0.1 * torch.randn(roll.latents.shape, generator=torch.Generator().manual_seed(0)) * lat[..., None]
     roll = dataclasses.replace(roll, latents=z)
-    h = lvr.score_forward(m, roll.prompt, roll.tokens, z, lat, roll.mask).detach().requires_grad_()
+    h = lvr.score_forward(m, roll).detach().requires_grad_()
     args = train_rl.parse_args(["--latent-logp", mode, "--temperature", "1.0", "--sigma", "10"])
     logp = train_rl.token_logps(m, h, roll, args, chunk=3)
     logp.sum().backward()
@@ -280,3 +287,91 @@ def test_point_loss_matches_eager_attention(tiny):
             prev = obj
     assert len(terms) == 2 * 6 - 3  # three replies naming two objects each; the first has no previous
     assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-5)
+
+
+# ------------------------------------------------------------------------- micro-batching, memory
+def one_step(ckpt, extra, samples, micro=None, hook=None):
+    """One grpo_step from `ckpt` on `samples`: (the model after it, its log row)."""
+    args = train_rl.parse_args(["--model", ckpt, "--prompts", str(len(samples)), "--group", "4", "--max-new-tokens", "12",
+                                "--latent-steps", "3", "--lr", "1e-3", "--temperature", "1.0"]
+                               + (["--micro-batch", str(micro)] if micro else []) + extra)
+    model, tok = M.load_model(ckpt)
+    model.train()
+    for p in model.model.visual.parameters():
+        p.requires_grad_(args.train_vision)
+    if args.grad_ckpt:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    if hook:
+        model.model.visual.register_forward_pre_hook(hook, with_kwargs=True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    row = train_rl.grpo_step(args, model, tok, None, opt, samples, 0, reward.LengthPenalty())
+    return model, row
+
+
+@pytest.mark.parametrize("loss", train_rl.LOSSES)
+def test_micro_batches_give_the_full_batch_update(tiny_ckpt, samples, loss):
+    """Micro-batches of 1, 5 and all 20 rollouts: the same gradient and the same weights after the step."""
+    runs = [one_step(tiny_ckpt, ["--loss", loss], samples, micro) for micro in (1, 5, 20)]
+    assert 0 < runs[0][1]["latent_rate"] < 1 and runs[0][1]["zero_spread"] < 1
+    ref = dict(runs[0][0].named_parameters())
+    for model, row in runs[1:]:
+        assert row["loss"] == pytest.approx(runs[0][1]["loss"], abs=1e-6)
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                assert torch.allclose(p.grad, ref[n].grad, rtol=1e-4, atol=1e-8), n
+            # Adam's first step is about lr * sign(g): float noise in gradients near 0 moves a weight by a
+            # small fraction of lr (1e-3 here); seen at most 2e-6
+            assert torch.allclose(p, ref[n], atol=1e-5), n
+
+
+def test_grad_ckpt_gives_the_same_gradient(tiny_ckpt, samples):
+    (a, _), (b, _) = (one_step(tiny_ckpt, extra, samples[:2], 3) for extra in ([], ["--grad-ckpt"]))
+    assert b.model.language_model.gradient_checkpointing and not a.model.language_model.gradient_checkpointing
+    grads = [(p.grad, q.grad) for p, q in zip(a.parameters(), b.parameters()) if p.grad is not None]
+    assert len(grads) > 10 and all(torch.allclose(g, h, rtol=1e-5, atol=1e-9) for g, h in grads)
+
+
+@pytest.mark.parametrize("train_vision", [False, True])
+def test_vision_tower_runs_once_per_prompt(tiny_ckpt, samples, train_vision):
+    """Per step the vision tower sees each question's image once while decoding; the scoring passes reuse
+    those visual tokens, and with --train-vision the update runs the tower once more per prompt."""
+    seen = []
+    hook = lambda mod, args, kwargs: seen.append(int((args[1] if len(args) > 1 else kwargs["grid_thw"]).shape[0]))  # noqa: E731
+    one_step(tiny_ckpt, ["--train-vision"] if train_vision else [], samples[:3], 4, hook)
+    assert sum(seen) == 3 * (2 if train_vision else 1)
+
+
+def test_logps_equal_the_plain_log_softmax(tiny, samples):
+    """Chunked, checkpointed log-probs == log_softmax(lm_head(h) / T) gathered, in value and in gradient."""
+    m, tok = tiny
+    roll = lvr.generate(m, tok, M.encode(m, tok, samples[:2]), G=2, max_new_tokens=10, latent_steps=3, temperature=1.0,
+                        generator=torch.Generator().manual_seed(1), force=torch.tensor([1, 0, 0, 0]))
+    args = train_rl.parse_args(["--temperature", "0.7"])
+    h0 = lvr.score_forward(m, roll).detach()
+    out = []
+    for chunk in (1, 4, 1000):
+        h = h0.clone().requires_grad_()
+        lp = train_rl.token_logps(m, h, roll, args, chunk=chunk)
+        lp[roll.mask].sum().backward()
+        out.append((lp.detach(), h.grad))
+    h = h0.clone().requires_grad_()
+    logits = m.lm_head(h) / 0.7
+    logits[..., lvr.structural_ids(m)] = float("-inf")
+    plain = torch.log_softmax(logits, -1).gather(-1, roll.tokens[..., None])[..., 0]
+    sampled = roll.mask & ~roll.latent_mask & ~roll.forced
+    plain[~sampled].detach().zero_()
+    plain = torch.where(sampled, plain, torch.zeros_like(plain))
+    plain = torch.where(roll.latent_mask, -0.5 * (roll.latents - h).pow(2).sum(-1) / 100, plain)
+    plain[roll.mask].sum().backward()
+    for lp, g in out:
+        assert torch.allclose(lp, plain.detach(), atol=1e-5) and torch.allclose(g, h.grad, atol=1e-6)
+
+
+def test_rl_runs_in_bf16_with_a_reference(tiny_ckpt, tmp_path):
+    """--dtype bf16 (autocast, here on the CPU) with --beta: the reference in bf16; a finite step, fp32 weights saved."""
+    out = str(tmp_path / "bf16")
+    train_rl.main(["--model", tiny_ckpt, "--steps", "1", "--out", out, "--dtype", "bf16", "--beta", "0.1",
+                   "--micro-batch", "3"] + TINY_RL)
+    row = rows(out)[0]
+    assert not row["skipped"] and math.isfinite(row["loss"]) and row["kl"] >= 0
+    assert all(v.dtype == torch.float32 for v in weights(out).values())
