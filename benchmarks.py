@@ -180,7 +180,7 @@ def tsv_image(row: dict, by_index: dict) -> bytes:
     try:
         raw = base64.b64decode(image, validate=True)
     except binascii.Error:
-        raise ValueError("field 'image' is not base64") from None
+        raise ValueError("field 'image' is not a base64 image") from None
     data.image_size(raw, "in field 'image'")
     return raw
 
@@ -247,7 +247,7 @@ def mmvp_pair_accuracy(ids_correct: dict[str, bool]) -> float:
         pairs.setdefault((i - base) // 2, []).append(ok)
     for k in sorted(pairs):
         if len(pairs[k]) != 2:
-            raise ValueError(f"MMVP pair {k + 1} needs both questions {2 * k + base} and {2 * k + base + 1}")
+            raise ValueError(f"MMVP pair {k + 1} needs both mmvp-{2 * k + base} and mmvp-{2 * k + base + 1}")
     return sum(all(v) for v in pairs.values()) / len(pairs)
 
 

@@ -102,7 +102,9 @@ class Stream:
 
     def __init__(self, args):
         self.seed, self.rows, self.held = args.seed, None, None
-        if args.data:  # a seeded share of the rows is held out: validation never sees a training row
+        if args.data and getattr(args, "val_fraction", None) is None:  # train_rl.py: every row trains
+            self.rows = data.load_jsonl(args.data)
+        elif args.data:  # a seeded share of the rows is held out: validation never sees a training row
             rows = data.load_jsonl(args.data)
             if len(rows) < 2:
                 raise ValueError(f"{args.data}: need at least 2 rows (one is held out for validation)")
