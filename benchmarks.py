@@ -322,9 +322,8 @@ def is_correct(text: str, sample) -> bool:
     answer = str(sample.answer).strip()
     if sample.choices:
         return option_letter(text, sample.choices) == answer
-    if len(answer) == 1 and answer in data.OPTION_LETTERS:
-        lead = LEAD_LETTER_RE.match(final_text(text))
-        return (reward.parse_answer(text) or (lead.group(1) if lead else None)) == answer
+    if len(answer) == 1 and answer in data.OPTION_LETTERS:  # synthetic / JSONL letters: reward.parse_answer's rule
+        return reward.parse_answer(text) == answer
     final, want = final_text(text), numbers(answer)
     if len(want) == 1 and len(normalise(answer).split()) <= 6:  # a number, or a short phrase around one
         got = numbers(final)
