@@ -16,14 +16,18 @@ Question types (each answer value and each letter equally likely, so the text al
 
     python data.py --show 5                              # print a few training samples
     python data.py --export out/ --split val --n 200     # write out/val.jsonl + out/images/*.png
+    python data.py --check lvr_sft.json                  # read LVR's SFT data (or RL rows) and report
+
+Reading LVR's SFT data as released: a JSON array or JSONL of {image: str | [str], conversations: [{from:
+human, value: "<image>\n..."}, {from: gpt, value: "<lvr>\n... answer"}], bboxes: [[x0, y0, x1, y1], ...]}
+(boxes normalised, or in pixels of the image); RL rows may instead give `question` and `answer` and no
+boxes; answers may be letters or free-form text (benchmarks.is_correct scores them). Every image is
+opened and checked when the data is read; a bad row names the file and line (JSON array: row).
+Real benchmarks (VLMEvalKit TSV, MMVP, V*, CV-Bench, BLINK) are read by benchmarks.py.
 """
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
-import csv
-import glob
 import json
 import math
 import os
@@ -78,6 +82,8 @@ class Sample:
     objects: list = field(default_factory=list)
     extra_images: list = field(default_factory=list)  # more images (arrays or paths) after the first, e.g. BLINK
     choices: list = field(default_factory=list)       # the option texts, for benchmarks scored on them
+    precision: int | None = None  # free-form numeric answers: decimals that count (MathVista)
+    response: str = ""       # a free-form target reply as given (LVR data), `<lvr>` marking the latent span
 
     def load_image(self) -> np.ndarray:
         return self.load_images()[0]
@@ -273,19 +279,33 @@ def make_split(split: str, n: int, seed: int = 0, size: int = IMAGE_SIZE) -> lis
 IMAGE_PAD, VISION_START, VISION_END = "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"
 LVR_START, LVR, LVR_LATENT_END, LVR_END = "<|lvr_start|>", "<|lvr|>", "<|lvr_latent_end|>", "<|lvr_end|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+IMAGE_TAG, LVR_TAG = "<image>", "<lvr>"  # placeholders of LLaVA / LVR data: an image, the latent span
 
 
 def chat_prompt(question: str, n_image_tokens) -> str:
-    """The Qwen chat turn with the image placeholders (one block per image; `n_image_tokens` an int or
-    a list) already expanded, ending where the reply starts."""
+    """small-vl's chat turn (no system message) with the image placeholders (one block per image;
+    `n_image_tokens` an int or a list) expanded where the question's `<image>`s are (none: first),
+    ending where the reply starts. Real checkpoints use their own template (model.prompt_text)."""
     counts = [n_image_tokens] if isinstance(n_image_tokens, int) else n_image_tokens
-    images = "".join(VISION_START + IMAGE_PAD * n + VISION_END for n in counts)
-    return f"{IM_START}user\n{images}{question}{IM_END}\n{IM_START}assistant\n"
+    blocks = [VISION_START + IMAGE_PAD * n + VISION_END for n in counts]
+    parts = question.split(IMAGE_TAG)
+    if len(parts) == 1:
+        body = "".join(blocks) + question
+    elif len(parts) == len(blocks) + 1:
+        body = parts[0] + "".join(b + p for b, p in zip(blocks, parts[1:]))
+    else:
+        raise ValueError(f"question has {len(parts) - 1} <image> placeholders for {len(blocks)} images")
+    return f"{IM_START}user\n{body}{IM_END}\n{IM_START}assistant\n"
 
 
-def chat_response(answer: str, reason: str = "", latent_slots: int = 0) -> str:
-    """The target reply: an optional latent span of `latent_slots` slots, the reason, the tagged answer."""
+def chat_response(answer: str, reason: str = "", latent_slots: int = 0, response: str = "") -> str:
+    """The target reply: an optional latent span of `latent_slots` slots, the reason, the tagged answer;
+    or a free-form `response` as given, its `<lvr>` replaced by the span (by nothing without one; a span
+    without a placeholder goes first)."""
     span = LVR_START + LVR * latent_slots + LVR_END if latent_slots > 0 else ""
+    if response:
+        text = response.replace(LVR_TAG, span, 1) if LVR_TAG in response else span + response
+        return text.replace(LVR_TAG, "").strip() + IM_END
     return f"{span}{reason + ' ' if reason else ''}<answer>{answer}</answer>{IM_END}"
 
 
@@ -319,94 +339,138 @@ def export_jsonl(samples: list[Sample], out_dir: str, name: str) -> str:
 
 
 ANSWER_RE = re.compile(r"<answer>\s*([A-Z])\s*</answer>|^\s*\(?([A-Z])\)?\s*$")
+TAGGED_TEXT_RE = re.compile(r"<answer>(.*?)</answer>", re.S)
+OPTION_LINE_RE = re.compile(r"^\s*\(?([A-Z])[.):]\s", re.M)  # "A. x", "(A) x", "A: x" at a line start
+MAX_IMAGE_PIXELS = 178956970  # PIL's own decompression-bomb threshold
+
+
+def answer_of(reply: str) -> str:
+    """The answer a reply states: a letter (<answer>B</answer>, a lone "B"), else the text inside
+    <answer>...</answer> or the last \boxed{...}, else the whole reply without its <lvr> placeholder."""
+    match = ANSWER_RE.search(reply)
+    if match:
+        return match.group(1) or match.group(2)
+    tagged = TAGGED_TEXT_RE.findall(reply)
+    if tagged and tagged[-1].strip():
+        return tagged[-1].strip()
+    boxed = re.findall(r"\\boxed\{([^{}]*)\}", reply)
+    if boxed and boxed[-1].strip():
+        return boxed[-1].strip()
+    text = reply.replace(LVR_TAG, "").strip()
+    if not text:
+        raise ValueError("the gpt turn holds no answer")
+    return text
+
+
+def check_letter(question: str, answer: str):
+    """A letter answer must name one of the question's lettered options (when it lists any)."""
+    letters = OPTION_LINE_RE.findall(question)
+    if len(answer) == 1 and answer in OPTION_LETTERS and letters and answer not in letters:
+        raise ValueError(f"answer {answer!r} is not one of the options {''.join(letters)}")
+
+
+def image_size(src, name: str | None = None) -> tuple[int, int]:
+    """(width, height) of an image file (or encoded bytes, called `name` in errors), after checking that
+    it decodes as an image of sane size: not an image, truncated, or a decompression bomb is a ValueError."""
+    import io
+    import warnings
+    from PIL import Image
+    name = name or src
+    if isinstance(src, str) and not os.path.isfile(src):
+        raise ValueError(f"image not found: {src}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as im:
+                size = im.size
+                if size[0] * size[1] > MAX_IMAGE_PIXELS:
+                    raise Image.DecompressionBombError(f"{size[0]}x{size[1]}")
+                im.verify()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValueError(f"image {name} has too many pixels to decode safely (a decompression bomb?)") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds for data that is not an image
+        raise ValueError(f"image {name} is not a readable image ({type(e).__name__})") from None
+    return size
+
+
+def norm_boxes(boxes, size: tuple[int, int]) -> list[list[float]]:
+    """Boxes as [x0, y0, x1, y1]: normalised (all values <= 1) or in pixels of the image (width, height)."""
+    ok = isinstance(boxes, list) and all(isinstance(b, list) and len(b) == 4 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in b) and b[0] < b[2] and b[1] < b[3]
+        for b in boxes)
+    if not ok:
+        raise ValueError(f"field 'bboxes' must be a list of [x0, y0, x1, y1] with x0 < x1, y0 < y1: {boxes!r}")
+    if all(v <= 1 for b in boxes for v in b):
+        return [[float(v) for v in b] for b in boxes]
+    w, h = size
+    if any(b[2] > w or b[3] > h for b in boxes):
+        raise ValueError(f"field 'bboxes': pixel boxes must lie inside the {w}x{h} image: {boxes!r}")
+    return [[round(b[0] / w, 6), round(b[1] / h, 6), round(b[2] / w, 6), round(b[3] / h, 6)] for b in boxes]
+
+
+def turns(rec: dict) -> tuple[str, str]:
+    """(question, reply) of a record: LLaVA `conversations` (human, gpt), or RL-style `question` + `answer`."""
+    if "conversations" in rec:
+        conv = rec["conversations"]
+        if not (isinstance(conv, list) and len(conv) >= 2 and all(isinstance(t, dict) and "value" in t for t in conv[:2])):
+            raise ValueError("field 'conversations' must hold a human turn and a gpt turn with 'value'")
+        return str(conv[0]["value"]), str(conv[1]["value"])
+    for key in ("question", "answer"):
+        if key not in rec:
+            raise ValueError(f"missing field {key!r} (or 'conversations')")
+    return str(rec["question"]), str(rec["answer"])
 
 
 def from_record(rec: dict, base_dir: str) -> Sample:
-    """One JSONL row -> Sample; raises ValueError naming the bad field."""
-    for key in ("image", "conversations", "bboxes"):
-        if key not in rec:
-            raise ValueError(f"missing field {key!r}")
-    conv = rec["conversations"]
-    if not (isinstance(conv, list) and len(conv) >= 2 and all(isinstance(t, dict) and "value" in t for t in conv[:2])):
-        raise ValueError("field 'conversations' must hold a human turn and a gpt turn with 'value'")
-    match = ANSWER_RE.search(str(conv[1]["value"]))
-    if match is None:
-        raise ValueError(f"gpt turn has no answer letter: {conv[1]['value']!r}")
-    boxes = rec["bboxes"]
-    ok = isinstance(boxes, list) and boxes and all(
-        isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in b)
-        and b[0] < b[2] and b[1] < b[3] for b in boxes)
-    if not ok:
-        raise ValueError(f"field 'bboxes' must be a non-empty list of normalised [x0, y0, x1, y1]: {boxes!r}")
-    question = str(conv[0]["value"]).replace("<image>", "").strip()
-    reason = ANSWER_RE.sub("", str(conv[1]["value"])).strip()
-    return Sample(question=question, answer=match.group(1) or match.group(2), reason=reason, qtype=str(rec.get("question_type", "custom")),
-                  bboxes=[[float(v) for v in b] for b in boxes], image_path=os.path.join(base_dir, str(rec["image"])),
-                  id=str(rec.get("id", "")))
+    """One record of LVR's SFT format (or RL data: question, image, answer) -> Sample; its images are
+    checked here. Raises ValueError naming the bad field."""
+    if "image" not in rec:
+        raise ValueError("missing field 'image'")
+    images = rec["image"] if isinstance(rec["image"], list) else [rec["image"]]
+    if not images or not all(isinstance(x, str) and x for x in images):
+        raise ValueError(f"field 'image' must be a path or a non-empty list of paths: {rec['image']!r}")
+    paths = [os.path.join(base_dir, x) for x in images]
+    sizes = [image_size(p) for p in paths]
+    question, reply = turns(rec)
+    if question.count(IMAGE_TAG) not in (0, len(paths)):
+        raise ValueError(f"the question has {question.count(IMAGE_TAG)} <image> placeholders for {len(paths)} images")
+    if question.count(IMAGE_TAG) == 1 and question.startswith(IMAGE_TAG):
+        question = question[len(IMAGE_TAG):].lstrip("\n")  # the usual leading placeholder: images first anyway
+    answer = answer_of(reply)
+    check_letter(question, answer)
+    letter = ANSWER_RE.search(reply)
+    reason = ANSWER_RE.sub("", reply).strip() if letter else ""
+    return Sample(question=question.strip(), answer=answer, reason=reason, qtype=str(rec.get("question_type", "custom")),
+                  bboxes=norm_boxes(rec.get("bboxes") or [], sizes[0]), image_path=paths[0], extra_images=paths[1:],
+                  id=str(rec.get("id", "")), response="" if letter else reply.strip())
+
+
+def records(path: str) -> list[tuple[str, object]]:
+    """(where, record) of a JSON array file ("row N", from 0) or a JSONL file (line number); bytes that are
+    not UTF-8 and malformed JSON are named with their line."""
+    with open(benchmark_file(path), "rb") as f:
+        raw = f.read()
+    lines = raw.split(b"\n")
+    for n, line in enumerate(lines, 1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{n}: not UTF-8 text (byte {line[e.start]:#04x} at column {e.start + 1})") from None
+    text = raw.decode("utf-8-sig")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+        return [(f"row {i}", row) for i, row in enumerate(rows)]
+    return [(str(n), line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
 
 
 def load_jsonl(path: str) -> list[Sample]:
-    """Read a LLaVA-style JSONL file; a bad row raises ValueError naming the file and line."""
+    """Read LVR's SFT data (a JSON array or JSONL; LLaVA-style records) or RL rows (question, image,
+    answer); a bad row raises ValueError naming the file and line (or row)."""
     base = os.path.dirname(os.path.abspath(path))
-
-    def parse(line):
-        s = from_record(json_object(line), base)
-        image_file(s.image_path)
-        return s
-    return parse_rows(path, jsonl_lines(path), parse)
-
-
-# ------------------------------------------------------------------------------- real benchmarks
-# Public multiple-choice benchmarks in their released layouts. Every loader returns Samples whose question
-# lists lettered options, whose answer is the letter and whose qtype is the category / sub-task; images
-# stay lazy (paths or encoded bytes, decoded by Sample.load_images). A bad row raises
-# ValueError("<file>:<line or row>: <problem>"); a missing file or directory raises FileNotFoundError.
-def answer_letter(answer, n_options: int) -> str:
-    """'(A)', '(a)', 'a' or 'A' -> 'A'; anything but one of the first n_options letters is an error."""
-    letter = str(answer).strip().strip("()").strip().upper()
-    if len(letter) != 1 or letter not in OPTION_LETTERS[:n_options]:
-        raise ValueError(f"unknown answer letter {answer!r}")
-    return letter
-
-
-def blank(v) -> bool:
-    """None, NaN and empty text (pandas writes NaN to a TSV as '' or 'nan') count as missing."""
-    if isinstance(v, str):
-        return v.strip().lower() in ("", "nan")
-    return v is None or (isinstance(v, float) and math.isnan(v))
-
-
-def need(row: dict, key: str):
-    """row[key], or a ValueError naming the missing field (see blank)."""
-    if blank(row.get(key)):
-        raise ValueError(f"missing field {key!r}")
-    return row[key]
-
-
-def image_file(path: str) -> str:
-    if not os.path.isfile(path):
-        raise ValueError(f"image not found: {path}")
-    return path
-
-
-def mc_sample(sid: str, qtype, question, options, answer, images: list) -> Sample:
-    if not isinstance(options, (list, tuple)) or len(options) < 2:
-        raise ValueError(f"need a list of at least 2 options, got {options!r}")
-    options = [str(o).strip() for o in options]
-    # image_path may hold encoded bytes (BLINK, TSV): read_image decodes paths and bytes alike.
-    return Sample(question=format_question(str(question).strip(), options), answer=answer_letter(answer, len(options)),
-                  reason="", qtype=str(qtype), bboxes=[], image_path=images[0], id=sid,
-                  extra_images=list(images[1:]), choices=options)
-
-
-def split_options(text: str, field: str) -> tuple[str, list[str]]:
-    """'Q? (a) x (b) y' or 'Q?\n(A) x\n(B) y\nAnswer with ...' -> ('Q?', ['x', 'y']); letters must run A, B, ..."""
-    parts = re.split(r"(?:^|\s)\(([A-Za-z])\)\s*", text.strip())
-    letters, options = "".join(parts[1::2]).upper(), [p.strip() for p in parts[2::2]]
-    options[-1:] = [o.split("\n")[0].strip() for o in options[-1:]]  # drop an instruction after the last option
-    if len(options) < 2 or letters != OPTION_LETTERS[:len(letters)] or not all(options):
-        raise ValueError(f"malformed field {field!r}: no options '(A) ...', '(B) ...' in {text!r}")
-    return parts[0].strip(), options
+    return parse_rows(path, records(path), lambda row: from_record(row if isinstance(row, dict) else json_object(row), base))
 
 
 def parse_rows(path: str, rows, parse) -> list[Sample]:
@@ -428,12 +492,9 @@ def benchmark_file(path: str) -> str:
     return path
 
 
-def jsonl_lines(path: str) -> list[tuple[int, str]]:
-    with open(benchmark_file(path)) as f:
-        return [(n, line) for n, line in enumerate(f, 1) if line.strip()]
-
-
-def json_object(line: str) -> dict:
+def json_object(line) -> dict:
+    if isinstance(line, dict):
+        return line
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
@@ -443,145 +504,6 @@ def json_object(line: str) -> dict:
     return row
 
 
-def csv_rows(path: str, columns: tuple, delimiter: str = ",") -> list[tuple[int, dict]]:
-    """(line number, row) for each record of a CSV/TSV file whose header must name `columns`."""
-    csv.field_size_limit(2**31 - 1)  # VLMEvalKit TSVs hold whole base64 images in one field
-    with open(benchmark_file(path), newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}:1: missing column {missing[0]!r}")
-        return [(reader.line_num, row) for row in reader]
-
-
-def load_blink(root: str, split: str = "val") -> list[Sample]:
-    """BLINK: root/<Sub_Task>/<split>-*.parquet; up to four images per question (image_1..image_4)."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ImportError("reading BLINK's parquet files needs pyarrow: pip install pyarrow") from None
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"benchmark directory not found: {root}")
-    files = sorted(glob.glob(os.path.join(root, "*", f"{split}-*.parquet")))
-    if not files:
-        raise FileNotFoundError(f"no {split}-*.parquet files in the sub-task folders of {root}")
-
-    def parse(row, task):
-        images = []
-        for k in range(1, 5):
-            if (image := row.get(f"image_{k}")) is not None:
-                if not image.get("bytes"):
-                    raise ValueError(f"image_{k} holds no image bytes")
-                images.append(image["bytes"])
-        if not images:
-            raise ValueError("missing field 'image_1'")
-        return mc_sample(f"blink-{need(row, 'idx')}", row.get("sub_task") or task, need(row, "question"),
-                         need(row, "choices"), need(row, "answer"), images)
-    samples = []
-    for path in files:  # rows are numbered from 0 in the errors
-        table, task = pq.read_table(path), os.path.basename(os.path.dirname(path))
-        missing = [c for c in ("idx", "question", "choices", "answer", "image_1") if c not in table.column_names]
-        if missing:
-            raise ValueError(f"{path}: missing column {missing[0]!r}")
-        samples += parse_rows(path, enumerate(table.to_pylist()), lambda row: parse(row, task))
-    return samples
-
-
-def load_cvbench(root: str) -> list[Sample]:
-    """CV-Bench: root/test.jsonl, images under root/img/; qtype is the row's task (Count, Depth, ...)."""
-    path = os.path.join(root, "test.jsonl")
-
-    def parse(line):
-        row = json_object(line)
-        image = image_file(os.path.join(root, str(need(row, "image"))))
-        return mc_sample(f"cvbench-{need(row, 'idx')}", need(row, "task"), need(row, "question"),
-                         need(row, "choices"), need(row, "answer"), [image])
-    return parse_rows(path, jsonl_lines(path), parse)
-
-
-def load_mmvp(root: str) -> list[Sample]:
-    """MMVP: root/Questions.csv ("(a) Open (b) Closed" options), images at root/MMVP Images/<Index>.jpg."""
-    path = os.path.join(root, "Questions.csv")
-
-    def parse(row):
-        index = str(need(row, "Index")).strip()
-        if not re.fullmatch(r"[1-9]\d*", index):
-            raise ValueError(f"field 'Index' must be a positive integer, got {index!r}")
-        head, options = split_options(str(need(row, "Options")), "Options")
-        if head:
-            raise ValueError(f"malformed field 'Options': text before '(a)': {head!r}")
-        image = image_file(os.path.join(root, "MMVP Images", f"{index}.jpg"))
-        return mc_sample(f"mmvp-{index}", "mmvp", need(row, "Question"), options, need(row, "Correct Answer"), [image])
-    return parse_rows(path, csv_rows(path, ("Index", "Question", "Options", "Correct Answer")), parse)
-
-
-def mmvp_pair_accuracy(ids_correct: dict[str, bool]) -> float:
-    """MMVP's pair accuracy: pair k (ids mmvp-<2k-1> and mmvp-<2k>) counts only if both answers are right."""
-    pairs: dict[int, list[bool]] = {}
-    for sid, ok in ids_correct.items():
-        m = re.fullmatch(r"mmvp-([1-9]\d*)", sid)
-        if m is None:
-            raise ValueError(f"not an MMVP question id: {sid!r}")
-        pairs.setdefault((int(m.group(1)) + 1) // 2, []).append(bool(ok))
-    if not pairs:
-        raise ValueError("no MMVP answers to score")
-    for k in sorted(pairs):
-        if len(pairs[k]) != 2:
-            raise ValueError(f"MMVP pair {k} needs both mmvp-{2 * k - 1} and mmvp-{2 * k}")
-    return sum(all(v) for v in pairs.values()) / len(pairs)
-
-
-def load_vstar(root: str) -> list[Sample]:
-    """V* Bench: root/test_questions.jsonl; the options are '(A) ...' inside the question text."""
-    path = os.path.join(root, "test_questions.jsonl")
-
-    def parse(line):
-        row = json_object(line)
-        question, options = split_options(str(need(row, "text")), "text")
-        if not question:
-            raise ValueError("field 'text' has no question before its options")
-        image = image_file(os.path.join(root, str(need(row, "image"))))
-        return mc_sample(f"vstar-{need(row, 'question_id')}", need(row, "category"), question, options,
-                         need(row, "label"), [image])
-    return parse_rows(path, jsonl_lines(path), parse)
-
-
-def load_vlmevalkit_tsv(path: str) -> list[Sample]:
-    """A VLMEvalKit TSV (MMBench, MMStar, ...): base64 `image`, option columns A, B, ..., `answer`, optional
-    `category` and `hint`. An `image` field holding another row's index reuses that row's image."""
-    rows = csv_rows(path, ("index", "image", "question", "answer"), delimiter="\t")
-    name = os.path.splitext(os.path.basename(path))[0]
-    by_index = {row["index"]: row["image"] for _, row in rows if len(row.get("image") or "") > 64}
-
-    def parse(row):
-        image = str(need(row, "image"))
-        image = by_index.get(image, image) if len(image) <= 64 else image
-        try:
-            image = base64.b64decode(image, validate=True)
-        except binascii.Error:
-            raise ValueError("field 'image' is not a base64 image") from None
-        letters = [c for c in OPTION_LETTERS if not blank(row.get(c))]
-        if "".join(letters) != OPTION_LETTERS[:len(letters)]:
-            raise ValueError(f"options must fill columns A, B, ... without gaps, got {letters}")
-        question = str(need(row, "question")).strip()
-        if not blank(row.get("hint")):
-            question = f"Hint: {row['hint'].strip()}\n{question}"
-        return mc_sample(f"{name}-{need(row, 'index')}", row.get("category") or name, question,
-                         [row[c] for c in letters], need(row, "answer"), [image])
-    return parse_rows(path, rows, parse)
-
-
-BENCHMARKS = {"blink": load_blink, "cvbench": load_cvbench, "mmvp": load_mmvp, "vstar": load_vstar,
-              "tsv": load_vlmevalkit_tsv}
-
-
-def load_benchmark(name: str, root: str) -> list[Sample]:
-    """Load benchmark `name` from `root` (a directory; for "tsv", the .tsv file)."""
-    if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; expected one of {list(BENCHMARKS)}")
-    return BENCHMARKS[name](root)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--split", default="train", choices=list(SPLIT_IDS), help="which split to draw from")
@@ -589,7 +511,15 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="data seed")
     p.add_argument("--show", type=int, default=0, help="print this many samples and exit")
     p.add_argument("--export", metavar="DIR", help="write DIR/<split>.jsonl and DIR/images/")
+    p.add_argument("--check", metavar="FILE", help="read LVR-format data (JSON array or JSONL) and report what it holds")
     a = p.parse_args()
+    if a.check:
+        try:
+            rows = load_jsonl(a.check)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: {e}")
+        boxed = sum(bool(s.bboxes) for s in rows)
+        print(f"{a.check}: {len(rows)} samples, {boxed} with boxes, {sum(bool(s.response) for s in rows)} free-form replies")
     if a.show:
         for s in make_split(a.split, a.show, a.seed):
             print(f"[{s.qtype}] {s.question}\n  -> {s.answer}   bboxes={s.bboxes}\n")

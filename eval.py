@@ -5,6 +5,8 @@ share on latents, routing; on the synthetic test split or a real benchmark in it
     python eval.py --model DIR --compare              # every mode on the same questions, paired differences
     python eval.py --model DIR --route count,size     # latents forced for these types, forbidden for the rest
     python eval.py --model DIR --bench mmvp --bench-root data/MMVP     # blink | cvbench | mmvp | vstar | tsv
+    python eval.py --model Qwen/Qwen2.5-VL-3B-Instruct --bench MMVP --bench-root data/vlmeval   # DIR/MMVP.tsv
+    python eval.py --model DIR --bench all --bench-root data/vlmeval  # the paper's seven: one table row each
     python eval.py --plot runs/small-vl-rl/log.jsonl runs/small-vl-rl-att/log.jsonl   # training curves (PNG)
 
 Modes (lvr.py documents each): normal; drop (no latent embedding enters the context: <|lvr_start|> is
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import benchmarks
 import data
 import lvr
 import model as M
@@ -78,17 +81,19 @@ def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, bat
         share = reward.score_rollout(model, roll, att_layers)[1].cpu()
         for j, s in enumerate(chunk):
             text = tok.decode(roll.tokens[j][roll.mask[j]], skip_special_tokens=False)
-            pred = reward.parse_answer(text)
+            pred = reward.parse_answer(text) if s.choices or len(s.answer) == 1 else benchmarks.final_text(text)
             opened = bool(roll.opened[j])
-            records.append({"id": s.id, "qtype": s.qtype, "answer": s.answer, "pred": pred, "correct": pred == s.answer,
+            records.append({"id": s.id, "qtype": s.qtype, "answer": s.answer, "pred": pred,
+                            "correct": benchmarks.is_correct(text, s),
                             "opened": opened, "att_share": float(share[j]) if opened else None, "text": text,
-                            "chance": 1 / n_options(s)})
+                            "chance": 1 / n_options(s) if s.choices or len(s.answer) == 1 else 0.0})
     return records
 
 
 def n_options(sample) -> int:
     """Number of lettered options ("A. ...") in the question."""
-    return sum(line[1:3] == ". " and line[0] in data.OPTION_LETTERS for line in sample.question.splitlines()) or 1
+    return len(sample.choices) or sum(line[1:3] == ". " and line[0] in data.OPTION_LETTERS
+                                      for line in sample.question.splitlines()) or 1
 
 
 def summarize(records: list[dict]) -> dict:
@@ -101,8 +106,8 @@ def summarize(records: list[dict]) -> dict:
                 "chance": float(np.mean([r.get("chance", 0.0) for r in rs])) if rs else 0.0}
     types = sorted({r["qtype"] for r in records}, key=lambda t: (data.QTYPES.index(t) if t in data.QTYPES else 99, t))
     out = {"overall": stats(records), "per_type": {t: stats([r for r in records if r["qtype"] == t]) for t in types}}
-    if records and all(r["id"].startswith("mmvp-") for r in records):
-        out["overall"]["pair_acc"] = data.mmvp_pair_accuracy({r["id"]: r["correct"] for r in records})
+    if records and all(r["id"].lower().startswith("mmvp-") for r in records):
+        out["overall"]["pair_acc"] = benchmarks.mmvp_pair_accuracy({r["id"]: r["correct"] for r in records})
     return out
 
 
@@ -183,12 +188,15 @@ def plot(logs: list[str], out: str) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="checkpoint directory (default: the newest small-vl RL checkpoint, else SFT)")
+    p.add_argument("--model", help="checkpoint directory or cached hub id (default: the newest small-vl RL, else SFT)")
+    p.add_argument("--max-pixels", type=int, help="override the checkpoint's max_pixels (image resize bound)")
     p.add_argument("--split", default="test", choices=["val", "test"], help="synthetic split to evaluate")
     p.add_argument("--n", type=int, default=500, help="number of synthetic questions (benchmarks: all unless set)")
     p.add_argument("--data-seed", type=int, default=0, help="synthetic data seed (the one training used)")
-    p.add_argument("--bench", choices=sorted(data.BENCHMARKS), help="a real benchmark instead of synthetic data")
-    p.add_argument("--bench-root", help="the benchmark's directory (for tsv: the .tsv file)")
+    p.add_argument("--bench", choices=list(benchmarks.BENCHMARKS) + ["all"],
+                   help="a real benchmark instead of synthetic data; all: the paper's seven, one table row each")
+    p.add_argument("--bench-root", help="the benchmark's directory (tsv: the .tsv file; the paper's seven: the folder "
+                                        "holding NAME.tsv, as VLMEvalKit stores them)")
     p.add_argument("--latent-steps", type=int, default=8, help="K, latent steps per span")
     p.add_argument("--batch-size", type=int, default=64, help="questions decoded together")
     p.add_argument("--max-new-tokens", type=int, default=32, help="reply length cap (latent steps included)")
@@ -212,6 +220,28 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def load_samples(a, argv) -> dict:
+    """{name: samples}: the synthetic split, one benchmark, or (--bench all) the paper's seven."""
+    if not a.bench:
+        return {a.split: data.make_split(a.split, a.n, a.data_seed)}
+    if not a.bench_root:
+        raise ValueError("--bench needs --bench-root (the benchmark's directory or .tsv file)")
+    names = benchmarks.PAPER if a.bench == "all" else [a.bench]
+    out = {name: benchmarks.load_benchmark(name, a.bench_root) for name in names}
+    n_given = any(x == "--n" or x.startswith("--n=") for x in (sys.argv[1:] if argv is None else argv))
+    return {k: v[:a.n] for k, v in out.items()} if n_given else out
+
+
+def bench_table(summaries: dict) -> str:
+    """Markdown: a row per benchmark, accuracy [95% CI], n, latent rate, MMVP's pair accuracy."""
+    rows = ["| benchmark | accuracy [95% CI] | n | latent rate | pair acc. |", "|---|---|---|---|---|"]
+    for name, s in summaries.items():
+        o = s["overall"]
+        pair = f"{o['pair_acc']:.3f}" if "pair_acc" in o else "-"
+        rows.append(f"| {name} | {o['acc']:.3f} [{o['ci95'][0]:.2f}, {o['ci95'][1]:.2f}] | {o['n']} | {o['latent_rate']:.2f} | {pair} |")
+    return "\n".join(rows)
+
+
 def main(argv=None):
     a = parse_args(argv)
     try:
@@ -219,14 +249,8 @@ def main(argv=None):
             print("wrote", plot(a.plot, a.plot_out))
             return
         a.model = a.model or newest_checkpoint()
-        model, tok = M.load_model(a.model, M.DTYPES[M.resolve_dtype(a)], a.device)
-        if a.bench:
-            if not a.bench_root:
-                raise ValueError("--bench needs --bench-root (the benchmark's directory or .tsv file)")
-            samples = data.load_benchmark(a.bench, a.bench_root)
-            samples = samples[:a.n] if "--n" in (argv or sys.argv) else samples
-        else:
-            samples = data.make_split(a.split, a.n, a.data_seed)
+        model, tok = M.load_model(a.model, M.DTYPES[M.resolve_dtype(a)], a.device, max_pixels=a.max_pixels)
+        sets = load_samples(a, argv)
     except (M.ModelLoadError, FileNotFoundError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")
     route = "all" if a.force_latents else "none" if a.no_latents else a.route
@@ -234,12 +258,18 @@ def main(argv=None):
     modes = list(lvr.MODES) if a.compare else chosen
     kw = dict(latent_steps=a.latent_steps, route=route, batch_size=a.batch_size, temperature=a.temperature, top_p=a.top_p,
               seed=a.seed, max_new_tokens=a.max_new_tokens, att_layers=[int(x) for x in a.att_layers.split(",")])
-    results = {mode: evaluate(model, tok, samples, mode=mode, **kw) for mode in modes}
-    summaries = compare(results) if a.compare else {m: summarize(r) for m, r in results.items()}
-    print(table(summaries))
-    out = a.out or os.path.join(a.model, f"eval_{a.bench or a.split}.json")
+    report = {}
+    for name, samples in sets.items():
+        results = {mode: evaluate(model, tok, samples, mode=mode, **kw) for mode in modes}
+        summaries = compare(results) if a.compare else {m: summarize(r) for m, r in results.items()}
+        print(f"{name}:\n{table(summaries)}" if len(sets) > 1 else table(summaries))
+        report[name] = {"summaries": summaries, "records": results}
+    if len(sets) > 1:
+        print(bench_table({name: r["summaries"][modes[0]] for name, r in report.items()}))
+    out = a.out or os.path.join(a.model if os.path.isdir(a.model) else ".", f"eval_{a.bench or a.split}.json")
+    result = {"model": a.model, "route": route, **(report[next(iter(report))] if len(sets) == 1 else {"benchmarks": report})}
     with open(out, "w") as f:
-        json.dump({"model": a.model, "route": route, "summaries": summaries, "records": results}, f, indent=1)
+        json.dump(result, f, indent=1)
     print("wrote", out)
 
 

@@ -342,11 +342,11 @@ def slot_groups(bboxes, gh: int, gw: int, targets: str = "pooled", K: int = 8) -
 def sft_batch(model, tok, samples, latent: list[bool], K: int = 8, targets: str = "pooled") -> tuple[dict, torch.Tensor]:
     """Teacher-forcing batch: replies with a latent span where `latent[i]`, and the (S, n_image_tokens)
     matrix whose rows average the merged visual tokens that are each slot's target."""
-    vcfg = model.config.vision_config
-    m = vcfg.spatial_merge_size
-    groups = [slot_groups(s.bboxes, *M.merged_grid(s.load_image().shape, vcfg), targets, K) if use else []
-              for s, use in zip(samples, latent)]
-    batch = M.encode(model, tok, samples, [data.chat_response(s.answer, s.reason, len(g)) for s, g in zip(samples, groups)])
+    m = model.config.vision_config.spatial_merge_size
+    groups = [slot_groups(s.bboxes, *M.merged_grid(s.load_image().shape, model), targets, K) if use and s.bboxes else []
+              for s, use in zip(samples, latent)]  # a sample without boxes (RL-style rows) gets no span
+    batch = M.encode(model, tok, samples, [data.chat_response(s.answer, s.reason, len(g), s.response)
+                                           for s, g in zip(samples, groups)])
     sizes = (batch["image_grid_thw"].prod(-1) // m ** 2).tolist()
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     W = torch.zeros(sum(map(len, groups)), sum(sizes))

@@ -9,7 +9,8 @@ small-vl's vision tower takes 5 input channels, RGB plus x and y coordinate ramp
 3-channel checkpoints are untouched.
 
     python model.py                      # build small-vl and print its size
-    python model.py --load DIR           # load a local checkpoint directory and print what it is
+    python model.py --load DIR           # load a checkpoint directory and print what it is
+    python model.py --load Qwen/Qwen2.5-VL-3B-Instruct    # a hub id, from the local Hugging Face cache only
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import sys
 
 import numpy as np
 import torch
@@ -78,51 +80,102 @@ def build_small_vl(seed: int = 0, **sizes):
     """A freshly initialised small-vl model and its tokenizer."""
     tok = build_tokenizer()
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(small_vl_config(tok, **sizes))
-    return model.float().eval(), tok
+    model = Qwen2_5_VLForConditionalGeneration(small_vl_config(tok, **sizes)).float().eval()
+    model.image_processor = image_processor(model.config.vision_config)
+    return model, tok
 
 
 # -------------------------------------------------------------------------------- preprocessing
-def target_size(h: int, w: int, factor: int, min_pixels: int = 56 * 56, max_pixels: int = 1024 * 28 * 28):
-    """Qwen's resize rule: both sides multiples of `factor`, pixel count within bounds, aspect kept."""
-    hb, wb = max(factor, round(h / factor) * factor), max(factor, round(w / factor) * factor)
-    if hb * wb > max_pixels:
-        beta = math.sqrt(h * w / max_pixels)
-        hb, wb = max(factor, math.floor(h / beta / factor) * factor), max(factor, math.floor(w / beta / factor) * factor)
-    elif hb * wb < min_pixels:
-        beta = math.sqrt(min_pixels / (h * w))
-        hb, wb = math.ceil(h * beta / factor) * factor, math.ceil(w * beta / factor) * factor
-    return hb, wb
+SMALL_VL_PIXELS = (56 * 56, 1024 * 28 * 28)  # small-vl's min / max pixels (its images are 96 x 96: no resize)
 
 
-def preprocess_image(img: np.ndarray, vcfg, max_pixels: int = 1024 * 28 * 28):
-    """HxWx3 uint8 -> (patches [grid_h*grid_w, C*T*P*P], grid_thw [1, gh, gw]) in Qwen's patch order."""
+def image_processor(vcfg, path: str | None = None, max_pixels: int | None = None):
+    """The checkpoint's own Qwen2-VL image processor (its preprocessor_config.json: patch sizes, min/max
+    pixels), else one built from the vision config with small-vl's pixel bounds; `max_pixels` overrides."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    cfg_file = os.path.join(path, "preprocessor_config.json") if path else None
+    override = {"max_pixels": int(max_pixels)} if max_pixels is not None else {}
+    if cfg_file and os.path.isfile(cfg_file):
+        try:
+            return Qwen2VLImageProcessorPil.from_pretrained(path, **override)
+        except Exception as e:  # noqa: BLE001 - a broken preprocessor_config.json
+            raise ModelLoadError(f"{cfg_file}: cannot build the image processor ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return Qwen2VLImageProcessorPil(patch_size=vcfg.patch_size, temporal_patch_size=vcfg.temporal_patch_size,
+                                    merge_size=vcfg.spatial_merge_size, min_pixels=SMALL_VL_PIXELS[0],
+                                    max_pixels=override.get("max_pixels", SMALL_VL_PIXELS[1]))
+
+
+def processor_of(model):
+    """The image processor attached to the model at load/build time (built from its config if none)."""
+    if getattr(model, "image_processor", None) is None:
+        model.image_processor = image_processor(model.config.vision_config)
+    return model.image_processor
+
+
+def resized(shape, model) -> tuple[int, int]:
+    """(h, w) an HxW(xC) image is resized to: Qwen's rule with the processor's min/max pixels."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+    proc, vcfg = processor_of(model), model.config.vision_config
+    factor = vcfg.patch_size * vcfg.spatial_merge_size
+    return smart_resize(shape[0], shape[1], factor, proc.size["shortest_edge"], proc.size["longest_edge"])
+
+
+def preprocess_image(img: np.ndarray, model):
+    """HxWx3 uint8 -> (patches [grid_h*grid_w, C*T*P*P], grid_thw [1, gh, gw]) in Qwen's patch order.
+    3-channel towers: the checkpoint's own transformers image processor. small-vl's 5-channel tower
+    (RGB + x/y coordinate ramps, which transformers has no processor for): the same steps by hand."""
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"expected an HxWx3 image, got shape {img.shape}")
+    vcfg = model.config.vision_config
+    if vcfg.in_channels != 5:
+        from PIL import Image
+        out = processor_of(model)(images=[Image.fromarray(img)], return_tensors="pt")
+        return out["pixel_values"].float(), out["image_grid_thw"]
     P, M, T = vcfg.patch_size, vcfg.spatial_merge_size, vcfg.temporal_patch_size
     x = torch.tensor(img).permute(2, 0, 1).float().div(255)  # a copy: images may be read-only arrays
-    h, w = target_size(x.shape[1], x.shape[2], P * M, max_pixels=max_pixels)
+    h, w = resized(img.shape, model)
     if (h, w) != tuple(x.shape[1:]):
         x = F.interpolate(x[None], size=(h, w), mode="bicubic", antialias=True, align_corners=False)[0].clamp(0, 1)
     x = (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
-    if vcfg.in_channels == 5:  # coordinate channels: x and y ramps in [-1, 1]
-        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
-        x = torch.cat([x, xs[None], ys[None]])
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    x = torch.cat([x, xs[None], ys[None]])  # coordinate channels: x and y ramps in [-1, 1]
     C, gh, gw = x.shape[0], h // P, w // P
     x = x.reshape(C, gh // M, M, P, gw // M, M, P).permute(1, 4, 2, 5, 0, 3, 6)  # gh/M, gw/M, M, M, C, P, P
     x = x.unsqueeze(5).expand(-1, -1, -1, -1, -1, T, -1, -1)  # the still image repeated over T frames
     return x.reshape(gh * gw, C * T * P * P), torch.tensor([[1, gh, gw]])
 
 
-def merged_grid(shape, vcfg) -> tuple[int, int]:
+def merged_grid(shape, model) -> tuple[int, int]:
     """(rows, cols) of merged visual tokens for an image of this HxWxC shape."""
-    factor = vcfg.patch_size * vcfg.spatial_merge_size
-    h, w = target_size(shape[0], shape[1], factor)
+    factor = model.config.vision_config.patch_size * model.config.vision_config.spatial_merge_size
+    h, w = resized(shape, model)
     return h // factor, w // factor
 
 
 def n_image_tokens(grid_thw: torch.Tensor, vcfg) -> int:
     return int(grid_thw.prod()) // vcfg.spatial_merge_size ** 2
+
+
+def prompt_text(tok, question: str, counts: list[int]) -> str:
+    """The chat prompt up to where the reply starts, image placeholders expanded to `counts` tokens each.
+    With a chat template (real checkpoints): the tokenizer's own, so its default system message is kept,
+    and each `<image>` of the question becomes an image there (none: images first, as Qwen's processor
+    does). Without one (small-vl): data.chat_prompt."""
+    if not getattr(tok, "chat_template", None):
+        return data.chat_prompt(question, counts)
+    parts = question.split(data.IMAGE_TAG)
+    if len(parts) == 1:
+        parts = [""] * len(counts) + parts
+    elif len(parts) != len(counts) + 1:
+        raise ValueError(f"question has {len(parts) - 1} <image> placeholders for {len(counts)} images")
+    content = [{"type": "text", "text": parts[0]}] if parts[0] else []
+    for part in parts[1:]:
+        content += [{"type": "image"}] + ([{"type": "text", "text": part}] if part else [])
+    text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    pieces = text.split(data.IMAGE_PAD)
+    if len(pieces) != len(counts) + 1:
+        raise ValueError(f"the chat template wrote {len(pieces) - 1} image placeholders for {len(counts)} images")
+    return pieces[0] + "".join(data.IMAGE_PAD * n + p for n, p in zip(counts, pieces[1:]))
 
 
 def encode(model, tok, samples, responses=None, images=None):
@@ -134,11 +187,11 @@ def encode(model, tok, samples, responses=None, images=None):
     for i, s in enumerate(samples):
         counts = []
         for img in (s.load_images() if images is None else [images[i]]):
-            p, g = preprocess_image(img, cfg.vision_config)
+            p, g = preprocess_image(img, model)
             pix.append(p)
             grids.append(g)
             counts.append(n_image_tokens(g, cfg.vision_config))
-        prompt = tok(data.chat_prompt(s.question, counts), add_special_tokens=False)["input_ids"]
+        prompt = tok(prompt_text(tok, s.question, counts), add_special_tokens=False)["input_ids"]
         reply = tok(responses[i], add_special_tokens=False)["input_ids"] if responses else []
         ids.append(prompt + reply)
         labels.append([-100] * len(prompt) + reply)
@@ -177,6 +230,22 @@ def lvr_token_ids(model) -> dict:
     return {k: getattr(model.config, k) for k in LVR_CONFIG_KEYS}
 
 
+MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")
+
+
+def resolve(name: str) -> str:
+    """A local directory as given; a hub id ("Qwen/Qwen2.5-VL-3B-Instruct") from the local Hugging Face
+    cache only: nothing is ever downloaded here."""
+    if os.path.exists(name) or name.count("/") != 1 or name.startswith((".", "/", "~")):
+        return name
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(name, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached (LocalEntryNotFoundError), or not a valid id
+        raise ModelLoadError(f"model {name!r} is not a local directory and not in the local Hugging Face cache (nothing is "
+                             f"downloaded at run time); fetch it first with: hf download {name}  (or huggingface-cli download {name})") from None
+
+
 def _check_dir(path: str) -> dict:
     if not os.path.exists(path):
         raise ModelLoadError(f"model path not found: {path}")
@@ -186,16 +255,32 @@ def _check_dir(path: str) -> dict:
     if not os.path.isfile(cfg_path):
         raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
     try:
-        with open(cfg_path) as f:
+        with open(cfg_path, encoding="utf-8") as f:
             cfg = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{cfg_path} is not valid JSON: {e}") from None
-    archs = cfg.get("architectures") or [cfg.get("model_type")]
-    if not any(a in ARCHITECTURES + ("qwen2_5_vl", "qwen2_vl") for a in archs):
-        raise ModelLoadError(f"{path}: unsupported architecture {archs}; expected one of {list(ARCHITECTURES)}")
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{cfg_path} must hold a JSON object, got a {type(cfg).__name__}")
+    archs = cfg.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise ModelLoadError(f"{cfg_path}: field 'architectures' must be a list of class names, got {archs!r}")
+    if cfg.get("model_type") not in MODEL_TYPES:  # acceptance by model_type, as transformers' Auto classes do
+        raise ModelLoadError(f"{cfg_path}: unsupported model_type {cfg.get('model_type')!r}; expected one of {list(MODEL_TYPES)}")
     if not glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "pytorch_model*.bin")):
         raise ModelLoadError(f"{path} has no weights (*.safetensors or pytorch_model*.bin)")
     return cfg
+
+
+def _chat_template(tok, path: str):
+    """Qwen's releases keep the template in chat_template.json (the processor's) as well as, or instead
+    of, tokenizer_config.json: use it when the tokenizer has none."""
+    file = os.path.join(path, "chat_template.json")
+    if not getattr(tok, "chat_template", None) and os.path.isfile(file):
+        try:
+            with open(file, encoding="utf-8") as f:
+                tok.chat_template = json.load(f)["chat_template"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise ModelLoadError(f"{file}: no 'chat_template' string ({type(e).__name__})") from None
 
 
 def _ensure_lvr_tokens(model, tok):
@@ -215,24 +300,33 @@ def _ensure_lvr_tokens(model, tok):
             setattr(model.config, key, tok.convert_tokens_to_ids(t))
 
 
-def load_model(path: str, dtype=torch.float32, device="cpu", attn="sdpa"):
-    """Load our save_pretrained output or a Hugging Face Qwen2.5-VL / Qwen2-VL (/ LVR) directory."""
+def load_model(path: str, dtype=torch.float32, device="cpu", attn="sdpa", max_pixels: int | None = None):
+    """Load our save_pretrained output or a Hugging Face Qwen2.5-VL / Qwen2-VL (/ LVR) checkpoint: a local
+    directory or a hub id already in the local cache."""
     from transformers import AutoModelForImageTextToText
+    path = resolve(path)
     cfg = _check_dir(path)
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds here
         raise ModelLoadError(f"{path}: cannot load its tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    _chat_template(tok, path)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+        model, info = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn,
+                                                                  output_loading_info=True)
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"{path}: cannot load weights ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if type(model).__name__ not in ARCHITECTURES:
         raise ModelLoadError(f"{path}: loaded {type(model).__name__}, expected one of {list(ARCHITECTURES)}")
+    unused = sorted(info.get("unexpected_keys") or [])
+    if unused:  # e.g. an LVR head: named, never dropped silently
+        print(f"note: {path}: {len(unused)} weights not used by {type(model).__name__}: {', '.join(unused[:8])}"
+              + (" ..." if len(unused) > 8 else ""), file=sys.stderr)
     for key in LVR_CONFIG_KEYS:  # a reference LVR checkpoint stores these at the top level of config.json
         if key in cfg and getattr(model.config, key, None) is None:
             setattr(model.config, key, cfg[key])
     _ensure_lvr_tokens(model, tok)
+    model.image_processor = image_processor(model.config.vision_config, path, max_pixels)
     return model.to(device).eval(), tok
 
 
@@ -244,6 +338,7 @@ def save_checkpoint(model, tok, path: str, state: dict | None = None):
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
+    processor_of(model).save_pretrained(tmp)  # preprocessor_config.json: AutoProcessor, vLLM, VLMEvalKit load it
     if state is not None:
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
     if os.path.exists(path):
@@ -255,7 +350,7 @@ def save_checkpoint(model, tok, path: str, state: dict | None = None):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--load", metavar="DIR", help="load this checkpoint directory instead of building small-vl")
+    p.add_argument("--load", metavar="DIR", help="load this checkpoint (directory or cached hub id) instead of small-vl")
     add_device_args(p)
     a = p.parse_args()
     a.dtype = resolve_dtype(a)

@@ -29,6 +29,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+import benchmarks
 import data
 import lvr
 import model as M
@@ -43,7 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default="small-vl",
                    help="'small-vl' (its SFT checkpoint, trained first if missing) or a checkpoint directory")
     p.add_argument("--out", help="run directory (default runs/small-vl-rl-att, or runs/small-vl-rl with --att-weight 0)")
-    p.add_argument("--data", help="LLaVA-style JSONL of questions instead of the synthetic generator")
+    p.add_argument("--data", help="questions (LVR / RL format: JSON array or JSONL; free-form answers too) "
+                                  "instead of the synthetic generator")
     p.add_argument("--steps", type=int, default=300, help="GRPO steps")
     p.add_argument("--prompts", type=int, default=8, help="questions per step")
     p.add_argument("--group", type=int, default=8, help="G: rollouts per question")
@@ -212,8 +214,7 @@ def rewards(args, tok, samples, roll, r_attn, length_penalty):
     """Total reward per rollout and its parts."""
     G = args.group
     texts = [tok.decode(t[m], skip_special_tokens=False) for t, m in zip(roll.tokens.cpu(), roll.mask.cpu())]
-    answers = [s.answer for s in samples for _ in range(G)]
-    acc = torch.tensor([float(reward.parse_answer(t) == a) for t, a in zip(texts, answers)])
+    acc = torch.tensor([float(benchmarks.is_correct(t, s)) for t, s in zip(texts, [s for s in samples for _ in range(G)])])
     fmt = torch.tensor([float(reward.has_format(t)) for t in texts])
     lengths = roll.mask.sum(1).cpu().tolist()
     excess = length_penalty([s.id or s.question for s in samples for _ in range(G)], lengths, acc.bool().tolist())

@@ -13,7 +13,11 @@ whether to open a span. --no-latents trains the same stage without spans: the pa
     python train_sft.py --model small-vl                  # base (if missing), then LVR SFT -> runs/small-vl-sft
     python train_sft.py --model small-vl --no-latents     # baseline from the same base -> runs/small-vl-sft-text
     python train_sft.py --model small-vl --resume         # continue killed runs (the base's too)
-    python train_sft.py --model DIR --data my.jsonl       # stage 1 only, from a local Qwen2.5-VL checkpoint
+    python train_sft.py --model DIR --data lvr_sft.json   # stage 1 only, from a Qwen2.5-VL checkpoint (or hub id)
+
+A real checkpoint (--model DIR or a cached hub id) needs --data (LVR's SFT format, data.py) and gets its
+own defaults: lr 1e-5 (LVR's), no pointing loss (it needs the synthetic scenes), run folder
+runs/<model name>-sft; --data holds out a seeded --val-fraction of its rows for validation.
 
 Each run directory gets checkpoint/ (HF format, safetensors, replaced atomically), log.jsonl (metrics per
 step) and eval_val.json (validation: normal / drop / noise latents, blank image, latent rate).
@@ -48,7 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--model", default="small-vl", help="'small-vl' (its base model, made first if missing) or a checkpoint")
     p.add_argument("--out", help="run directory (default runs/small-vl-sft, or runs/small-vl-sft-text with --no-latents)")
     p.add_argument("--base", help="small-vl's base model run (default runs/small-vl-base, -seedN for other seeds)")
-    p.add_argument("--data", help="LLaVA-style JSONL to train on instead of the synthetic generator")
+    p.add_argument("--data", help="LVR-format data (JSON array or JSONL) instead of the synthetic generator")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="with --data: share of its rows held out for validation (at least 1, at most --n-val)")
+    p.add_argument("--max-pixels", type=int, help="real checkpoints: override their max_pixels (image resize bound)")
     p.add_argument("--no-latents", action="store_true", help="text-only baseline: no reply carries a latent span")
     p.add_argument("--latent-fraction", type=float, default=0.75, help="share of replies that carry a latent span")
     p.add_argument("--latent-steps", type=int, default=8, help="K: latent slots per span (and decode steps at eval)")
@@ -58,10 +65,12 @@ def parse_args(argv=None):
     p.add_argument("--base-steps", type=int, default=2000, help="stage 0 steps (the small-vl base model)")
     p.add_argument("--steps", type=int, default=1500, help="stage 1 steps (vision tower frozen)")
     p.add_argument("--ground-weight", type=float, default=1.0, help="weight of the grounding probe's loss in stage 0")
-    p.add_argument("--point-weight", type=float, default=1.0,
-                   help="weight of the pointing loss (layer 0, head 0 attends from an object's name to its cells)")
+    p.add_argument("--point-weight", type=float,
+                   help="weight of the pointing loss (layer 0, head 0 attends from an object's name to its cells); "
+                        "default 1 for small-vl, 0 for a real checkpoint")
     p.add_argument("--batch-size", type=int, default=32, help="questions per step")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warm-up then cosine to 10%%)")
+    p.add_argument("--lr", type=float,
+                   help="peak learning rate (AdamW, warm-up then cosine to 10%%); default 1e-3 small-vl, 1e-5 a real checkpoint")
     p.add_argument("--warmup", type=int, default=30, help="warm-up steps")
     p.add_argument("--min-lr", type=float, default=0.1, help="cosine decay ends at this fraction of --lr (1 = constant)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, the data and the latent choice")
@@ -75,8 +84,16 @@ def parse_args(argv=None):
     M.add_device_args(p)
     a = p.parse_args(argv)
     a.dtype = M.resolve_dtype(a)
+    real = a.model != "small-vl"
+    if real and not a.data:
+        p.error("a real checkpoint (--model DIR or hub id) needs --data: the synthetic scenes are small-vl's")
+    if not 0 < a.val_fraction < 1:
+        p.error("--val-fraction must be in (0, 1)")
+    a.lr = a.lr if a.lr is not None else 1e-5 if real else 1e-3
+    a.point_weight = a.point_weight if a.point_weight is not None else 0.0 if real else 1.0
     if a.out is None:
-        a.out = os.path.join(RUNS, "small-vl-sft-text" if a.no_latents else "small-vl-sft")
+        name = os.path.basename(os.path.normpath(a.model)) if real else "small-vl"
+        a.out = os.path.join(RUNS, f"{name}-sft" + ("-text" if a.no_latents else ""))
     if a.base is None:
         a.base = os.path.join(RUNS, "small-vl-base" + (f"-seed{a.seed}" if a.seed else ""))
     if not 0 <= a.latent_fraction <= 1:
@@ -88,7 +105,16 @@ class Stream:
     """The training questions in a fixed order given the seed: sample i of step s is index s*B+i."""
 
     def __init__(self, args):
-        self.seed, self.rows = args.seed, data.load_jsonl(args.data) if args.data else None
+        self.seed, self.rows, self.held = args.seed, None, None
+        if args.data and getattr(args, "val_fraction", None) is None:  # train_rl.py: every row trains
+            self.rows = data.load_jsonl(args.data)
+        elif args.data:  # a seeded share of the rows is held out: validation never sees a training row
+            rows = data.load_jsonl(args.data)
+            if len(rows) < 2:
+                raise ValueError(f"{args.data}: need at least 2 rows (one is held out for validation)")
+            order = np.random.default_rng([args.seed, 7]).permutation(len(rows))
+            n_held = min(args.n_val, max(1, round(args.val_fraction * len(rows))), len(rows) - 1)
+            self.held, self.rows = [rows[i] for i in order[:n_held]], [rows[i] for i in order[n_held:]]
 
     def __getitem__(self, index: int) -> data.Sample:
         if self.rows is None:
@@ -97,7 +123,7 @@ class Stream:
         return self.rows[np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))[i]]
 
     def val(self, n: int) -> list[data.Sample]:
-        return self.rows[:n] if self.rows is not None else data.make_split("val", n, self.seed)
+        return self.held[:n] if self.held is not None else data.make_split("val", n, self.seed)
 
 
 def wants_latent(args, stage: int, index: int) -> bool:
@@ -177,7 +203,7 @@ def point_loss(model, tok, qk, batch, samples) -> torch.Tensor:
     rows = []
     for b, s in enumerate(samples):
         cells = (ids[b] == model.config.image_token_id).nonzero()[:, 0]
-        gh, gw = M.merged_grid(s.image.shape, model.config.vision_config)
+        gh, gw = M.merged_grid(s.image.shape, model)
         prev = []
         for p in (labels[b] != -100).nonzero()[:, 0].tolist():
             word = ids[b, p].item()
@@ -206,13 +232,14 @@ def start(args, stage: int, out: str, init: str | None):
     if args.resume and not resume:
         print(f"no checkpoint in {out}: starting fresh")
     if resume or init is not None:
-        model, tok = M.load_model(ckpt if resume else init, M.DTYPES[args.param_dtype], args.device)
+        model, tok = M.load_model(ckpt if resume else init, M.DTYPES[args.param_dtype], args.device,
+                                  max_pixels=args.max_pixels)
     else:
         model, tok = M.build_small_vl(args.seed)
         model.to(args.device, M.DTYPES[args.param_dtype])
     if args.grad_ckpt:
         model.activation_checkpointing_enable({"use_reentrant": False})
-    grid = M.merged_grid((data.IMAGE_SIZE, data.IMAGE_SIZE), model.config.vision_config)[0]
+    grid = M.merged_grid((data.IMAGE_SIZE, data.IMAGE_SIZE), model)[0]
     probe = GroundingProbe(model, tok, grid).to(args.device)
     for p in model.model.visual.parameters():
         p.requires_grad_(stage == 0)
@@ -254,8 +281,7 @@ def sft_step(args, model, tok, probe, samples, index, stage: int) -> dict:
         out["point"] = point_loss(model, tok, qk, batch, samples)
         out["loss"] = out["loss"] + args.point_weight * out["point"]
     if stage == 0 and args.ground_weight > 0:
-        out["ground"] = probe(out["feats"], probe.labels(samples, *M.merged_grid(samples[0].image.shape,
-                                                                                   model.config.vision_config)))
+        out["ground"] = probe(out["feats"], probe.labels(samples, *M.merged_grid(samples[0].image.shape, model)))
         out["loss"] = out["loss"] + args.ground_weight * out["ground"]
     return out
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import benchmarks
 import data
 
 import pyarrow as pa
@@ -54,9 +55,9 @@ def check_options(s, options):
 def test_format_question_extends_past_d():
     six = data.format_question("Q?", list("uvwxyz"))
     assert six.splitlines() == ["Q?", "A. u", "B. v", "C. w", "D. x", "E. y", "F. z", "Answer with the option's letter."]
-    assert [data.answer_letter(a, 4) for a in ("(A)", "(b)", "c", "D", " (a) ")] == ["A", "B", "C", "D", "A"]
+    assert [benchmarks.answer_letter(a, 4) for a in ("(A)", "(b)", "c", "D", " (a) ")] == ["A", "B", "C", "D", "A"]
     with pytest.raises(ValueError, match="unknown answer letter 'E'"):
-        data.answer_letter("E", 4)
+        benchmarks.answer_letter("E", 4)
 
 
 # ----------------------------------------------------------------------------------------- BLINK
@@ -94,7 +95,7 @@ def write_blink(root, counting=None, depth=None, drop=()):
 def test_blink_loads_and_scores(tmp_path):
     root = write_blink(tmp_path / "BLINK")
     write_parquet(root / "Counting" / "test-00000-of-00001.parquet", blink_rows("Counting")[:1])  # another split
-    ss = data.load_blink(str(root))
+    ss = benchmarks.load_blink(str(root))
     assert [s.id for s in ss] == ["blink-val_Counting_1", "blink-val_Counting_2",
                                   "blink-val_Relative_Depth_1", "blink-val_Relative_Depth_2"]
     assert [s.answer for s in ss] == ["B", "C", "A", "D"]
@@ -107,36 +108,36 @@ def test_blink_loads_and_scores(tmp_path):
     assert [im.shape for im in ss[3].load_images()] == [(5, 5, 3), (6, 6, 3), (7, 7, 3)]
     assert accuracy(ss, {"blink-val_Counting_1": "B", "blink-val_Counting_2": "A",
                          "blink-val_Relative_Depth_1": "A", "blink-val_Relative_Depth_2": "C"}) == 0.5
-    assert len(data.load_blink(str(root), split="test")) == 1
-    assert data.load_benchmark("blink", str(root))[3].answer == "D"
+    assert len(benchmarks.load_blink(str(root), split="test")) == 1
+    assert benchmarks.load_benchmark("blink", str(root))[3].answer == "D"
 
 
 def test_blink_errors(tmp_path):
     path = str(tmp_path / "B" / "Counting" / "val-00000-of-00001.parquet")
     bad = blink_rows("Counting")
     bad[1]["answer"] = "(E)"
-    check_error(data.load_blink, str(write_blink(tmp_path / "B", counting=bad)), path, 1, "unknown answer letter '(E)'")
+    check_error(benchmarks.load_blink, str(write_blink(tmp_path / "B", counting=bad)), path, 1, "unknown answer letter '(E)'")
     bad = blink_rows("Counting")
     bad[0]["question"] = None
-    check_error(data.load_blink, str(write_blink(tmp_path / "B", counting=bad)), path, 0, "missing field 'question'")
+    check_error(benchmarks.load_blink, str(write_blink(tmp_path / "B", counting=bad)), path, 0, "missing field 'question'")
     bad = blink_rows("Counting")
     bad[1]["image_1"] = None
-    check_error(data.load_blink, str(write_blink(tmp_path / "B", counting=bad)), path, 1, "missing field 'image_1'")
+    check_error(benchmarks.load_blink, str(write_blink(tmp_path / "B", counting=bad)), path, 1, "missing field 'image_1'")
     bad[1]["image_1"] = {"bytes": None, "path": "x.png"}
-    check_error(data.load_blink, str(write_blink(tmp_path / "B", counting=bad)), path, 1, "image_1 holds no image bytes")
+    check_error(benchmarks.load_blink, str(write_blink(tmp_path / "B", counting=bad)), path, 1, "image_1 holds no image bytes")
     with pytest.raises(ValueError, match=f"^{re.escape(path)}: missing column 'question'$"):
-        data.load_blink(str(write_blink(tmp_path / "B", drop=("question",))))
+        benchmarks.load_blink(str(write_blink(tmp_path / "B", drop=("question",))))
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        data.load_blink(str(tmp_path / "nowhere"))
+        benchmarks.load_blink(str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="no dev-"):
-        data.load_blink(str(tmp_path / "B"), split="dev")
+        benchmarks.load_blink(str(tmp_path / "B"), split="dev")
 
 
 def test_blink_without_pyarrow(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(ImportError, match="needs pyarrow: pip install pyarrow"):
-        data.load_blink(str(tmp_path))
+        benchmarks.load_blink(str(tmp_path))
 
 
 # -------------------------------------------------------------------------------------- CV-Bench
@@ -160,7 +161,7 @@ def write_cvbench(root, rows=None):
 
 
 def test_cvbench_loads_and_scores(tmp_path):
-    ss = data.load_cvbench(write_cvbench(tmp_path / "CV-Bench"))
+    ss = benchmarks.load_cvbench(write_cvbench(tmp_path / "CV-Bench"))
     assert [(s.id, s.answer, s.qtype) for s in ss] == [("cvbench-0", "F", "Count"), ("cvbench-1", "A", "Relation"),
                                                       ("cvbench-2", "B", "Depth")]
     check_options(ss[0], ["3", "2", "1", "0", "4", "5"])
@@ -173,17 +174,17 @@ def test_cvbench_errors(tmp_path):
     path = str(tmp_path / "cv" / "test.jsonl")
     rows = cvbench_rows()
     rows[1]["answer"] = "(C)"
-    check_error(data.load_cvbench, write_cvbench(tmp_path / "cv", rows), path, 2, "unknown answer letter '(C)'")
+    check_error(benchmarks.load_cvbench, write_cvbench(tmp_path / "cv", rows), path, 2, "unknown answer letter '(C)'")
     del rows[2]["question"]
     rows[1]["answer"] = "(A)"
-    check_error(data.load_cvbench, write_cvbench(tmp_path / "cv", rows), path, 3, "missing field 'question'")
-    check_error(data.load_cvbench, write_cvbench(tmp_path / "cv", cvbench_rows()[:1] + ["{not json\n"]), path, 2,
+    check_error(benchmarks.load_cvbench, write_cvbench(tmp_path / "cv", rows), path, 3, "missing field 'question'")
+    check_error(benchmarks.load_cvbench, write_cvbench(tmp_path / "cv", cvbench_rows()[:1] + ["{not json\n"]), path, 2,
                 "malformed JSON")
     write_cvbench(tmp_path / "cv", cvbench_rows())
     os.remove(tmp_path / "cv" / "img" / "3D" / "depth" / "omni3d_1.png")
-    check_error(data.load_cvbench, str(tmp_path / "cv"), path, 3, "image not found: ")
+    check_error(benchmarks.load_cvbench, str(tmp_path / "cv"), path, 3, "image not found: ")
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "none" / "test.jsonl")):
-        data.load_cvbench(str(tmp_path / "none"))
+        benchmarks.load_cvbench(str(tmp_path / "none"))
 
 
 # ------------------------------------------------------------------------------------------ MMVP
@@ -209,7 +210,7 @@ def write_mmvp(root, rows=None, header=MMVP_HEADER, images=range(1, 7)):
 
 
 def test_mmvp_loads_and_scores(tmp_path):
-    ss = data.load_mmvp(write_mmvp(tmp_path / "MMVP"))
+    ss = benchmarks.load_mmvp(write_mmvp(tmp_path / "MMVP"))
     assert [s.id for s in ss] == [f"mmvp-{i}" for i in range(1, 7)]
     assert [s.answer for s in ss] == ["A", "B", "B", "A", "C", "A"]
     check_options(ss[4], ["One", "Two", "Three"])
@@ -219,35 +220,35 @@ def test_mmvp_loads_and_scores(tmp_path):
     preds = dict(zip([s.id for s in ss], ["A", "B", "B", "B", "A", "B"]))  # pair 1 both right, pair 2 one, pair 3 none
     assert accuracy(ss, preds) == 0.5
     correct = {s.id: preds[s.id] == s.answer for s in ss}
-    assert data.mmvp_pair_accuracy(correct) == pytest.approx(1 / 3)
-    assert data.mmvp_pair_accuracy({"mmvp-3": True, "mmvp-4": True}) == 1.0
+    assert benchmarks.mmvp_pair_accuracy(correct) == pytest.approx(1 / 3)
+    assert benchmarks.mmvp_pair_accuracy({"mmvp-3": True, "mmvp-4": True}) == 1.0
     with pytest.raises(ValueError, match="pair 2 needs both mmvp-3 and mmvp-4"):
-        data.mmvp_pair_accuracy({"mmvp-1": True, "mmvp-2": True, "mmvp-4": True})
+        benchmarks.mmvp_pair_accuracy({"mmvp-1": True, "mmvp-2": True, "mmvp-4": True})
     with pytest.raises(ValueError, match="not an MMVP question id"):
-        data.mmvp_pair_accuracy({"blink-1": True})
-    assert [s.id for s in data.load_benchmark("mmvp", str(tmp_path / "MMVP"))] == [s.id for s in ss]
+        benchmarks.mmvp_pair_accuracy({"blink-1": True})
+    assert [s.id for s in benchmarks.load_benchmark("mmvp", str(tmp_path / "MMVP"))] == [s.id for s in ss]
 
 
 def test_mmvp_errors(tmp_path):
     root, path = tmp_path / "m", str(tmp_path / "m" / "Questions.csv")
     rows = mmvp_rows()
     rows[2][3] = "(c)"
-    check_error(data.load_mmvp, write_mmvp(root, rows), path, 4, "unknown answer letter '(c)'")
+    check_error(benchmarks.load_mmvp, write_mmvp(root, rows), path, 4, "unknown answer letter '(c)'")
     rows = mmvp_rows()
     rows[1][1] = ""
-    check_error(data.load_mmvp, write_mmvp(root, rows), path, 3, "missing field 'Question'")
+    check_error(benchmarks.load_mmvp, write_mmvp(root, rows), path, 3, "missing field 'Question'")
     rows = mmvp_rows()
     rows[0] = rows[0][:2]  # a short row: no options, no answer
-    check_error(data.load_mmvp, write_mmvp(root, rows), path, 2, "missing field 'Options'")
+    check_error(benchmarks.load_mmvp, write_mmvp(root, rows), path, 2, "missing field 'Options'")
     rows = mmvp_rows()
     rows[3][2] = "Left or Right"
-    check_error(data.load_mmvp, write_mmvp(root, rows), path, 5, "malformed field 'Options'")
-    check_error(data.load_mmvp, write_mmvp(tmp_path / "m2", images=range(1, 6)), str(tmp_path / "m2" / "Questions.csv"),
+    check_error(benchmarks.load_mmvp, write_mmvp(root, rows), path, 5, "malformed field 'Options'")
+    check_error(benchmarks.load_mmvp, write_mmvp(tmp_path / "m2", images=range(1, 6)), str(tmp_path / "m2" / "Questions.csv"),
                 7, "image not found: ")
-    check_error(data.load_mmvp, write_mmvp(tmp_path / "m3", header=["Index", "Question", "Options", "Answer"]),
+    check_error(benchmarks.load_mmvp, write_mmvp(tmp_path / "m3", header=["Index", "Question", "Options", "Answer"]),
                 str(tmp_path / "m3" / "Questions.csv"), 1, "missing column 'Correct Answer'")
     with pytest.raises(FileNotFoundError, match="Questions.csv"):
-        data.load_mmvp(str(tmp_path / "none"))
+        benchmarks.load_mmvp(str(tmp_path / "none"))
 
 
 # -------------------------------------------------------------------------------------------- V*
@@ -268,34 +269,34 @@ def write_vstar(root, rows=None):
 
 
 def test_vstar_loads_and_scores(tmp_path):
-    ss = data.load_vstar(write_vstar(tmp_path / "vstar_bench"))
+    ss = benchmarks.load_vstar(write_vstar(tmp_path / "vstar_bench"))
     assert [(s.id, s.answer, s.qtype) for s in ss] == [("vstar-0", "B", "direct_attributes"),
                                                       ("vstar-1", "A", "relative_position")]
     assert ss[0].question == data.format_question("What is the color of the clock?", ["green", "red", "white", "black"])
     check_options(ss[1], ["left", "right"])
     assert [im.shape for im in ss[0].load_images()] == [(11, 5, 3)]
     assert accuracy(ss, {"vstar-0": "B", "vstar-1": "B"}) == 0.5
-    assert data.split_options("How many object(s)? (A) 1 (B) 2", "text") == ("How many object(s)?", ["1", "2"])
+    assert benchmarks.split_options("How many object(s)? (A) 1 (B) 2", "text") == ("How many object(s)?", ["1", "2"])
 
 
 def test_vstar_errors(tmp_path):
     root, path = tmp_path / "v", str(tmp_path / "v" / "test_questions.jsonl")
     rows = vstar_rows()
     rows[1]["label"] = "C"
-    check_error(data.load_vstar, write_vstar(root, rows), path, 2, "unknown answer letter 'C'")
+    check_error(benchmarks.load_vstar, write_vstar(root, rows), path, 2, "unknown answer letter 'C'")
     rows = vstar_rows()
     rows[0]["text"] = "What is the color of the clock?"
-    check_error(data.load_vstar, write_vstar(root, rows), path, 1, "malformed field 'text': no options")
+    check_error(benchmarks.load_vstar, write_vstar(root, rows), path, 1, "malformed field 'text': no options")
     rows[0]["text"] = "(A) red\n(B) blue"
-    check_error(data.load_vstar, write_vstar(root, rows), path, 1, "no question before its options")
+    check_error(benchmarks.load_vstar, write_vstar(root, rows), path, 1, "no question before its options")
     rows = vstar_rows()
     del rows[1]["text"]
-    check_error(data.load_vstar, write_vstar(root, rows), path, 2, "missing field 'text'")
+    check_error(benchmarks.load_vstar, write_vstar(root, rows), path, 2, "missing field 'text'")
     write_vstar(root)
     os.remove(root / "relative_position" / "sa_10.jpg")
-    check_error(data.load_vstar, str(root), path, 2, "image not found: ")
+    check_error(benchmarks.load_vstar, str(root), path, 2, "image not found: ")
     with pytest.raises(FileNotFoundError, match="test_questions.jsonl"):
-        data.load_vstar(str(tmp_path / "none"))
+        benchmarks.load_vstar(str(tmp_path / "none"))
 
 
 # ------------------------------------------------------------------------------------------- TSV
@@ -318,7 +319,7 @@ def write_tsv(path, rows=None, columns=("index", "question", "hint", "A", "B", "
 
 
 def test_tsv_loads_and_scores(tmp_path):
-    ss = data.load_vlmevalkit_tsv(write_tsv(tmp_path / "MMBench_DEV_EN.tsv"))
+    ss = benchmarks.load_vlmevalkit_tsv(write_tsv(tmp_path / "MMBench_DEV_EN.tsv"))
     assert [(s.id, s.answer, s.qtype) for s in ss] == [("MMBench_DEV_EN-10", "C", "object_localization"),
                                                       ("MMBench_DEV_EN-11", "B", "attribute_recognition"),
                                                       ("MMBench_DEV_EN-12", "A", "MMBench_DEV_EN")]
@@ -332,29 +333,29 @@ def test_tsv_loads_and_scores(tmp_path):
     assert (ss[2].load_image() == ss[0].load_image()).all()  # image "10" reuses row 10's image
     assert accuracy(ss, {"MMBench_DEV_EN-10": "C", "MMBench_DEV_EN-11": "B", "MMBench_DEV_EN-12": "D"}) \
         == pytest.approx(2 / 3)
-    assert len(data.load_benchmark("tsv", str(tmp_path / "MMBench_DEV_EN.tsv"))) == 3
+    assert len(benchmarks.load_benchmark("tsv", str(tmp_path / "MMBench_DEV_EN.tsv"))) == 3
 
 
 def test_tsv_errors(tmp_path):
     path = str(tmp_path / "x.tsv")
     rows = tsv_rows()
     rows[1]["answer"] = "C"  # option C is empty in this row
-    check_error(data.load_vlmevalkit_tsv, write_tsv(path, rows), path, 3, "unknown answer letter 'C'")
+    check_error(benchmarks.load_vlmevalkit_tsv, write_tsv(path, rows), path, 3, "unknown answer letter 'C'")
     rows = tsv_rows()
     rows[0]["question"] = ""
-    check_error(data.load_vlmevalkit_tsv, write_tsv(path, rows), path, 2, "missing field 'question'")
+    check_error(benchmarks.load_vlmevalkit_tsv, write_tsv(path, rows), path, 2, "missing field 'question'")
     rows = tsv_rows()
     rows[0]["image"] = "not base64!" * 10
-    check_error(data.load_vlmevalkit_tsv, write_tsv(path, rows), path, 2, "field 'image' is not a base64 image")
+    check_error(benchmarks.load_vlmevalkit_tsv, write_tsv(path, rows), path, 2, "field 'image' is not a base64 image")
     rows = tsv_rows()
     rows[2]["C"], rows[2]["D"] = "", "green"
-    check_error(data.load_vlmevalkit_tsv, write_tsv(path, rows), path, 4, "without gaps")
-    check_error(data.load_vlmevalkit_tsv, write_tsv(path, columns=("index", "question", "A", "B", "answer")), path, 1,
+    check_error(benchmarks.load_vlmevalkit_tsv, write_tsv(path, rows), path, 4, "without gaps")
+    check_error(benchmarks.load_vlmevalkit_tsv, write_tsv(path, columns=("index", "question", "A", "B", "answer")), path, 1,
                 "missing column 'image'")
     with pytest.raises(FileNotFoundError, match="none.tsv"):
-        data.load_vlmevalkit_tsv(str(tmp_path / "none.tsv"))
+        benchmarks.load_vlmevalkit_tsv(str(tmp_path / "none.tsv"))
 
 
 def test_load_benchmark_unknown_name():
     with pytest.raises(ValueError, match="unknown benchmark 'mmmu'"):
-        data.load_benchmark("mmmu", "/tmp")
+        benchmarks.load_benchmark("mmmu", "/tmp")

@@ -117,10 +117,10 @@ def test_jsonl_roundtrip(tmp_path):
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda r: r.pop("bboxes"), "missing field 'bboxes'"),
+    (lambda r: r.pop("image"), "missing field 'image'"),
     (lambda r: r.update(bboxes=[[0.5, 0.5, 0.2, 0.9]]), "field 'bboxes'"),
-    (lambda r: r.update(bboxes=[[0, 0, 1, 2]]), "field 'bboxes'"),
-    (lambda r: r["conversations"][1].update(value="no idea"), "no answer letter"),
+    (lambda r: r.update(bboxes=[[0, 0, 1, 200]]), "field 'bboxes'"),  # pixels, outside the 96 x 96 image
+    (lambda r: r["conversations"][1].update(value="<lvr>"), "holds no answer"),
     (lambda r: r.update(conversations=[]), "field 'conversations'"),
     (lambda r: r.update(image="images/missing.png"), "image not found"),
 ])

@@ -13,29 +13,30 @@ import lvr
 import model as M
 
 
-def test_patches_match_transformers_processor():
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+@pytest.mark.parametrize("w,h", [(640, 480), (1000, 300), (1920, 1080), (40, 40)])
+def test_preprocessing_matches_the_checkpoints_own_processor(qwen_dir, w, h):
+    """Pixel values and grid of our encode() against transformers' image processor loaded from the
+    checkpoint directory by AutoImageProcessor (its min/max pixels) and against one set by hand."""
     from PIL import Image
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 256, size=(56, 84, 3), dtype=np.uint8)  # multiples of 28: no resize on either side
-    vcfg = Qwen2_5_VLConfig().vision_config  # stock 3-channel, patch 14, temporal 2
-    ours, grid = M.preprocess_image(img, vcfg)
-    ref = Qwen2VLImageProcessorPil()(images=[Image.fromarray(img)], return_tensors="pt")
-    assert grid.tolist() == ref["image_grid_thw"].tolist() == [[1, 4, 6]]
-    assert ours.shape == ref["pixel_values"].shape
-    assert (ours - ref["pixel_values"]).abs().max() < 1e-5
-
-
-def test_resize_keeps_qwen_rules():
-    assert M.target_size(100, 150, 28) == (112, 140)
-    h, w = M.target_size(4000, 3000, 28, max_pixels=1024 * 28 * 28)
-    assert h % 28 == 0 and w % 28 == 0 and h * w <= 1024 * 28 * 28
+    from transformers import AutoImageProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    model, tok = M.load_model(qwen_dir)
+    img = np.random.default_rng(w).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    batch = M.encode(model, tok, [data.Sample("What is it?", "A", "", "x", [], image=img)])
+    for ref_proc in (AutoImageProcessor.from_pretrained(qwen_dir), Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056)):
+        ref = ref_proc(images=[Image.fromarray(img)], return_tensors="pt")
+        assert batch["image_grid_thw"].tolist() == ref["image_grid_thw"].tolist()
+        diff = (batch["pixel_values"] - ref["pixel_values"].float()).abs().max().item()
+        assert diff < 1e-5, diff
+    n = int((batch["input_ids"] == model.config.image_token_id).sum())
+    assert n == int(ref["image_grid_thw"].prod()) // 4
+    print(f"parity {w}x{h}: grid {batch['image_grid_thw'].tolist()}, {n} image tokens, max |diff| {diff:.2e}")
 
 
 def test_coordinate_channels_only_for_five_channel_towers(tiny):
     m, _ = tiny
     img = data.make_sample(0, "val", 0).image
-    p5, g = M.preprocess_image(img, m.config.vision_config)
+    p5, g = M.preprocess_image(img, m)
     assert p5.shape == (144, 5 * 1 * 8 * 8) and g.tolist() == [[1, 12, 12]]
     xs = p5.view(144, 5, 8, 8)[:, 3]  # x ramp: constant down a column, increasing along a row
     assert torch.all(xs[:, :, 1:] > xs[:, :, :-1])
@@ -139,7 +140,7 @@ def test_bad_model_paths_give_one_line_errors(tmp_path):
     llama = tmp_path / "llama"
     LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                  num_attention_heads=2)).save_pretrained(llama)
-    cases["arch"] = (str(llama), "unsupported architecture")
+    cases["arch"] = (str(llama), "unsupported model_type")
     noweights = tmp_path / "noweights"
     noweights.mkdir()
     m, tok = M.build_small_vl(text_hidden=32, text_layers=1, vision_hidden=32, vision_depth=1)
