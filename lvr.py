@@ -19,6 +19,10 @@ Interventions (inference-time ablations, `mode=`):
   noise       every fed-back latent is replaced by a standard normal vector (the paper's noise).
   noise_norm  every fed-back latent is replaced by Gaussian noise rescaled to the norm of the hidden
               state it replaces (same norm, random direction).
+  zero        every latent is a zero vector.
+  repeat      the span's first latent (the model's own) is fed again at every later slot.
+  given=      vectors supplied by the caller (eval.py: another question's latents, or the stage-1
+              targets of this question: the oracle).
 
 Stage-1 loss (teacher forcing). The response holds `<|lvr_start|> <|lvr|>*S <|lvr_end|> answer`.
 The inputs at the S slots are ground-truth visual tokens of the question's bounding boxes; the hidden
@@ -42,7 +46,7 @@ import torch.nn.functional as F
 import data
 import model as M
 
-MODES = ("normal", "drop", "noise", "noise_norm")
+MODES = ("normal", "drop", "noise", "noise_norm", "zero", "repeat")
 
 
 # --------------------------------------------------------------------------------- forward pass
@@ -213,8 +217,10 @@ def eos_ids(model, tok) -> list[int]:
 @torch.no_grad()
 def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, latent_steps: int = 8,
              mode: str = "normal", temperature: float = 0.0, top_p: float = 1.0, force=None,
-             latent_exit: str = "fixed", generator=None, use_cache: bool = True) -> Rollout:
+             latent_exit: str = "fixed", generator=None, use_cache: bool = True, given=None) -> Rollout:
     """Batched latent decoding. `force` (N,) int per sample: 1 opens a span first, -1 never opens one.
+    `given` (N, K, D): the vectors fed at a span's K slots in place of the model's own (eval's oracle and
+    shuffled arms).
 
     use_cache=False recomputes the whole sequence at every step (the test oracle for the cache)."""
     if mode not in MODES:
@@ -254,6 +260,7 @@ def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, lat
     in_lat = torch.zeros(N, dtype=torch.bool, device=dev)
     left = torch.zeros(N, dtype=torch.long, device=dev)
     done = torch.zeros(N, dtype=torch.bool, device=dev)
+    first = torch.zeros_like(h)
     for t in range(max_new_tokens):
         logits = model.lm_head(h).float()
         logits[:, in_span_banned] = float("-inf")
@@ -269,7 +276,13 @@ def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, lat
         feed = in_lat & ~exit_now & ~done
         token = torch.where(exit_now, torch.full_like(nxt_tok, end), torch.where(feed, torch.full_like(nxt_tok, lvr), nxt_tok))
         token = torch.where(done, torch.full_like(token, tok.pad_token_id), token)
+        slot = (K - left).clamp(0, max(K - 1, 0))  # the span's slot each row feeds now, when it feeds
         vec = latent_vector(h, mode, generator)
+        if mode == "repeat":  # the span's first latent, fed again at every later slot
+            first = torch.where((feed & (slot == 0))[:, None], h, first)
+            vec = first
+        if given is not None:
+            vec = given[torch.arange(N, device=dev), slot.clamp(max=given.shape[1] - 1)].to(h.dtype)
         entered = ~in_lat & ~done & (token == start)
         in_lat = (in_lat & feed) | entered
         left = torch.where(feed, left - 1, torch.where(entered, torch.full_like(left, K), left))
@@ -303,8 +316,10 @@ def recompute(model, full, feats, toks, vecs, lmask, attn):
 
 def latent_vector(h, mode, generator):
     """The vector fed at a latent step: the hidden state itself, or noise in its place."""
-    if mode in ("normal", "drop"):
+    if mode in ("normal", "drop", "repeat"):
         return h
+    if mode == "zero":
+        return torch.zeros_like(h)
     noise = torch.randn(h.shape, generator=generator, device=h.device, dtype=torch.float32).to(h.dtype)
     if mode == "noise":
         return noise
@@ -337,6 +352,22 @@ def slot_groups(bboxes, gh: int, gw: int, targets: str = "pooled", K: int = 8) -
         regions = [sorted({i for r in regions for i in r})]
     shares = [K // len(regions) + (j < K % len(regions)) for j in range(len(regions))]
     return [r[a:b] for r, k in zip(regions, shares) for a, b in chunks(len(r), k)]
+
+
+def oracle_latents(model, prompt: dict, samples, K: int = 8) -> torch.Tensor:
+    """(rows, K, D): for each question, the pooled stage-1 targets of its boxes (its slots' visual tokens),
+    to feed in place of generated latents: the oracle arm, an upper bound on what latents can carry."""
+    if any(not s.bboxes for s in samples):
+        raise ValueError("oracle latents need every question's bounding boxes (the synthetic data has them)")
+    images = (prompt["input_ids"] == model.config.vision_start_token_id).sum(1).tolist()
+    with torch.no_grad():
+        feats = split_features(model, image_features(model, prompt["pixel_values"], prompt["image_grid_thw"]),
+                               prompt["image_grid_thw"], images)
+    out = []
+    for s, f in zip(samples, feats):
+        groups = slot_groups(s.bboxes, *M.merged_grid(s.load_image().shape, model), "pooled", K)
+        out.append(torch.stack([f[g].mean(0) for g in groups]))
+    return torch.stack(out)
 
 
 def sft_batch(model, tok, samples, latent: list[bool], K: int = 8, targets: str = "pooled") -> tuple[dict, torch.Tensor]:

@@ -227,3 +227,23 @@ def test_structural_tokens_are_never_sampled(tiny, samples):
     assert ends[0::2].any(1).all() and torch.equal(ends, roll.forced & ends)
     assert torch.equal(roll.forced & ~ends, torch.zeros_like(ends).index_fill(0, torch.arange(0, 10, 2), True) &
                        (torch.arange(ends.shape[1]) == 0))  # the forced opens at t=0, nothing else
+
+
+def test_zero_repeat_and_given_latents(tiny, samples):
+    """The ablation arms: zero vectors; the span's first latent repeated; caller-given vectors (oracle)."""
+    m, tok = tiny
+    force = torch.ones(5, dtype=torch.long)
+    normal, zero, rep = (decode(m, tok, samples, force=force, latent_steps=4, mode=mode) for mode in ("normal", "zero", "repeat"))
+    assert zero.latent_mask[:, 1:5].all() and zero.latents.abs().sum() == 0
+    assert torch.allclose(rep.latents[:, 1], normal.latents[:, 1])  # the first latent is the model's own
+    assert all(torch.equal(rep.latents[:, k], rep.latents[:, 1]) for k in (2, 3, 4))
+    assert not torch.allclose(normal.latents[:, 2], normal.latents[:, 1])
+    given = torch.randn(5, 4, m.config.text_config.hidden_size)
+    fed = decode(m, tok, samples, force=force, latent_steps=4, given=given)
+    assert torch.allclose(fed.latents[:, 1:5], given)
+    prompt = M.encode(m, tok, samples)
+    oracle = lvr.oracle_latents(m, prompt, samples, K=4)
+    feats = lvr.image_features(m, prompt["pixel_values"], prompt["image_grid_thw"])[:36]  # the first image's 6 x 6
+    groups = lvr.slot_groups(samples[0].bboxes, 6, 6, "pooled", 4)
+    assert oracle.shape == (5, 4, m.config.text_config.hidden_size)
+    assert torch.allclose(oracle[0], torch.stack([feats[g].mean(0) for g in groups]), atol=1e-6)
