@@ -11,7 +11,10 @@ share on latents, routing; on the synthetic test split or a real benchmark in it
 
 Modes (lvr.py documents each): normal; drop (no latent embedding enters the context: <|lvr_start|> is
 followed at once by <|lvr_end|>); noise (every latent replaced by standard normal noise, the paper's);
-noise_norm (Gaussian noise rescaled to the norm of the latent it replaces). Routing: --force-latents (a
+noise_norm (Gaussian noise rescaled to the norm of the latent it replaces); zero (zero vectors); repeat
+(the span's first latent fed again at every slot); shuffle (each question fed the latents the next
+question of its batch generated); oracle (the question's stage-1 targets: an upper bound); K=n (a
+test-time sweep of the number of latent steps). --compare runs them all. Routing: --force-latents (a
 span is opened first), --no-latents (never opened), --route T1,T2 (forced for those question types only).
 Accuracy intervals are 95% Wilson intervals; paired differences against normal (same questions) carry a
 95% normal-approximation interval of the mean per-question difference.
@@ -63,11 +66,30 @@ def route_force(samples, route: str | None) -> torch.Tensor | None:
     return torch.tensor([1 if s.qtype in types else -1 for s in samples])
 
 
+ARMS = lvr.MODES + ("shuffle", "oracle")  # --compare's rows, then the test-time K sweep
+K_SWEEP = (0, 2, 4, 16)  # rows "K=n" (normal decoding with n latent steps; the default K is the normal row)
+
+
+def first_span_latents(roll, K: int) -> torch.Tensor:
+    """(N, K, D): each rollout's first K latents (zeros where it fed fewer)."""
+    out = roll.latents.new_zeros(roll.latents.shape[0], K, roll.latents.shape[-1])
+    for i in range(out.shape[0]):
+        v = roll.latents[i][roll.latent_mask[i]][:K]
+        out[i, :len(v)] = v
+    return out
+
+
 @torch.no_grad()
 def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, batch_size=64, temperature=0.0,
              top_p=1.0, seed=0, max_new_tokens=32, blank=False, progress=True, att_layers=(0,)) -> list[dict]:
     """Batched decoding (greedy, or sampling seeded by `seed`); one record per question, with the
-    rollout's attention share on its latents (reward.py's r_attn, None without a span)."""
+    rollout's attention share on its latents (reward.py's r_attn, None without a span).
+
+    mode: one of lvr.MODES; "shuffle" (each question is fed the latents the next question of its batch
+    generated); "oracle" (its own stage-1 targets: the visual tokens of its boxes, pooled onto K slots);
+    "K=n" (normal decoding with n latent steps)."""
+    if mode.startswith("K="):
+        mode, latent_steps = "normal", int(mode[2:])
     gen = torch.Generator(device=model.device).manual_seed(seed)
     force = route_force(samples, route)
     records = []
@@ -75,9 +97,16 @@ def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, bat
         chunk = samples[i:i + batch_size]
         images = [np.full_like(s.load_image(), data.BACKGROUND) for s in chunk] if blank else None
         prompt = {k: v.to(model.device) for k, v in M.encode(model, tok, chunk, images=images).items()}
-        roll = lvr.generate(model, tok, prompt, max_new_tokens=max_new_tokens, latent_steps=latent_steps, mode=mode,
-                            temperature=temperature, top_p=top_p, generator=gen,
-                            force=None if force is None else force[i:i + batch_size])
+        kw = dict(max_new_tokens=max_new_tokens, latent_steps=latent_steps, temperature=temperature, top_p=top_p,
+                  force=None if force is None else force[i:i + batch_size])
+        given = None
+        if mode == "oracle":
+            given = lvr.oracle_latents(model, prompt, chunk, latent_steps)
+        elif mode == "shuffle":
+            own = lvr.generate(model, tok, prompt, generator=torch.Generator(device=model.device).manual_seed(seed), **kw)
+            given = first_span_latents(own, latent_steps).roll(-1, 0)
+        roll = lvr.generate(model, tok, prompt, mode=mode if mode in lvr.MODES else "normal", generator=gen,
+                            given=given, **kw)
         share = reward.score_rollout(model, roll, att_layers)[1].cpu()
         for j, s in enumerate(chunk):
             text = tok.decode(roll.tokens[j][roll.mask[j]], skip_special_tokens=False)
@@ -207,7 +236,10 @@ def parse_args(argv=None):
     m.add_argument("--drop-latents", action="store_true", help="no latent embedding enters the context")
     m.add_argument("--noise-latents", action="store_true", help="latents replaced by standard normal noise")
     m.add_argument("--noise-norm-latents", action="store_true", help="latents replaced by noise of the same norm")
-    m.add_argument("--compare", action="store_true", help="normal, drop, noise, noise_norm on the same questions")
+    m.add_argument("--compare", action="store_true",
+                   help="every arm on the same questions: normal, drop (markers only), noise, noise_norm, zero, repeat "
+                        "(first latent repeated), shuffle (another question's latents), oracle (the stage-1 targets), "
+                        "and a test-time K sweep (K=0, 2, 4, 16)")
     r = p.add_mutually_exclusive_group()
     r.add_argument("--force-latents", action="store_true", help="every reply opens a latent span")
     r.add_argument("--no-latents", action="store_true", help="no reply opens a latent span")
@@ -255,7 +287,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     route = "all" if a.force_latents else "none" if a.no_latents else a.route
     chosen = ["drop"] if a.drop_latents else ["noise"] if a.noise_latents else ["noise_norm"] if a.noise_norm_latents else ["normal"]
-    modes = list(lvr.MODES) if a.compare else chosen
+    modes = list(ARMS) + [f"K={k}" for k in K_SWEEP if k != a.latent_steps] if a.compare else chosen
     kw = dict(latent_steps=a.latent_steps, route=route, batch_size=a.batch_size, temperature=a.temperature, top_p=a.top_p,
               seed=a.seed, max_new_tokens=a.max_new_tokens, att_layers=[int(x) for x in a.att_layers.split(",")])
     report = {}

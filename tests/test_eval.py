@@ -10,6 +10,7 @@ from PIL import Image
 
 import data
 import eval as ev
+import lvr
 import model as M
 
 
@@ -65,7 +66,10 @@ def test_cli_compare_writes_json(tiny_ckpt, tmp_path, capsys):
     out = str(tmp_path / "res.json")
     ev.main(["--model", tiny_ckpt, "--n", "6", "--compare", "--max-new-tokens", "12", "--out", out])
     res = json.load(open(out))
-    assert set(res["summaries"]) == {"normal", "drop", "noise", "noise_norm"}
+    arms = {"normal", "drop", "noise", "noise_norm", "zero", "repeat", "shuffle", "oracle", "K=0", "K=2", "K=4", "K=16"}
+    assert set(res["summaries"]) == arms
+    recs = res["records"]
+    assert [r["correct"] for r in recs["K=0"]] == [r["correct"] for r in recs["drop"]]  # K=0 is the markers-only arm
     assert res["summaries"]["noise"]["vs_normal"]["overall"]["n"] == 6
     assert len(res["records"]["normal"]) == 6
     assert "| mode |" in capsys.readouterr().out
@@ -135,3 +139,19 @@ def test_bench_counts_tokens_up_to_the_first_eos():
     pad, eos, a, b = 0, 9, 5, 6
     seqs = torch.tensor([[a, pad, b, eos, pad, pad], [a, a, a, a, a, a], [eos, pad, pad, pad, pad, pad]])
     assert bench.tokens_until_eos(seqs, [eos, 8]) == 4 + 6 + 1
+
+
+@pytest.mark.parametrize("arm", ["shuffle", "oracle"])
+def test_shuffle_and_oracle_arms_feed_what_they_say(tiny, samples, monkeypatch, arm):
+    """shuffle: each question is fed the latents the next question of its batch generated; oracle: its own
+    stage-1 targets."""
+    m, tok = tiny
+    calls, real = [], lvr.generate
+    monkeypatch.setattr(lvr, "generate", lambda *a, **k: calls.append(real(*a, **k)) or calls[-1])
+    recs = ev.evaluate(m, tok, samples, mode=arm, route="all", latent_steps=3, max_new_tokens=10, progress=False)
+    assert len(recs) == len(samples) and all(r["opened"] for r in recs)
+    fed = calls[-1].latents[:, 1:4]
+    if arm == "shuffle":
+        assert len(calls) == 2 and torch.allclose(fed, calls[0].latents[:, 1:4].roll(-1, 0))
+    else:
+        assert torch.allclose(fed, lvr.oracle_latents(m, M.encode(m, tok, samples), samples, 3), atol=1e-6)
