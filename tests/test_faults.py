@@ -203,11 +203,11 @@ def test_6_nan_gradients_skip_the_step_and_never_reach_a_checkpoint(init, tmp_pa
     # every step skipped: SFT stops with one line and writes no checkpoint
     real_sft = train_sft.sft_step
     monkeypatch.setattr(train_sft, "sft_step", lambda *a, **k: {**(r := real_sft(*a, **k)), "loss": NanGrad.apply(r["loss"])})
-    sft = str(tmp_path / "sft")
+    base = str(tmp_path / "base")
     with pytest.warns(UserWarning), pytest.raises(SystemExit) as e:
-        train_sft.main(["--model", init, "--out", sft, "--steps", "3"] + SFT)
+        train_sft.main(["--base", base, "--base-steps", "3", "--steps", "1", "--out", str(tmp_path / "sft")] + SFT)
     assert "skipped" in str(e.value) and len(str(e.value).splitlines()) == 1
-    assert not os.path.exists(os.path.join(sft, "checkpoint"))
+    assert [r["skipped"] for r in rows(base)] == [True] * 3 and not os.path.exists(os.path.join(base, "checkpoint"))
     m, tok = M.load_model(init)
     with torch.no_grad():
         next(m.parameters())[0, 0] = float("nan")
