@@ -15,6 +15,7 @@ small-vl's vision tower takes 5 input channels, RGB plus x and y coordinate ramp
 from __future__ import annotations
 
 import argparse
+import errno
 import glob
 import json
 import math
@@ -325,27 +326,86 @@ def load_model(path: str, dtype=torch.float32, device="cpu", attn="sdpa", max_pi
     for key in LVR_CONFIG_KEYS:  # a reference LVR checkpoint stores these at the top level of config.json
         if key in cfg and getattr(model.config, key, None) is None:
             setattr(model.config, key, cfg[key])
+    bad = nonfinite_tensor(model)
+    if bad:
+        raise ModelLoadError(f"{path}: tensor {bad} holds NaN/inf values (a diverged or corrupted checkpoint)")
     _ensure_lvr_tokens(model, tok)
     model.image_processor = image_processor(model.config.vision_config, path, max_pixels)
     return model.to(device).eval(), tok
 
 
-def save_checkpoint(model, tok, path: str, state: dict | None = None):
-    """Write an HF-format directory atomically: into path.tmp, then rename over path.
+def fsync_dir(path: str):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    `state` (optimizer, step, rng, ...) goes to trainer_state.pt beside the weights for --resume."""
-    tmp, old = path.rstrip("/") + ".tmp", path.rstrip("/") + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    processor_of(model).save_pretrained(tmp)  # preprocessor_config.json: AutoProcessor, vLLM, VLMEvalKit load it
-    if state is not None:
-        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-    if os.path.exists(path):
+
+def write_model(model, tok, path: str, dtype=None):
+    """save_pretrained, the tokenizer and the image processor into a new directory, every file fsynced;
+    weights cast to `dtype` (default: the model's). I/O failures, safetensors' included, come out as
+    OSError naming the path."""
+    cast = dtype is not None and dtype != model.dtype
+    try:
+        sd = {k: v.to(dtype) for k, v in model.state_dict().items()} if cast else None
+        model.save_pretrained(path, safe_serialization=True, state_dict=sd)
+        tok.save_pretrained(path)
+        processor_of(model).save_pretrained(path)  # preprocessor_config.json: AutoProcessor, vLLM, VLMEvalKit load it
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors reports a full disk as its own error type
+        raise OSError(errno.EIO, f"cannot write ({type(e).__name__}: {str(e).splitlines()[0]})", path) from None
+    if cast:  # config.json says which dtype the weights are in
+        cfg_path = os.path.join(path, "config.json")
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        cfg["dtype"] = str(dtype).split(".")[1]
+        with open(cfg_path, "w") as f:
+            json.dump(cfg, f, indent=2)
+    for name in os.listdir(path):
+        with open(os.path.join(path, name), "rb") as f:
+            os.fsync(f.fileno())
+    fsync_dir(path)
+
+
+def replace_dir(src: str, dst: str):
+    """Rename directory src over dst (dst -> dst.old first, removed last), fsyncing the parent."""
+    old = dst.rstrip("/") + ".old"
+    if os.path.exists(dst):
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    fsync_dir(os.path.dirname(os.path.abspath(dst)))
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(model, tok, path: str, dtype=None):
+    """Write an HF-format directory atomically: into path.tmp (fsynced), then rename over path.
+    Training runs save through rundir.save, which adds the trainer state beside it."""
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_model(model, tok, tmp, dtype)
+    replace_dir(tmp, path)
+
+
+def saved_dtype(path: str):
+    """The dtype a checkpoint's config.json gives its weights (None when unstated)."""
+    try:
+        with open(os.path.join(resolve(path), "config.json")) as f:
+            cfg = json.load(f)
+        name = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return getattr(torch, name, None) if isinstance(name, str) else None
+
+
+def nonfinite_tensor(model) -> str | None:
+    """The name of the first parameter or buffer holding NaN/inf, or None."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
 
 
 def main():

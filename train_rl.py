@@ -13,7 +13,7 @@ the ratio refers to the policy that sampled); PPO-clipped policy loss over the s
 code): a slot's log-probability is -||z - h||^2 / (2 sigma^2), z the latent fed during the rollout and h
 the policy's hidden state that produces it, so latents sit inside the ratio and the KL (README says what
 that changes in practice); `mask` (LVR's GRPO_latent): latent slots carry no policy gradient.
-Writes OUT/checkpoint (HF format, atomic), OUT/log.jsonl.
+Writes OUT/checkpoint (HF format), OUT/trainer_state.pt, OUT/log.jsonl (rundir.py).
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ import data
 import lvr
 import model as M
 import reward
+import rundir
 import train_sft
 
 LOSSES = ("dapo", "grpo", "dr_grpo")
@@ -46,13 +47,13 @@ def parse_args(argv=None):
     p.add_argument("--out", help="run directory (default runs/small-vl-rl-att, or runs/small-vl-rl with --att-weight 0)")
     p.add_argument("--data", help="questions (LVR / RL format: JSON array or JSONL; free-form answers too) "
                                   "instead of the synthetic generator")
-    p.add_argument("--steps", type=int, default=300, help="GRPO steps")
-    p.add_argument("--prompts", type=int, default=8, help="questions per step")
-    p.add_argument("--group", type=int, default=8, help="G: rollouts per question")
-    p.add_argument("--temperature", type=float, default=0.5, help="rollout sampling temperature")
-    p.add_argument("--top-p", type=float, default=0.99, help="rollout nucleus sampling")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="rollout length cap (latent steps included)")
-    p.add_argument("--latent-steps", type=int, default=8, help="K: latent steps per span")
+    p.add_argument("--steps", type=rundir.at_least(1), default=300, help="GRPO steps")
+    p.add_argument("--prompts", type=rundir.at_least(1), default=8, help="questions per step")
+    p.add_argument("--group", type=rundir.at_least(2), default=8, help="G: rollouts per question (at least 2)")
+    p.add_argument("--temperature", type=rundir.at_least(0.0, float), default=0.5, help="rollout sampling temperature")
+    p.add_argument("--top-p", type=rundir.at_least(0.0, float), default=0.99, help="rollout nucleus sampling")
+    p.add_argument("--max-new-tokens", type=rundir.at_least(1), default=32, help="rollout length cap (latent steps included)")
+    p.add_argument("--latent-steps", type=rundir.at_least(0), default=8, help="K: latent steps per span")
     p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (AdamW; the paper: 1e-6 for the 7B)")
     p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps")
     p.add_argument("--clip-grad", type=float, default=1.0, help="gradient norm clip")
@@ -63,15 +64,15 @@ def parse_args(argv=None):
     p.add_argument("--clip-low", type=float, default=0.2, help="PPO ratio clip below 1")
     p.add_argument("--clip-high", type=float, default=0.3, help="PPO ratio clip above 1")
     p.add_argument("--dual-clip", type=float, default=3.0, help="dual clip for negative advantages (0 = off)")
-    p.add_argument("--ppo-epochs", type=int, default=1, help="updates per rollout batch")
+    p.add_argument("--ppo-epochs", type=rundir.at_least(1), default=1, help="updates per rollout batch")
     p.add_argument("--beta", type=float, default=0.0, help="KL (k3) to a frozen reference; 0 builds no reference")
     p.add_argument("--latent-logp", default="vlpo", choices=["vlpo", "mask"], help="how latent slots enter the loss")
-    p.add_argument("--sigma", type=float, default=10.0, help="VLPO's sigma")
+    p.add_argument("--sigma", type=rundir.at_least(0.0, float), default=10.0, help="VLPO's sigma")
     p.add_argument("--acc-weight", type=float, default=0.9, help="reward weight of answer accuracy")
     p.add_argument("--format-weight", type=float, default=0.1, help="reward weight of the answer format")
     p.add_argument("--len-weight", type=float, default=0.001, help="penalty per token beyond the shortest correct reply")
     p.add_argument("--att-weight", type=float, default=1.0, help="weight of the attention reward (0 = plain GRPO)")
-    p.add_argument("--att-layers", default="0", help="decoder layers of the attention reward, comma-separated")
+    p.add_argument("--att-layers", type=rundir.layer_list, default=[0], help="decoder layers of the attention reward, comma-separated")
     p.add_argument("--att-variant", default="share", choices=["share", "relative"], help="attention reward variant")
     p.add_argument("--att-no-latent", default="zero", choices=["zero", "neutral"],
                    help="reward of rollouts without a span: 0 (paper) or their group's latent mean (not pushed)")
@@ -80,12 +81,12 @@ def parse_args(argv=None):
     p.add_argument("--skip-unsolved", action="store_true", help="skip groups with no correct rollout (paper)")
     p.add_argument("--train-vision", action="store_true", help="also train the vision tower")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and the sampling")
-    p.add_argument("--save-every", type=int, default=50, help="write a checkpoint every N steps (and at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    p.add_argument("--micro-batch", type=int,
+    p.add_argument("--save-every", type=rundir.at_least(1), default=50, help="write a checkpoint every N steps (and at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's newest complete checkpoint")
+    p.add_argument("--micro-batch", type=rundir.at_least(1),
                    help="rollouts per scoring forward/backward, gradients accumulated (default: all for small-vl, 4 "
                         "for other models); any value gives the same update")
-    p.add_argument("--rollout-batch", type=int, help="questions decoded together (default: all of a step's)")
+    p.add_argument("--rollout-batch", type=rundir.at_least(1), help="questions decoded together (default: all of a step's)")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of the decoder layers (non-reentrant)")
     p.add_argument("--param-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="dtype of the trained weights, their gradients and AdamW's state (README: what bf16 loses)")
@@ -95,7 +96,8 @@ def parse_args(argv=None):
     a.dtype = M.resolve_dtype(a)
     a.micro_batch = a.micro_batch or (a.prompts * a.group if a.model == "small-vl" else 4)
     a.rollout_batch = a.rollout_batch or a.prompts
-    a.att_layers = [int(x) for x in a.att_layers.split(",")]
+    if a.top_p > 1:
+        p.error(f"argument --top-p: must be at most 1, got {a.top_p}")
     return a
 
 
@@ -269,8 +271,9 @@ def grpo_step(args, model, tok, ref, opt, samples, step, length_penalty) -> dict
         if skipped:
             opt.zero_grad(set_to_none=True)
             break
-        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], args.clip_grad)
-        opt.step()
+        if not rundir.clip_and_step(opt, args.clip_grad):
+            skipped = True
+            break
     t3 = time.time()
     n_tok = max(1.0, stats.get("tokens", 0.0)) if not skipped else 1.0
     same = (total.view(-1, args.group) == total.view(-1, args.group)[:, :1]).all(1)
@@ -290,59 +293,63 @@ def grpo_step(args, model, tok, ref, opt, samples, step, length_penalty) -> dict
 
 # ----------------------------------------------------------------------------------- the run
 def start(args):
-    ckpt = os.path.join(args.out, "checkpoint")
-    resume = args.resume and os.path.isdir(ckpt)
-    if args.resume and not resume:
+    """(model, tokenizer, reference, optimizer, trainer state, checkpoint dtype); from OUT's newest save with --resume."""
+    found = rundir.resume_point(args.out) if args.resume else None
+    if args.resume and not found:
         print(f"no checkpoint in {args.out}: starting fresh")
-    model, tok = M.load_model(ckpt if resume else initial_model(args), M.DTYPES[args.param_dtype], args.device)
+    init = found[0] if found else initial_model(args)
+    model, tok = M.load_model(init, M.DTYPES[args.param_dtype], args.device)
+    rundir.check_layers(model, args.att_layers)
     for p in model.model.visual.parameters():
         p.requires_grad_(args.train_vision)
     if args.grad_ckpt:
         model.activation_checkpointing_enable({"use_reentrant": False})
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    state = {"step": 0, "length_penalty": {}}
-    if resume:
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+    state = {"step": 0, "length_penalty": {}, "skips": 0}
+    if found:
+        state = rundir.load_state(found, model)
+        rundir.check_resume(state.get("args", {}), vars(args), ("seed", "prompts", "data"))
         opt.load_state_dict(state["optimizer"])
         print(f"resuming {args.out} at step {state['step']}")
     ref = None
     if args.beta > 0:  # the frozen reference is the starting checkpoint
         ref, _ = M.load_model(initial_model(args), M.DTYPES[args.dtype], args.device)  # no grad, compute dtype
         ref.requires_grad_(False)
-    penalty = reward.LengthPenalty()
-    penalty.best = dict(state["length_penalty"])
-    return model, tok, ref, opt, state["step"], penalty
+    return model, tok, ref, opt, state, M.saved_dtype(init)
 
 
 def train(args) -> str:
     torch.manual_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
-    stream = train_sft.Stream(args)
-    model, tok, ref, opt, step, penalty = start(args)
-    log = os.path.join(args.out, "log.jsonl")
-    train_sft.log_line(log, {}, upto=step)
-    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="grpo")
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
-        base = (1 << 30) + step * args.prompts  # RL questions come from a part of the stream SFT never reaches
-        row = grpo_step(args, model, tok, ref, opt, [stream[base + i] for i in range(args.prompts)], step, penalty)
-        train_sft.log_line(log, row)
-        bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['acc']:.2f}", latent=f"{row['latent_rate']:.2f}",
-                        att=f"{row['att_share']:.3f}")
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            M.save_checkpoint(model, tok, os.path.join(args.out, "checkpoint"),
-                              {"step": step + 1, "optimizer": opt.state_dict(), "length_penalty": penalty.best,
-                               "args": vars(args)})
-    return os.path.join(args.out, "checkpoint")
+    with rundir.locked(args.out):
+        stream = train_sft.Stream(args)
+        model, tok, ref, opt, state, dtype = start(args)
+        step, skips, streak = state["step"], state.get("skips", 0), 0
+        penalty = reward.LengthPenalty()
+        penalty.best = dict(state["length_penalty"])
+        log = rundir.start_log(args.out, step)
+        bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="grpo")
+        for step in bar:
+            for g in opt.param_groups:
+                g["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+            base = (1 << 30) + step * args.prompts  # RL questions come from a part of the stream SFT never reaches
+            row = grpo_step(args, model, tok, ref, opt, [stream[base + i] for i in range(args.prompts)], step, penalty)
+            skips += row["skipped"]
+            rundir.log(log, {**row, "skips": skips})
+            bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['acc']:.2f}", latent=f"{row['latent_rate']:.2f}",
+                            att=f"{row['att_share']:.3f}")
+            streak = rundir.skip_streak(streak, row["skipped"], step + 1, args.steps)
+            if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+                rundir.save(args.out, model, tok, {"step": step + 1, "optimizer": opt.state_dict(), "skips": skips,
+                                                   "length_penalty": penalty.best, "args": vars(args)}, dtype)
+    return os.path.join(args.out, rundir.CKPT)
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
         ckpt = train(args)
-    except (M.ModelLoadError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    except (M.ModelLoadError, rundir.RunError, OSError, ValueError) as e:
+        sys.exit(f"error: {rundir.oneline(e)}")
     print(f"checkpoint: {ckpt}\nnext: python eval.py --model {ckpt} --compare")
 
 

@@ -19,18 +19,17 @@ A real checkpoint (--model DIR or a cached hub id) needs --data (LVR's SFT forma
 own defaults: lr 1e-5 (LVR's), no pointing loss (it needs the synthetic scenes), run folder
 runs/<model name>-sft; --data holds out a seeded --val-fraction of its rows for validation.
 
-Each run directory gets checkpoint/ (HF format, safetensors, replaced atomically), log.jsonl (metrics per
-step) and eval_val.json (validation: normal / drop / noise latents, blank image, latent rate).
+Each run directory gets checkpoint/ (HF format, safetensors), trainer_state.pt (for --resume), log.jsonl
+(metrics per step; all three written by rundir.py) and eval_val.json (validation: normal / drop / noise
+latents, blank image, latent rate).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -42,6 +41,7 @@ import eval as ev
 import lvr
 import model as M
 import reward
+import rundir
 
 RUNS = "runs"
 OFFSET = {0: 0, 1: 10 ** 8}  # stream positions of each stage's questions (train_rl.py starts at 2 * 10**8)
@@ -58,17 +58,20 @@ def parse_args(argv=None):
     p.add_argument("--max-pixels", type=int, help="real checkpoints: override their max_pixels (image resize bound)")
     p.add_argument("--no-latents", action="store_true", help="text-only baseline: no reply carries a latent span")
     p.add_argument("--latent-fraction", type=float, default=0.75, help="share of replies that carry a latent span")
-    p.add_argument("--latent-steps", type=int, default=8, help="K: latent slots per span (and decode steps at eval)")
+    p.add_argument("--latent-steps", type=rundir.at_least(1), default=8, help="K: latent slots per span (and decode steps at eval)")
+    p.add_argument("--span-lengths", metavar="LO,HI", type=span_range,
+                   help="pooled targets: each reply's span length drawn from LO..HI (default: always K), so the text "
+                        "after a span is seen at many offsets")
     p.add_argument("--latent-targets", default="pooled", choices=["pooled", "bbox"],
                    help="pooled: region tokens averaged onto K slots (matches inference); bbox: every token in the boxes")
     p.add_argument("--lam", type=float, default=0.1, help="weight of the latent MSE against the text CE")
-    p.add_argument("--base-steps", type=int, default=2000, help="stage 0 steps (the small-vl base model)")
-    p.add_argument("--steps", type=int, default=1500, help="stage 1 steps (vision tower frozen)")
+    p.add_argument("--base-steps", type=rundir.at_least(1), default=2000, help="stage 0 steps (the small-vl base model)")
+    p.add_argument("--steps", type=rundir.at_least(1), default=1500, help="stage 1 steps (vision tower frozen)")
     p.add_argument("--ground-weight", type=float, default=1.0, help="weight of the grounding probe's loss in stage 0")
     p.add_argument("--point-weight", type=float,
                    help="weight of the pointing loss (layer 0, head 0 attends from an object's name to its cells); "
                         "default 1 for small-vl, 0 for a real checkpoint")
-    p.add_argument("--batch-size", type=int, default=32, help="questions per step")
+    p.add_argument("--batch-size", type=rundir.at_least(1), default=32, help="questions per step")
     p.add_argument("--lr", type=float,
                    help="peak learning rate (AdamW, warm-up then cosine to 10%%); default 1e-3 small-vl, 1e-5 a real checkpoint")
     p.add_argument("--warmup", type=int, default=30, help="warm-up steps")
@@ -76,8 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, the data and the latent choice")
     p.add_argument("--n-val", type=int, default=500, help="validation questions for the final table")
     p.add_argument("--eval-every", type=int, default=250, help="quick greedy validation every N steps (0 = never)")
-    p.add_argument("--save-every", type=int, default=250, help="write a checkpoint every N steps (and at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint with the same data order")
+    p.add_argument("--save-every", type=rundir.at_least(1), default=250, help="write a checkpoint every N steps (and at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's newest complete checkpoint, same data order")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of the decoder layers (non-reentrant)")
     p.add_argument("--param-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="dtype of the trained weights, their gradients and AdamW's state")
@@ -124,6 +127,24 @@ class Stream:
 
     def val(self, n: int) -> list[data.Sample]:
         return self.held[:n] if self.held is not None else data.make_split("val", n, self.seed)
+
+
+def span_range(s: str) -> tuple[int, int]:
+    """argparse type of --span-lengths: 'LO,HI' with 1 <= LO <= HI."""
+    try:
+        lo, hi = (int(x) for x in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (two integers), got {s!r}") from None
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"need 1 <= LO <= HI, got {s!r}")
+    return lo, hi
+
+
+def span_length(args, index: int) -> int:
+    """Latent slots of sample `index`'s span: K, or with --span-lengths a seeded draw from LO..HI."""
+    if not args.span_lengths:
+        return args.latent_steps
+    return int(np.random.default_rng([args.seed, 2, index]).integers(args.span_lengths[0], args.span_lengths[1] + 1))
 
 
 def wants_latent(args, stage: int, index: int) -> bool:
@@ -226,13 +247,12 @@ def point_loss(model, tok, qk, batch, samples) -> torch.Tensor:
 
 
 def start(args, stage: int, out: str, init: str | None):
-    """(model, tokenizer, probe, optimizer, first step) of a stage; from out/checkpoint when resuming."""
-    ckpt = os.path.join(out, "checkpoint")
-    resume = args.resume and os.path.isdir(ckpt)
-    if args.resume and not resume:
+    """(model, tokenizer, probe, optimizer, trainer state) of a stage; from OUT's newest save when resuming."""
+    found = rundir.resume_point(out) if args.resume else None
+    if args.resume and not found:
         print(f"no checkpoint in {out}: starting fresh")
-    if resume or init is not None:
-        model, tok = M.load_model(ckpt if resume else init, M.DTYPES[args.param_dtype], args.device,
+    if found or init is not None:
+        model, tok = M.load_model(found[0] if found else init, M.DTYPES[args.param_dtype], args.device,
                                   max_pixels=args.max_pixels)
     else:
         model, tok = M.build_small_vl(args.seed)
@@ -246,37 +266,26 @@ def start(args, stage: int, out: str, init: str | None):
     own = [p for n, p in probe.named_parameters() if not n.startswith("embed.")]  # the embeddings are the model's
     params = [p for p in model.parameters() if p.requires_grad] + (own if stage == 0 else [])
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    step = 0
-    if resume:
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+    state = {"step": 0, "skips": 0, "dtype": M.saved_dtype(found[0] if found else init) if (found or init) else None}
+    if found:
+        state = {**state, **rundir.load_state(found, model)}
+        rundir.check_resume(state.get("args", {}), vars(args), ("seed", "batch_size", "data"))
         probe.load_state_dict(state["probe"])
         opt.load_state_dict(state["optimizer"])
-        step = state["step"]
-        print(f"resuming {out} at step {step}")
-    return model, tok, probe, opt, step
-
-
-def log_line(path: str, row: dict, upto: int | None = None):
-    """Append a JSON row; with `upto`, first drop rows past that step (a resumed run rewrites them)."""
-    if upto is not None and os.path.exists(path):
-        keep = [line for line in open(path) if json.loads(line).get("step", 0) <= upto]
-        with open(path, "w") as f:
-            f.writelines(keep)
-    if row:
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        print(f"resuming {out} at step {state['step']}")
+    return model, tok, probe, opt, state
 
 
 def sft_step(args, model, tok, probe, samples, index, stage: int) -> dict:
     """CE + lam * MSE on a batch whose replies carry latent spans where wants_latent says so; in stage 0
     plus the grounding probe's loss on every merged visual token."""
-    batch, W = lvr.sft_batch(model, tok, samples, [wants_latent(args, stage, i) for i in index], args.latent_steps,
-                             args.latent_targets)
+    wants = [wants_latent(args, stage, i) for i in index]
+    batch, W = lvr.sft_batch(model, tok, samples, wants, [span_length(args, i) for i in index], args.latent_targets)
     batch = {k: v.to(args.device) for k, v in batch.items()}
     point = args.point_weight > 0 and args.data is None
     with reward.capture_qk(model, [0] if point else []) as qk:
         out = lvr.sft_loss(model, batch, W.to(args.device), args.lam)
-    out["latent_share"] = W.shape[0] / max(1, args.latent_steps) / len(samples)
+    out["latent_share"] = sum(wants) / len(samples)
     if point:
         out["point"] = point_loss(model, tok, qk, batch, samples)
         out["loss"] = out["loss"] + args.point_weight * out["point"]
@@ -289,12 +298,16 @@ def sft_step(args, model, tok, probe, samples, index, stage: int) -> dict:
 def train(args, stage: int, out: str, init: str | None) -> str:
     """One stage into run directory `out`; returns its checkpoint."""
     torch.manual_seed(args.seed + stage)
-    os.makedirs(out, exist_ok=True)
+    with rundir.locked(out):
+        return _train(args, stage, out, init)
+
+
+def _train(args, stage: int, out: str, init: str | None) -> str:
     stream = Stream(args)
-    model, tok, probe, opt, step = start(args, stage, out, init)
+    model, tok, probe, opt, state = start(args, stage, out, init)
+    step, skips, streak = state["step"], state["skips"], 0
     total = args.base_steps if stage == 0 else args.steps
-    log = os.path.join(out, "log.jsonl")
-    log_line(log, {}, upto=step)
+    log = rundir.start_log(out, step)
     model.train()
     autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     bar = tqdm(range(step, total), initial=step, total=total, desc=f"stage {stage}")
@@ -308,23 +321,20 @@ def train(args, stage: int, out: str, init: str | None) -> str:
         with autocast:
             res = sft_step(args, model, tok, probe, samples, index, stage)
         opt.zero_grad(set_to_none=True)
-        skipped = not torch.isfinite(res["loss"])
-        if skipped:
-            warnings.warn(f"step {step}: non-finite loss, update skipped")
-        else:
-            res["loss"].backward()
-            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
-            opt.step()
-        row = {"step": step + 1, "stage": stage, "lr": lr, "skipped": skipped, "sec": time.time() - t0,
+        res["loss"].backward()
+        skipped = not rundir.clip_and_step(opt, 1.0)
+        skips += skipped
+        row = {"step": step + 1, "stage": stage, "lr": lr, "skipped": skipped, "skips": skips, "sec": time.time() - t0,
                **{k: float(v.detach()) if torch.is_tensor(v) else v for k, v in res.items() if k in ("loss", "ce", "mse", "ground", "point", "latent_share")}}
-        log_line(log, row)
+        rundir.log(log, row)
         bar.set_postfix({k: f"{row[k]:.3f}" for k in ("ground", "point", "ce", "mse") if k in row})
+        streak = rundir.skip_streak(streak, skipped, step + 1, total)
         if args.eval_every and (step + 1) % args.eval_every == 0:
             quick_eval(args, model, tok, stream, log, step + 1, bar)
         if (step + 1) % args.save_every == 0 or step + 1 == total:
-            M.save_checkpoint(model, tok, os.path.join(out, "checkpoint"),
-                              {"step": step + 1, "optimizer": opt.state_dict(), "probe": probe.state_dict(), "args": vars(args)})
-    return os.path.join(out, "checkpoint")
+            rundir.save(out, model, tok, {"step": step + 1, "optimizer": opt.state_dict(), "probe": probe.state_dict(),
+                                          "skips": skips, "args": vars(args)}, state["dtype"])
+    return os.path.join(out, rundir.CKPT)
 
 
 def quick_eval(args, model, tok, stream, log, step, bar):
@@ -332,16 +342,17 @@ def quick_eval(args, model, tok, stream, log, step, bar):
     model.eval()
     quick = ev.summarize(ev.evaluate(model, tok, stream.val(100), latent_steps=args.latent_steps, progress=False))
     model.train()
-    log_line(log, {"step": step, "val_acc": quick["overall"]["acc"], "val_latent_rate": quick["overall"]["latent_rate"],
+    rundir.log(log, {"step": step, "val_acc": quick["overall"]["acc"], "val_latent_rate": quick["overall"]["latent_rate"],
                    **{f"val_{t}": v["acc"] for t, v in quick["per_type"].items()}})
     bar.write(f"step {step}: val acc {quick['overall']['acc']:.2f} " + " ".join(f"{t} {v['acc']:.2f}" for t, v in quick["per_type"].items()))
 
 
 def base_model(args) -> str:
-    """small-vl's stage-0 checkpoint, trained first when missing or unfinished."""
-    ckpt = os.path.join(args.base, "checkpoint")
-    state = os.path.join(ckpt, "trainer_state.pt")
-    if os.path.isfile(state) and torch.load(state, weights_only=False)["step"] >= args.base_steps:
+    """small-vl's stage-0 checkpoint, trained first when missing or unfinished (its table written if missing)."""
+    ckpt = os.path.join(args.base, rundir.CKPT)
+    if rundir.saved_step(args.base) >= args.base_steps:
+        if not os.path.isfile(os.path.join(args.base, "eval_val.json")):  # killed after its last save
+            final_eval(args, ckpt, args.base, modes=("normal", "blank image"))
         return ckpt
     print(f"small-vl base model {args.base} is missing or unfinished: training it first (stage 0)")
     t0 = time.time()
@@ -353,16 +364,16 @@ def base_model(args) -> str:
 
 
 def final_eval(args, ckpt: str, out: str, modes=None) -> dict:
-    """The validation table: latent interventions, blank images, latent rate (greedy and sampled)."""
-    model, tok = M.load_model(ckpt, M.DTYPES[args.dtype], args.device)
-    val = Stream(args).val(args.n_val)
-    table = {"normal": {}, "drop": {"mode": "drop"}, "noise": {"mode": "noise"}, "noise_norm": {"mode": "noise_norm"},
-             "blank image": {"blank": True}, "sampled T=1": {"temperature": 1.0}}
-    res = {name: ev.summarize(ev.evaluate(model, tok, val, latent_steps=args.latent_steps, **kw))
-           for name, kw in table.items() if modes is None or name in modes}
-    print(ev.table(res))
-    with open(os.path.join(out, "eval_val.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    """The validation table: latent interventions, blank images, latent rate (greedy and sampled) -> OUT/eval_val.json."""
+    with rundir.locked(out):
+        model, tok = M.load_model(ckpt, M.DTYPES[args.dtype], args.device)
+        val = Stream(args).val(args.n_val)
+        table = {"normal": {}, "drop": {"mode": "drop"}, "noise": {"mode": "noise"}, "noise_norm": {"mode": "noise_norm"},
+                 "blank image": {"blank": True}, "sampled T=1": {"temperature": 1.0}}
+        res = {name: ev.summarize(ev.evaluate(model, tok, val, latent_steps=args.latent_steps, **kw))
+               for name, kw in table.items() if modes is None or name in modes}
+        print(ev.table(res))
+        ev.write_json(os.path.join(out, "eval_val.json"), res)
     return res
 
 
@@ -376,8 +387,8 @@ def main(argv=None):
         ckpt = train(args, 1, args.out, init)
         print(f"stage 1 trained in {time.time() - t0:.0f}s; checkpoint: {ckpt}")
         final_eval(args, ckpt, args.out)
-    except (M.ModelLoadError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    except (M.ModelLoadError, rundir.RunError, OSError, ValueError) as e:
+        sys.exit(f"error: {rundir.oneline(e)}")
 
 
 if __name__ == "__main__":

@@ -247,3 +247,18 @@ def test_zero_repeat_and_given_latents(tiny, samples):
     groups = lvr.slot_groups(samples[0].bboxes, 6, 6, "pooled", 4)
     assert oracle.shape == (5, 4, m.config.text_config.hidden_size)
     assert torch.allclose(oracle[0], torch.stack([feats[g].mean(0) for g in groups]), atol=1e-6)
+
+
+def test_variable_span_lengths(tiny, samples):
+    """--span-lengths: each reply's span has its own number of slots (seeded per sample, within LO..HI)."""
+    import train_sft
+    m, tok = tiny
+    batch, W = lvr.sft_batch(m, tok, samples[:3], [True, True, False], [2, 5, 7])
+    slots = (batch["input_ids"] == m.config.lvr_id).sum(1).tolist()
+    assert slots == [2, 5, 0] and W.shape[0] == 7
+    args = train_sft.parse_args(["--span-lengths", "2,6", "--latent-steps", "8"])
+    lengths = [train_sft.span_length(args, i) for i in range(200)]
+    assert set(lengths) == {2, 3, 4, 5, 6} and lengths == [train_sft.span_length(args, i) for i in range(200)]
+    assert train_sft.span_length(train_sft.parse_args([]), 5) == 8
+    with pytest.raises(SystemExit):
+        train_sft.parse_args(["--span-lengths", "0,3"])
