@@ -178,10 +178,10 @@ def table(summaries: dict) -> str:
 
 # ------------------------------------------------------------------------------------ the CLI
 def newest_checkpoint(runs: str = "runs") -> str:
-    """The newest small-vl RL checkpoint, else the SFT one; says which."""
+    """The newest small-vl RL checkpoint, else the SFT one (trained here, else the shipped one); says which."""
     rl = sorted(glob.glob(os.path.join(runs, "small-vl-rl*", "checkpoint")), key=os.path.getmtime)
     sft = os.path.join(runs, "small-vl-sft", "checkpoint")
-    path = rl[-1] if rl else sft
+    path = rl[-1] if rl else sft if os.path.isdir(sft) else os.path.join("checkpoints", "small-vl-sft")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no small-vl checkpoint under {runs}/: run python train_sft.py --model small-vl first")
     print(f"evaluating {path} ({'RL' if rl else 'SFT'}: the newest small-vl checkpoint)")

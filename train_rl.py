@@ -102,10 +102,14 @@ def parse_args(argv=None):
 
 
 def initial_model(args) -> str:
-    """The checkpoint RL starts from; for small-vl the SFT run's, made first when missing."""
+    """The checkpoint RL starts from; for small-vl the SFT run's (runs/small-vl-sft) when there is one, else
+    the shipped LVR SFT model, else one trained first."""
     if args.model != "small-vl":
         return args.model
     ckpt = os.path.join(train_sft.RUNS, "small-vl-sft", "checkpoint")
+    shipped = os.path.join(train_sft.SHIPPED, "small-vl-sft")
+    if not os.path.isdir(ckpt) and os.path.isdir(shipped):
+        return shipped
     if not os.path.isdir(ckpt):
         print(f"no small-vl SFT checkpoint at {ckpt}: training it first (python train_sft.py --model small-vl)")
         train_sft.main(["--model", "small-vl", "--device", args.device, "--dtype", args.dtype])

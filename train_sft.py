@@ -44,6 +44,7 @@ import reward
 import rundir
 
 RUNS = "runs"
+SHIPPED = "checkpoints"  # seed 0's small-vl base and LVR SFT model, committed (README: "Shipped starting points")
 OFFSET = {0: 0, 1: 10 ** 8}  # stream positions of each stage's questions (train_rl.py starts at 2 * 10**8)
 
 
@@ -51,7 +52,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="small-vl", help="'small-vl' (its base model, made first if missing) or a checkpoint")
     p.add_argument("--out", help="run directory (default runs/small-vl-sft, or runs/small-vl-sft-text with --no-latents)")
-    p.add_argument("--base", help="small-vl's base model run (default runs/small-vl-base, -seedN for other seeds)")
+    p.add_argument("--base", help="small-vl's base model: a model directory, or a run folder trained first when "
+                                  "unfinished (default: the shipped checkpoints/small-vl-base for seed 0, else "
+                                  "runs/small-vl-base-seedN; --base runs/small-vl-base retrains seed 0's)")
     p.add_argument("--data", help="LVR-format data (JSON array or JSONL) instead of the synthetic generator")
     p.add_argument("--val-fraction", type=float, default=0.05,
                    help="with --data: share of its rows held out for validation (at least 1, at most --n-val)")
@@ -98,7 +101,9 @@ def parse_args(argv=None):
         name = os.path.basename(os.path.normpath(a.model)) if real else "small-vl"
         a.out = os.path.join(RUNS, f"{name}-sft" + ("-text" if a.no_latents else ""))
     if a.base is None:
-        a.base = os.path.join(RUNS, "small-vl-base" + (f"-seed{a.seed}" if a.seed else ""))
+        shipped = os.path.join(SHIPPED, "small-vl-base")
+        a.base = shipped if a.seed == 0 and os.path.isdir(shipped) else os.path.join(RUNS, f"small-vl-base-seed{a.seed}"
+                                                                                     if a.seed else "small-vl-base")
     if not 0 <= a.latent_fraction <= 1:
         p.error("--latent-fraction must be in [0, 1]")
     return a
@@ -348,7 +353,10 @@ def quick_eval(args, model, tok, stream, log, step, bar):
 
 
 def base_model(args) -> str:
-    """small-vl's stage-0 checkpoint, trained first when missing or unfinished (its table written if missing)."""
+    """small-vl's stage-0 checkpoint: --base itself when it is a model directory (the shipped one), else
+    that run's checkpoint, trained first when missing or unfinished (its table written if missing)."""
+    if os.path.isfile(os.path.join(args.base, "config.json")):
+        return args.base
     ckpt = os.path.join(args.base, rundir.CKPT)
     if rundir.saved_step(args.base) >= args.base_steps:
         if not os.path.isfile(os.path.join(args.base, "eval_val.json")):  # killed after its last save

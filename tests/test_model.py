@@ -151,3 +151,21 @@ def test_bad_model_paths_give_one_line_errors(tmp_path):
             M.load_model(path)
         text = str(e.value)
         assert message in text and path in text and "\n" not in text, name
+
+
+@pytest.mark.parametrize("name", ["small-vl-base", "small-vl-sft"])
+def test_shipped_checkpoints_load_and_match_the_code(name):
+    """The committed starting points load, hold finite weights, and are what the code builds: small-vl's
+    config (every architecture field) and its tokenizer."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", name)
+    m, tok = M.load_model(path)
+    ref_tok = M.build_tokenizer()
+    assert tok.get_vocab() == ref_tok.get_vocab()
+    want = M.small_vl_config(ref_tok)
+    for part in ("text_config", "vision_config"):
+        got, exp = getattr(m.config, part).to_dict(), getattr(want, part).to_dict()
+        for key in ("dtype", "torch_dtype", "transformers_version", "_name_or_path", "architectures"):
+            got.pop(key, None), exp.pop(key, None)
+        assert got == exp, part
+    assert M.lvr_token_ids(m) == M.lvr_token_ids(M.build_small_vl()[0])
+    assert all(torch.isfinite(p).all() for p in m.parameters())
