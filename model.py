@@ -24,7 +24,9 @@ import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from transformers.utils import logging as hf_logging
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -347,6 +349,93 @@ def save_checkpoint(model, tok, path: str, state: dict | None = None):
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
 
+
+# ------------------------------------------------------------------ torchrun (torch.distributed)
+# One process without torchrun: rank 0 of 1, every helper below is a no-op.
+def init_dist(device: str) -> str:
+    """Under torchrun (WORLD_SIZE > 1) join the process group once: gloo on the CPU, nccl on CUDA (one GPU
+    per rank, cuda:LOCAL_RANK). Returns the device this rank computes on."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.device(device).type == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+    if dist.is_initialized() and torch.device(device).type == "cuda":
+        return f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    return device
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def share(n: int, what: str) -> range:
+    """This rank's contiguous share of n items (n must divide evenly: every rank runs the same steps)."""
+    if n % world():
+        raise ValueError(f"{what} ({n}) must be divisible by the number of processes ({world()})")
+    k = n // world()
+    return range(rank() * k, (rank() + 1) * k)
+
+
+def _comm(t: torch.Tensor) -> torch.Tensor:
+    return t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks (a new tensor on t's device)."""
+    if world() == 1:
+        return t
+    x = _comm(t.detach().clone())
+    dist.all_reduce(x)
+    return x.to(t.device)
+
+
+def all_true(flag: bool) -> bool:
+    """True when the flag holds on every rank."""
+    return bool(all_sum(torch.tensor([0 if flag else 1])).item() == 0)
+
+
+def gather_cat(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Every rank's t (same shape on all) concatenated in rank order along dim."""
+    if world() == 1:
+        return t
+    parts = [torch.empty_like(_comm(t)) for _ in range(world())]
+    dist.all_gather(parts, _comm(t.contiguous()))
+    return torch.cat(parts, dim).to(t.device)
+
+
+def gather_objects(obj) -> list:
+    """Every rank's picklable obj, in rank order."""
+    if world() == 1:
+        return [obj]
+    out = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def average_grads(params):
+    """Average the accumulated gradients over ranks once per optimizer step (after the last micro-batch, as
+    DDP with no_sync on the others would); a parameter without a gradient counts as zero. FSDP-sharded
+    parameters are skipped: fully_shard reduce-scatters their gradients itself."""
+    if world() == 1:
+        return
+    work = []
+    for p in params:
+        if isinstance(p.data, DTensor):
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.div_(world())
+        work.append(dist.all_reduce(p.grad, async_op=True))
+    for w in work:
+        w.wait()
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
