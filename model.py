@@ -332,13 +332,14 @@ def load_model(path: str, dtype=torch.float32, device="cpu", attn="sdpa", max_pi
     return model.to(device).eval(), tok
 
 
-def save_checkpoint(model, tok, path: str, state: dict | None = None):
+def save_checkpoint(model, tok, path: str, state: dict | None = None, weights: dict | None = None):
     """Write an HF-format directory atomically: into path.tmp, then rename over path.
 
-    `state` (optimizer, step, rng, ...) goes to trainer_state.pt beside the weights for --resume."""
+    `state` (optimizer, step, rng, ...) goes to trainer_state.pt beside the weights for --resume.
+    `weights`: a full state dict to write instead of the model's own (FSDP: model_state's)."""
     tmp, old = path.rstrip("/") + ".tmp", path.rstrip("/") + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": weights} if weights is not None else {}))
     tok.save_pretrained(tmp)
     processor_of(model).save_pretrained(tmp)  # preprocessor_config.json: AutoProcessor, vLLM, VLMEvalKit load it
     if state is not None:
@@ -436,6 +437,94 @@ def average_grads(params):
         work.append(dist.all_reduce(p.grad, async_op=True))
     for w in work:
         w.wait()
+
+
+def shard_model(model):
+    """FSDP2: fully_shard every decoder layer and vision block, then the vision tower's own weights, the
+    input embedding and lm_head as ONE group (the 3B ties them: a shared weight must live in one group),
+    the language model's final norm, and the root. Our decode and scoring code calls these modules
+    directly; each unit gathers its weights in its own forward."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    lm, vis = model.model.language_model, model.model.visual
+    for layer in lm.layers:
+        fully_shard(layer)
+    for block in vis.blocks:
+        fully_shard(block)
+    fully_shard(vis)
+    fully_shard([lm.embed_tokens, model.lm_head])
+    fully_shard(lm)
+    fully_shard(model)
+    model.lvr_run = lambda fn, *args, **kw: fn(*args, **kw)  # our passes start here (see run)
+    register_fsdp_forward_method(model, "lvr_run")
+    return model
+
+
+def run(model, fn, *args, **kw):
+    """fn(*args, **kw); on an FSDP model inside its root's forward: FSDP2 wants every pass (a decode, a
+    scoring forward and its backward) to start at the root, while our code calls the units directly."""
+    return model.lvr_run(fn, *args, **kw) if hasattr(model, "lvr_run") else fn(*args, **kw)
+
+
+def is_sharded(model) -> bool:
+    return any(isinstance(p.data, DTensor) for p in model.parameters())
+
+
+def make_optimizer(params, lr: float, zero: bool = False):
+    """AdamW; with `zero` a ZeroRedundancyOptimizer around it: each rank keeps 1/N of its state."""
+    if zero:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=lr, weight_decay=0.0)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
+def _param_names(model, opt) -> list[str]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
+def optimizer_state(model, opt) -> dict | None:
+    """The whole optimizer state in plain AdamW's layout (parameters numbered in optimizer order), so any
+    number of processes can resume it; None off rank 0. A collective under --zero (consolidated onto rank
+    0) and --fsdp (gathered): every rank must call it."""
+    if type(opt).__name__ == "ZeroRedundancyOptimizer":
+        opt.consolidate_state_dict(to=0)
+        return opt.state_dict() if is_main() else None
+    if not is_sharded(model):
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    sd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    index = {n: i for i, n in enumerate(_param_names(model, opt))}
+    return {"state": {index[n]: v for n, v in sd["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in sd["param_groups"]]} if is_main() else None
+
+
+def load_optimizer_state(model, opt, sd: dict):
+    """Load optimizer_state's output (ZeRO keeps this rank's share, FSDP this rank's shards)."""
+    if not is_sharded(model):
+        return opt.load_state_dict(sd)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    names = _param_names(model, opt)
+    named = {"state": {names[i]: v for i, v in sd["state"].items()},
+             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]}
+    set_optimizer_state_dict(model, opt, named, options=StateDictOptions(full_state_dict=True))
+
+
+def save_run(model, tok, opt, path: str, state: dict):
+    """Every rank calls it: the optimizer state (ZeRO, FSDP) and the weights (FSDP) are gathered, then
+    rank 0 alone writes the checkpoint (save_checkpoint: atomic)."""
+    state = {**state, "optimizer": optimizer_state(model, opt)}
+    weights = model_state(model)
+    if is_main():
+        save_checkpoint(model, tok, path, state, weights)
+
+
+def model_state(model) -> dict | None:
+    """The full weights for save_checkpoint when FSDP-sharded (a collective; on rank 0), else None."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return sd if is_main() else None
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
