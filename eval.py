@@ -82,32 +82,42 @@ def first_span_latents(roll, K: int) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, batch_size=64, temperature=0.0,
              top_p=1.0, seed=0, max_new_tokens=32, blank=False, progress=True, att_layers=(0,)) -> list[dict]:
-    """Batched decoding (greedy, or sampling seeded by `seed`); one record per question, with the
-    rollout's attention share on its latents (reward.py's r_attn, None without a span).
+    """Batched decoding (greedy, or sampling with one generator per question seeded by (`seed`, its
+    index)); one record per question, with the rollout's attention share on its latents (reward.py's
+    r_attn, None without a span).
 
     mode: one of lvr.MODES; "shuffle" (each question is fed the latents the next question of its batch
     generated); "oracle" (its own stage-1 targets: the visual tokens of its boxes, pooled onto K slots);
-    "K=n" (normal decoding with n latent steps)."""
+    "K=n" (normal decoding with n latent steps).
+    Under torchrun each rank decodes a contiguous part of the questions and every rank gets all records, in
+    order; "shuffle" (which pairs questions within a batch) and an FSDP-sharded model (in lockstep) decode
+    all questions on every rank instead."""
     if mode.startswith("K="):
         mode, latent_steps = "normal", int(mode[2:])
-    gen = torch.Generator(device=model.device).manual_seed(seed)
+    sharded = M.is_sharded(model)
+    whole = sharded or mode == "shuffle"
+    mine = range(len(samples)) if whole else M.part(len(samples))
     force = route_force(samples, route)
     records = []
-    for i in tqdm(range(0, len(samples), batch_size), desc=f"eval {mode}", disable=not progress, leave=False):
-        chunk = samples[i:i + batch_size]
+    for i in tqdm(range(mine.start, mine.stop, batch_size), desc=f"eval {mode}", disable=not progress or not M.is_main(),
+                  leave=False):
+        idx = range(i, min(mine.stop, i + batch_size))
+        chunk = samples[idx.start:idx.stop]
         images = [np.full_like(s.load_image(), data.BACKGROUND) for s in chunk] if blank else None
         prompt = {k: v.to(model.device) for k, v in M.encode(model, tok, chunk, images=images).items()}
+        gens = [torch.Generator(device=model.device).manual_seed(seed * 1_000_003 + j) for j in idx]
         kw = dict(max_new_tokens=max_new_tokens, latent_steps=latent_steps, temperature=temperature, top_p=top_p,
-                  force=None if force is None else force[i:i + batch_size])
+                  force=None if force is None else force[idx.start:idx.stop], all_ranks=sharded)
         given = None
         if mode == "oracle":
-            given = lvr.oracle_latents(model, prompt, chunk, latent_steps)
+            given = M.run(model, lvr.oracle_latents, model, prompt, chunk, latent_steps)
         elif mode == "shuffle":
-            own = lvr.generate(model, tok, prompt, generator=torch.Generator(device=model.device).manual_seed(seed), **kw)
+            own = M.run(model, lvr.generate, model, tok, prompt, generator=gens, **kw)
             given = first_span_latents(own, latent_steps).roll(-1, 0)
-        roll = lvr.generate(model, tok, prompt, mode=mode if mode in lvr.MODES else "normal", generator=gen,
-                            given=given, **kw)
-        share = reward.score_rollout(model, roll, att_layers)[1].cpu()
+            gens = [torch.Generator(device=model.device).manual_seed(seed * 1_000_003 + j) for j in idx]
+        roll = M.run(model, lvr.generate, model, tok, prompt, mode=mode if mode in lvr.MODES else "normal",
+                     generator=gens, given=given, **kw)
+        share = M.run(model, reward.score_rollout, model, roll, att_layers)[1].cpu()
         for j, s in enumerate(chunk):
             text = tok.decode(roll.tokens[j][roll.mask[j]], skip_special_tokens=False)
             pred = reward.parse_answer(text) if s.choices or len(s.answer) == 1 else benchmarks.final_text(text)
@@ -116,7 +126,7 @@ def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, bat
                             "correct": benchmarks.is_correct(text, s),
                             "opened": opened, "att_share": float(share[j]) if opened else None, "text": text,
                             "chance": 1 / n_options(s) if s.choices or len(s.answer) == 1 else 0.0})
-    return records
+    return records if whole else [r for rs in M.gather_objects(records) for r in rs]
 
 
 def n_options(sample) -> int:
@@ -280,6 +290,7 @@ def main(argv=None):
         if a.plot:
             print("wrote", plot(a.plot, a.plot_out))
             return
+        a.device = M.init_dist(a.device)  # under torchrun: questions split over the ranks, rank 0 reports
         a.model = a.model or newest_checkpoint()
         model, tok = M.load_model(a.model, M.DTYPES[M.resolve_dtype(a)], a.device, max_pixels=a.max_pixels)
         sets = load_samples(a, argv)
@@ -294,8 +305,11 @@ def main(argv=None):
     for name, samples in sets.items():
         results = {mode: evaluate(model, tok, samples, mode=mode, **kw) for mode in modes}
         summaries = compare(results) if a.compare else {m: summarize(r) for m, r in results.items()}
-        print(f"{name}:\n{table(summaries)}" if len(sets) > 1 else table(summaries))
+        if M.is_main():
+            print(f"{name}:\n{table(summaries)}" if len(sets) > 1 else table(summaries))
         report[name] = {"summaries": summaries, "records": results}
+    if not M.is_main():
+        return
     if len(sets) > 1:
         print(bench_table({name: r["summaries"][modes[0]] for name, r in report.items()}))
     out = a.out or os.path.join(a.model if os.path.isdir(a.model) else ".", f"eval_{a.bench or a.split}.json")

@@ -385,6 +385,11 @@ def share(n: int, what: str) -> range:
     return range(rank() * k, (rank() + 1) * k)
 
 
+def part(n: int) -> range:
+    """This rank's contiguous part of n items when they need not divide evenly (sizes differ by at most 1)."""
+    return range(n * rank() // world(), n * (rank() + 1) // world())
+
+
 def _comm(t: torch.Tensor) -> torch.Tensor:
     return t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
 
