@@ -426,7 +426,8 @@ def sft_loss(model, batch: dict, slot_weights: torch.Tensor, lam: float = 0.1) -
     ce = F.cross_entropy(model.lm_head(h[:, :-1][scored]).float(), labels[scored]) if scored.any() else h.new_zeros(())
     before = torch.nonzero(slot[:, 1:], as_tuple=True)  # position p predicts slot p+1
     mse = F.mse_loss(h[:, :-1][before].float(), targets.float()) if slot.any() else h.new_zeros(())
-    return {"loss": ce + lam * mse, "ce": ce.detach(), "mse": mse.detach(), "feats": feats}
+    return {"loss": ce + lam * mse, "ce": ce, "mse": mse, "feats": feats,  # counts: what ce and mse average over
+            "n_ce": int(scored.sum()), "n_mse": int(before[0].numel())}
 
 
 def main():

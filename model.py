@@ -521,6 +521,8 @@ def save_run(model, tok, opt, path: str, state: dict):
     weights = model_state(model)
     if is_main():
         save_checkpoint(model, tok, path, state, weights)
+    if world() > 1:
+        dist.barrier()  # the checkpoint is on disk before any rank reads it (final eval, the next stage)
 
 
 def model_state(model) -> dict | None:

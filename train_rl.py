@@ -89,7 +89,7 @@ def parse_args(argv=None):
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of the decoder layers (non-reentrant)")
     p.add_argument("--param-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="dtype of the trained weights, their gradients and AdamW's state (README: what bf16 loses)")
-    add_parallel_args(p)
+    train_sft.add_parallel_args(p)
     M.add_device_args(p)
     a = p.parse_args(argv)
     a.out = a.out or os.path.join(train_sft.RUNS, "small-vl-rl-att" if a.att_weight else "small-vl-rl")
@@ -98,20 +98,6 @@ def parse_args(argv=None):
     a.rollout_batch = a.rollout_batch or a.prompts
     a.att_layers = [int(x) for x in a.att_layers.split(",")]
     return a
-
-
-def add_parallel_args(p):
-    """--zero / --fsdp (torchrun with 2+ processes), the same in train_sft.py."""
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--zero", action="store_true", help="under torchrun: shard AdamW's state over the processes "
-                                                       "(ZeroRedundancyOptimizer); weights and gradients stay whole")
-    g.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2, weights, gradients and optimizer state "
-                                                       "sharded (decoder layers, vision blocks, embeddings + lm_head)")
-
-
-def check_parallel(args):
-    if (args.zero or args.fsdp) and M.world() < 2:
-        raise ValueError("--zero and --fsdp shard over processes: run under torchrun --nproc-per-node N (N >= 2)")
 
 
 def initial_model(args) -> str:
@@ -379,7 +365,7 @@ def train(args) -> str:
     """The GRPO run; under torchrun each rank takes an equal contiguous share of every step's questions and
     rank 0 alone logs, shows the bar and writes checkpoints."""
     args.device = M.init_dist(args.device)
-    check_parallel(args)
+    train_sft.check_parallel(args)
     mine = M.share(args.prompts, "--prompts")
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)

@@ -81,6 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of the decoder layers (non-reentrant)")
     p.add_argument("--param-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="dtype of the trained weights, their gradients and AdamW's state")
+    add_parallel_args(p)
     M.add_device_args(p)
     a = p.parse_args(argv)
     a.dtype = M.resolve_dtype(a)
@@ -99,6 +100,20 @@ def parse_args(argv=None):
     if not 0 <= a.latent_fraction <= 1:
         p.error("--latent-fraction must be in [0, 1]")
     return a
+
+
+def add_parallel_args(p):
+    """--zero / --fsdp (torchrun with 2+ processes), the same in train_rl.py."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--zero", action="store_true", help="under torchrun: shard AdamW's state over the processes "
+                                                       "(ZeroRedundancyOptimizer); weights and gradients stay whole")
+    g.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2, weights, gradients and optimizer state "
+                                                       "sharded (decoder layers, vision blocks, embeddings + lm_head)")
+
+
+def check_parallel(args):
+    if (args.zero or args.fsdp) and M.world() < 2:
+        raise ValueError("--zero and --fsdp shard over processes: run under torchrun --nproc-per-node N (N >= 2)")
 
 
 class Stream:
@@ -189,12 +204,12 @@ class GroundingProbe(torch.nn.Module):
         return loss
 
 
-def point_loss(model, tok, qk, batch, samples) -> torch.Tensor:
+def point_loss(model, tok, qk, batch, samples, with_count: bool = False):
     """Pointing: at every reply word that names objects (a colour; the shape an attribute question
     names), head 0 of decoder layer 0 should put its attention on those objects' cells, and head 2 on
     the cells of the objects the previous such word named (so a pair's second word sees both objects,
     e.g. "yellow purple below"): -log(attention mass on the cells), averaged over such words and heads.
-    Synthetic data only (needs the scene)."""
+    Synthetic data only (needs the scene). with_count: also the number of (word, head) terms averaged."""
     q, k = qk[0]
     q, k = q.float(), k.float()  # (B, H, L, d), (B, Hkv, L, d)
     group = q.shape[1] // k.shape[1]
@@ -216,20 +231,20 @@ def point_loss(model, tok, qk, batch, samples) -> torch.Tensor:
                     rows.append((b, head, p, cells[target]))
             prev = named
     if not rows:
-        return q.new_zeros(())
+        return (q.new_zeros(()), 0) if with_count else q.new_zeros(())
     losses = []
     for b, head, p, target in rows:
         logits = (k[b, head // group, :p + 1] @ q[b, head, p]) / q.shape[-1] ** 0.5
         logits = logits.masked_fill(~mask[b, :p + 1], float("-inf"))
         losses.append(logits.logsumexp(0) - logits[target].logsumexp(0))
-    return torch.stack(losses).mean()
+    return (torch.stack(losses).mean(), len(losses)) if with_count else torch.stack(losses).mean()
 
 
 def start(args, stage: int, out: str, init: str | None):
     """(model, tokenizer, probe, optimizer, first step) of a stage; from out/checkpoint when resuming."""
     ckpt = os.path.join(out, "checkpoint")
     resume = args.resume and os.path.isdir(ckpt)
-    if args.resume and not resume:
+    if args.resume and not resume and M.is_main():
         print(f"no checkpoint in {out}: starting fresh")
     if resume or init is not None:
         model, tok = M.load_model(ckpt if resume else init, M.DTYPES[args.param_dtype], args.device,
@@ -244,15 +259,18 @@ def start(args, stage: int, out: str, init: str | None):
     for p in model.model.visual.parameters():
         p.requires_grad_(stage == 0)
     own = [p for n, p in probe.named_parameters() if not n.startswith("embed.")]  # the embeddings are the model's
+    if args.fsdp and stage == 1:  # stage 0 (the tiny small-vl base, whose probe shares the embeddings) stays whole
+        M.shard_model(model)
     params = [p for p in model.parameters() if p.requires_grad] + (own if stage == 0 else [])
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    opt = M.make_optimizer(params, args.lr, args.zero)
     step = 0
     if resume:
         state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
-        probe.load_state_dict(state["probe"])
-        opt.load_state_dict(state["optimizer"])
+        probe.load_state_dict({**probe.state_dict(), **state["probe"]})  # older checkpoints also hold embed.weight
+        M.load_optimizer_state(model, opt, state["optimizer"])
         step = state["step"]
-        print(f"resuming {out} at step {step}")
+        if M.is_main():
+            print(f"resuming {out} at step {step}")
     return model, tok, probe, opt, step
 
 
@@ -278,52 +296,81 @@ def sft_step(args, model, tok, probe, samples, index, stage: int) -> dict:
         out = lvr.sft_loss(model, batch, W.to(args.device), args.lam)
     out["latent_share"] = W.shape[0] / max(1, args.latent_steps) / len(samples)
     if point:
-        out["point"] = point_loss(model, tok, qk, batch, samples)
+        out["point"], out["n_point"] = point_loss(model, tok, qk, batch, samples, with_count=True)
         out["loss"] = out["loss"] + args.point_weight * out["point"]
     if stage == 0 and args.ground_weight > 0:
         out["ground"] = probe(out["feats"], probe.labels(samples, *M.merged_grid(samples[0].image.shape, model)))
+        out["n_ground"] = out["feats"].shape[0]
         out["loss"] = out["loss"] + args.ground_weight * out["ground"]
+    out["n_latent_share"] = len(samples)
     return out
 
 
+TERMS = ("ce", "mse", "point", "ground")
+
+
+def across_ranks(args, out: dict) -> dict:
+    """Under torchrun: each loss term reweighted so that, gradients averaged over ranks, it is its mean over
+    the whole batch of every rank (as one process takes it); the logged values are those global means."""
+    if M.world() == 1:
+        return {k: float(out[k].detach()) if torch.is_tensor(out[k]) else out[k] for k in TERMS + ("loss", "latent_share") if k in out}
+    weight = {"ce": 1.0, "mse": args.lam, "point": args.point_weight, "ground": args.ground_weight}
+    keys = [k for k in TERMS + ("latent_share",) if k in out]
+    n = torch.tensor([float(out[f"n_{k}"]) for k in keys], dtype=torch.float64)
+    sums = M.all_sum(torch.stack([n, n * torch.tensor([float(out[k]) for k in keys], dtype=torch.float64)]))
+    total = sums[0].clamp(min=1)
+    share = dict(zip(keys, (n * M.world() / total).tolist()))
+    out["loss"] = sum(weight[k] * out[k] * share[k] for k in keys if k in weight)
+    logged = dict(zip(keys, (sums[1] / total).tolist()))
+    return {**logged, "loss": sum(weight[k] * logged[k] for k in keys if k in weight)}
+
+
 def train(args, stage: int, out: str, init: str | None) -> str:
-    """One stage into run directory `out`; returns its checkpoint."""
+    """One stage into run directory `out`; returns its checkpoint. Under torchrun each rank takes an equal
+    contiguous share of every batch; rank 0 alone logs, shows the bar and writes checkpoints."""
     torch.manual_seed(args.seed + stage)
     os.makedirs(out, exist_ok=True)
     stream = Stream(args)
     model, tok, probe, opt, step = start(args, stage, out, init)
     total = args.base_steps if stage == 0 else args.steps
     log = os.path.join(out, "log.jsonl")
-    log_line(log, {}, upto=step)
+    if M.is_main():
+        log_line(log, {}, upto=step)
     model.train()
     autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
-    bar = tqdm(range(step, total), initial=step, total=total, desc=f"stage {stage}")
+    bar = tqdm(range(step, total), initial=step, total=total, desc=f"stage {stage}", disable=not M.is_main())
+    mine = M.share(args.batch_size, "--batch-size")
+    params = [p for g in opt.param_groups for p in g["params"]]
     for step in bar:
         t0 = time.time()
-        index = range(OFFSET[stage] + step * args.batch_size, OFFSET[stage] + (step + 1) * args.batch_size)
+        first = OFFSET[stage] + step * args.batch_size
+        index = range(first + mine.start, first + mine.stop)
         samples = [stream[i] for i in index]
         lr = lr_at(args, step, total)
         for g in opt.param_groups:
             g["lr"] = lr
         with autocast:
-            res = sft_step(args, model, tok, probe, samples, index, stage)
+            res = M.run(model, sft_step, args, model, tok, probe, samples, index, stage)
+            logged = across_ranks(args, res)
         opt.zero_grad(set_to_none=True)
-        skipped = not torch.isfinite(res["loss"])
+        skipped = not M.all_true(bool(torch.isfinite(res["loss"])))
         if skipped:
             warnings.warn(f"step {step}: non-finite loss, update skipped")
         else:
             res["loss"].backward()
-            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+            M.average_grads(params)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-        row = {"step": step + 1, "stage": stage, "lr": lr, "skipped": skipped, "sec": time.time() - t0,
-               **{k: float(v.detach()) if torch.is_tensor(v) else v for k, v in res.items() if k in ("loss", "ce", "mse", "ground", "point", "latent_share")}}
-        log_line(log, row)
+        row = {"step": step + 1, "stage": stage, "lr": lr, "skipped": skipped, "sec": time.time() - t0, **logged}
+        if M.is_main():
+            log_line(log, row)
         bar.set_postfix({k: f"{row[k]:.3f}" for k in ("ground", "point", "ce", "mse") if k in row})
         if args.eval_every and (step + 1) % args.eval_every == 0:
             quick_eval(args, model, tok, stream, log, step + 1, bar)
         if (step + 1) % args.save_every == 0 or step + 1 == total:
-            M.save_checkpoint(model, tok, os.path.join(out, "checkpoint"),
-                              {"step": step + 1, "optimizer": opt.state_dict(), "probe": probe.state_dict(), "args": vars(args)})
+            probe_state = {k: v for k, v in probe.state_dict().items() if not k.startswith("embed.")}  # the model's
+            M.save_run(model, tok, opt, os.path.join(out, "checkpoint"),
+                       {"step": step + 1, "probe": probe_state, "args": vars(args)})
     return os.path.join(out, "checkpoint")
 
 
@@ -332,6 +379,8 @@ def quick_eval(args, model, tok, stream, log, step, bar):
     model.eval()
     quick = ev.summarize(ev.evaluate(model, tok, stream.val(100), latent_steps=args.latent_steps, progress=False))
     model.train()
+    if not M.is_main():
+        return
     log_line(log, {"step": step, "val_acc": quick["overall"]["acc"], "val_latent_rate": quick["overall"]["latent_rate"],
                    **{f"val_{t}": v["acc"] for t, v in quick["per_type"].items()}})
     bar.write(f"step {step}: val acc {quick['overall']['acc']:.2f} " + " ".join(f"{t} {v['acc']:.2f}" for t, v in quick["per_type"].items()))
@@ -343,11 +392,13 @@ def base_model(args) -> str:
     state = os.path.join(ckpt, "trainer_state.pt")
     if os.path.isfile(state) and torch.load(state, weights_only=False)["step"] >= args.base_steps:
         return ckpt
-    print(f"small-vl base model {args.base} is missing or unfinished: training it first (stage 0)")
+    if M.is_main():
+        print(f"small-vl base model {args.base} is missing or unfinished: training it first (stage 0)")
     t0 = time.time()
     args = argparse.Namespace(**{**vars(args), "data": None})  # the base always learns the synthetic scenes
     ckpt = train(args, 0, args.base, None)
-    print(f"base model trained in {time.time() - t0:.0f}s: {ckpt}")
+    if M.is_main():
+        print(f"base model trained in {time.time() - t0:.0f}s: {ckpt}")
     final_eval(args, ckpt, args.base, modes=("normal", "blank image"))
     return ckpt
 
@@ -360,6 +411,8 @@ def final_eval(args, ckpt: str, out: str, modes=None) -> dict:
              "blank image": {"blank": True}, "sampled T=1": {"temperature": 1.0}}
     res = {name: ev.summarize(ev.evaluate(model, tok, val, latent_steps=args.latent_steps, **kw))
            for name, kw in table.items() if modes is None or name in modes}
+    if not M.is_main():
+        return res
     print(ev.table(res))
     with open(os.path.join(out, "eval_val.json"), "w") as f:
         json.dump(res, f, indent=1)
@@ -369,12 +422,15 @@ def final_eval(args, ckpt: str, out: str, modes=None) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     try:
+        args.device = M.init_dist(args.device)
+        check_parallel(args)
         if args.data:
             data.load_jsonl(args.data)  # bad rows fail now, not after the base model's training
         init = args.model if args.model != "small-vl" else base_model(args)
         t0 = time.time()
         ckpt = train(args, 1, args.out, init)
-        print(f"stage 1 trained in {time.time() - t0:.0f}s; checkpoint: {ckpt}")
+        if M.is_main():
+            print(f"stage 1 trained in {time.time() - t0:.0f}s; checkpoint: {ckpt}")
         final_eval(args, ckpt, args.out)
     except (M.ModelLoadError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
