@@ -357,12 +357,24 @@ def init_dist(device: str) -> str:
     """Under torchrun (WORLD_SIZE > 1) join the process group once: gloo on the CPU, nccl on CUDA (one GPU
     per rank, cuda:LOCAL_RANK). Returns the device this rank computes on."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        _die_with_parent()
         if torch.device(device).type == "cuda":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
     if dist.is_initialized() and torch.device(device).type == "cuda":
         return f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     return device
+
+
+def _die_with_parent():
+    """torchrun starts every worker in a session of its own, so `kill -9` of torchrun's process group leaves
+    the workers training (and writing checkpoints) as orphans: on Linux, ask for SIGKILL when it dies."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the launcher is already gone
+            os._exit(1)
 
 
 def rank() -> int:
