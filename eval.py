@@ -36,7 +36,9 @@ import benchmarks
 import data
 import lvr
 import model as M
+import parallel as P
 import reward
+import rundir
 
 
 
@@ -94,12 +96,12 @@ def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, bat
     all questions on every rank instead."""
     if mode.startswith("K="):
         mode, latent_steps = "normal", int(mode[2:])
-    sharded = M.is_sharded(model)
+    sharded = P.is_sharded(model)
     whole = sharded or mode == "shuffle"
-    mine = range(len(samples)) if whole else M.part(len(samples))
+    mine = range(len(samples)) if whole else P.part(len(samples))
     force = route_force(samples, route)
     records = []
-    for i in tqdm(range(mine.start, mine.stop, batch_size), desc=f"eval {mode}", disable=not progress or not M.is_main(),
+    for i in tqdm(range(mine.start, mine.stop, batch_size), desc=f"eval {mode}", disable=not progress or not P.is_main(),
                   leave=False):
         idx = range(i, min(mine.stop, i + batch_size))
         chunk = samples[idx.start:idx.stop]
@@ -110,14 +112,14 @@ def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, bat
                   force=None if force is None else force[idx.start:idx.stop], all_ranks=sharded)
         given = None
         if mode == "oracle":
-            given = M.run(model, lvr.oracle_latents, model, prompt, chunk, latent_steps)
+            given = P.run(model, lvr.oracle_latents, model, prompt, chunk, latent_steps)
         elif mode == "shuffle":
-            own = M.run(model, lvr.generate, model, tok, prompt, generator=gens, **kw)
+            own = P.run(model, lvr.generate, model, tok, prompt, generator=gens, **kw)
             given = first_span_latents(own, latent_steps).roll(-1, 0)
             gens = [torch.Generator(device=model.device).manual_seed(seed * 1_000_003 + j) for j in idx]
-        roll = M.run(model, lvr.generate, model, tok, prompt, mode=mode if mode in lvr.MODES else "normal",
+        roll = P.run(model, lvr.generate, model, tok, prompt, mode=mode if mode in lvr.MODES else "normal",
                      generator=gens, given=given, **kw)
-        share = M.run(model, reward.score_rollout, model, roll, att_layers)[1].cpu()
+        share = P.run(model, reward.score_rollout, model, roll, att_layers)[1].cpu()
         for j, s in enumerate(chunk):
             text = tok.decode(roll.tokens[j][roll.mask[j]], skip_special_tokens=False)
             pred = reward.parse_answer(text) if s.choices or len(s.answer) == 1 else benchmarks.final_text(text)
@@ -126,7 +128,7 @@ def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, bat
                             "correct": benchmarks.is_correct(text, s),
                             "opened": opened, "att_share": float(share[j]) if opened else None, "text": text,
                             "chance": 1 / n_options(s) if s.choices or len(s.answer) == 1 else 0.0})
-    return records if whole else [r for rs in M.gather_objects(records) for r in rs]
+    return records if whole else [r for rs in P.gather_objects(records) for r in rs]
 
 
 def n_options(sample) -> int:
@@ -230,17 +232,17 @@ def parse_args(argv=None):
     p.add_argument("--model", help="checkpoint directory or cached hub id (default: the newest small-vl RL, else SFT)")
     p.add_argument("--max-pixels", type=int, help="override the checkpoint's max_pixels (image resize bound)")
     p.add_argument("--split", default="test", choices=["val", "test"], help="synthetic split to evaluate")
-    p.add_argument("--n", type=int, default=500, help="number of synthetic questions (benchmarks: all unless set)")
+    p.add_argument("--n", type=rundir.at_least(1), help="number of questions (default: 500 synthetic, all of a benchmark)")
     p.add_argument("--data-seed", type=int, default=0, help="synthetic data seed (the one training used)")
     p.add_argument("--bench", choices=list(benchmarks.BENCHMARKS) + ["all"],
                    help="a real benchmark instead of synthetic data; all: the paper's seven, one table row each")
     p.add_argument("--bench-root", help="the benchmark's directory (tsv: the .tsv file; the paper's seven: the folder "
                                         "holding NAME.tsv, as VLMEvalKit stores them)")
-    p.add_argument("--latent-steps", type=int, default=8, help="K, latent steps per span")
-    p.add_argument("--batch-size", type=int, default=64, help="questions decoded together")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="reply length cap (latent steps included)")
+    p.add_argument("--latent-steps", type=rundir.at_least(0), default=8, help="K, latent steps per span")
+    p.add_argument("--batch-size", type=rundir.at_least(1), default=64, help="questions decoded together")
+    p.add_argument("--max-new-tokens", type=rundir.at_least(1), default=32, help="reply length cap (latent steps included)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; else sampling (seeded by --seed)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when sampling")
+    p.add_argument("--top-p", type=rundir.at_least(0.0, float), default=1.0, help="nucleus sampling when sampling")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling and of the noise latents")
     m = p.add_mutually_exclusive_group()
     m.add_argument("--drop-latents", action="store_true", help="no latent embedding enters the context")
@@ -254,24 +256,23 @@ def parse_args(argv=None):
     r.add_argument("--force-latents", action="store_true", help="every reply opens a latent span")
     r.add_argument("--no-latents", action="store_true", help="no reply opens a latent span")
     r.add_argument("--route", metavar="T1,T2", help="latents forced for these question types, forbidden for the rest")
-    p.add_argument("--att-layers", default="0", help="layers of the attention share (as train_rl.py)")
-    p.add_argument("--out", help="JSON results file (default: <model>/eval_<split or bench>.json)")
+    p.add_argument("--att-layers", type=rundir.layer_list, default=[0], help="layers of the attention share (as train_rl.py)")
+    p.add_argument("--out", help="JSON results file, rewritten after each mode (default: <model>/eval_<split or bench>.json, "
+                                   "or ./eval_<model name>_<split or bench>.json when the model folder is not writable)")
     M.add_device_args(p)
     p.add_argument("--plot", nargs="+", metavar="LOG", help="draw train_rl.py log(s) side by side and exit")
     p.add_argument("--plot-out", default="curves.png", help="PNG file for --plot")
     return p.parse_args(argv)
 
 
-def load_samples(a, argv) -> dict:
+def load_samples(a) -> dict:
     """{name: samples}: the synthetic split, one benchmark, or (--bench all) the paper's seven."""
     if not a.bench:
-        return {a.split: data.make_split(a.split, a.n, a.data_seed)}
+        return {a.split: data.make_split(a.split, a.n or 500, a.data_seed)}
     if not a.bench_root:
         raise ValueError("--bench needs --bench-root (the benchmark's directory or .tsv file)")
     names = benchmarks.PAPER if a.bench == "all" else [a.bench]
-    out = {name: benchmarks.load_benchmark(name, a.bench_root) for name in names}
-    n_given = any(x == "--n" or x.startswith("--n=") for x in (sys.argv[1:] if argv is None else argv))
-    return {k: v[:a.n] for k, v in out.items()} if n_given else out
+    return {name: benchmarks.load_benchmark(name, a.bench_root)[:a.n] for name in names}
 
 
 def bench_table(summaries: dict) -> str:
@@ -284,38 +285,73 @@ def bench_table(summaries: dict) -> str:
     return "\n".join(rows)
 
 
+def write_json(path: str, obj):
+    """Write JSON through a temporary file and a rename: a kill or a full disk never leaves half a file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def output_path(a) -> str:
+    """--out (its folder must exist), else eval_<split or bench>.json beside the model if that folder is
+    writable, else in the current folder (said in one line)."""
+    if a.out:
+        folder = os.path.dirname(os.path.abspath(a.out))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"--out {a.out}: folder {folder} does not exist")
+        return a.out
+    name = f"eval_{a.bench or a.split}.json"
+    if os.path.isdir(a.model) and os.access(a.model, os.W_OK):
+        return os.path.join(a.model, name)
+    out = f"eval_{os.path.basename(os.path.normpath(a.model))}_{a.bench or a.split}.json"
+    if P.is_main():
+        print(f"{a.model} is not a writable folder: results go to {out}")
+    return out
+
+
+def check_route(route: str | None, samples):
+    types = sorted({s.qtype for s in samples})
+    unknown = sorted(set(route.split(",")) - set(types)) if route else []
+    if unknown:
+        raise ValueError(f"--route: no question of type {', '.join(unknown)} here (types: {', '.join(types)})")
+
+
 def main(argv=None):
     a = parse_args(argv)
     try:
         if a.plot:
             print("wrote", plot(a.plot, a.plot_out))
             return
-        a.device = M.init_dist(a.device)  # under torchrun: questions split over the ranks, rank 0 reports
+        a.device = P.init_dist(a.device)  # under torchrun: questions split over the ranks, rank 0 reports
         a.model = a.model or newest_checkpoint()
+        out = output_path(a)
         model, tok = M.load_model(a.model, M.DTYPES[M.resolve_dtype(a)], a.device, max_pixels=a.max_pixels)
-        sets = load_samples(a, argv)
-    except (M.ModelLoadError, FileNotFoundError, ValueError, ImportError) as e:
-        sys.exit(f"error: {e}")
-    route = "all" if a.force_latents else "none" if a.no_latents else a.route
-    chosen = ["drop"] if a.drop_latents else ["noise"] if a.noise_latents else ["noise_norm"] if a.noise_norm_latents else ["normal"]
-    modes = list(ARMS) + [f"K={k}" for k in K_SWEEP if k != a.latent_steps] if a.compare else chosen
-    kw = dict(latent_steps=a.latent_steps, route=route, batch_size=a.batch_size, temperature=a.temperature, top_p=a.top_p,
-              seed=a.seed, max_new_tokens=a.max_new_tokens, att_layers=[int(x) for x in a.att_layers.split(",")])
-    report = {}
-    for name, samples in sets.items():
-        results = {mode: evaluate(model, tok, samples, mode=mode, **kw) for mode in modes}
-        summaries = compare(results) if a.compare else {m: summarize(r) for m, r in results.items()}
-        if M.is_main():
-            print(f"{name}:\n{table(summaries)}" if len(sets) > 1 else table(summaries))
-        report[name] = {"summaries": summaries, "records": results}
-    if not M.is_main():
+        rundir.check_layers(model, a.att_layers)
+        sets = load_samples(a)
+        for samples in sets.values():
+            check_route(a.route, samples)
+        route = "all" if a.force_latents else "none" if a.no_latents else a.route
+        chosen = ["drop"] if a.drop_latents else ["noise"] if a.noise_latents else ["noise_norm"] if a.noise_norm_latents else ["normal"]
+        modes = list(ARMS) + [f"K={k}" for k in K_SWEEP if k != a.latent_steps] if a.compare else chosen
+        kw = dict(latent_steps=a.latent_steps, route=route, batch_size=a.batch_size, temperature=a.temperature,
+                  top_p=a.top_p, seed=a.seed, max_new_tokens=a.max_new_tokens, att_layers=a.att_layers)
+        report = {}
+        for name, samples in sets.items():
+            results = {}
+            for mode in modes:  # the results file is rewritten after each mode: a late failure keeps the rest
+                results[mode] = evaluate(model, tok, samples, mode=mode, **kw)
+                summaries = compare(results) if a.compare else {m: summarize(r) for m, r in results.items()}
+                report[name] = {"summaries": summaries, "records": results}
+                P.on_main(write_json, out, {"model": a.model, "route": route,
+                                            **(report[name] if len(sets) == 1 else {"benchmarks": report})})
+            if P.is_main():
+                print(f"{name}:\n{table(summaries)}" if len(sets) > 1 else table(summaries))
+    except (M.ModelLoadError, P.RankZeroError, OSError, ValueError, ImportError) as e:
+        sys.exit(f"error: {rundir.oneline(e)}" if P.is_main() else 1)  # rank 0 says it, once
+    if not P.is_main():
         return
     if len(sets) > 1:
         print(bench_table({name: r["summaries"][modes[0]] for name, r in report.items()}))
-    out = a.out or os.path.join(a.model if os.path.isdir(a.model) else ".", f"eval_{a.bench or a.split}.json")
-    result = {"model": a.model, "route": route, **(report[next(iter(report))] if len(sets) == 1 else {"benchmarks": report})}
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
     print("wrote", out)
 
 

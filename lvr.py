@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 import data
 import model as M
+import parallel as P
 
 MODES = ("normal", "drop", "noise", "noise_norm", "zero", "repeat")
 
@@ -311,7 +312,7 @@ def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, lat
         forced.append(exit_now | (entered & (force > 0) & (t == 0)))
         done = done | torch.isin(token, eos.to(dev))
         finished = bool(done.all())
-        if (M.all_true(finished) if all_ranks else finished) or t == max_new_tokens - 1:
+        if (P.all_true(finished) if all_ranks else finished) or t == max_new_tokens - 1:
             break
         step_x = torch.where(feed[:, None], vec.to(h.dtype), model.get_input_embeddings()(token))
         attn = torch.cat([attn, torch.ones(N, 1, dtype=attn.dtype, device=dev)], 1)
@@ -390,12 +391,14 @@ def oracle_latents(model, prompt: dict, samples, K: int = 8) -> torch.Tensor:
     return torch.stack(out)
 
 
-def sft_batch(model, tok, samples, latent: list[bool], K: int = 8, targets: str = "pooled") -> tuple[dict, torch.Tensor]:
-    """Teacher-forcing batch: replies with a latent span where `latent[i]`, and the (S, n_image_tokens)
-    matrix whose rows average the merged visual tokens that are each slot's target."""
+def sft_batch(model, tok, samples, latent: list[bool], K: int | list[int] = 8,
+              targets: str = "pooled") -> tuple[dict, torch.Tensor]:
+    """Teacher-forcing batch: replies with a latent span where `latent[i]` (of K slots, or K[i] per sample),
+    and the (S, n_image_tokens) matrix whose rows average the merged visual tokens that are each slot's target."""
     m = model.config.vision_config.spatial_merge_size
-    groups = [slot_groups(s.bboxes, *M.merged_grid(s.load_image().shape, model), targets, K) if use and s.bboxes else []
-              for s, use in zip(samples, latent)]  # a sample without boxes (RL-style rows) gets no span
+    Ks = K if isinstance(K, list) else [K] * len(samples)
+    groups = [slot_groups(s.bboxes, *M.merged_grid(s.load_image().shape, model), targets, k) if use and s.bboxes else []
+              for s, use, k in zip(samples, latent, Ks)]  # a sample without boxes (RL-style rows) gets no span
     batch = M.encode(model, tok, samples, [data.chat_response(s.answer, s.reason, len(g), s.response)
                                            for s, g in zip(samples, groups)])
     sizes = (batch["image_grid_thw"].prod(-1) // m ** 2).tolist()

@@ -15,6 +15,7 @@ small-vl's vision tower takes 5 input channels, RGB plus x and y coordinate ramp
 from __future__ import annotations
 
 import argparse
+import errno
 import glob
 import json
 import math
@@ -24,9 +25,7 @@ import sys
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 from transformers.utils import logging as hf_logging
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -327,223 +326,90 @@ def load_model(path: str, dtype=torch.float32, device="cpu", attn="sdpa", max_pi
     for key in LVR_CONFIG_KEYS:  # a reference LVR checkpoint stores these at the top level of config.json
         if key in cfg and getattr(model.config, key, None) is None:
             setattr(model.config, key, cfg[key])
+    bad = nonfinite_tensor(model)
+    if bad:
+        raise ModelLoadError(f"{path}: tensor {bad} holds NaN/inf values (a diverged or corrupted checkpoint)")
     _ensure_lvr_tokens(model, tok)
     model.image_processor = image_processor(model.config.vision_config, path, max_pixels)
     return model.to(device).eval(), tok
 
 
-def save_checkpoint(model, tok, path: str, state: dict | None = None, weights: dict | None = None):
-    """Write an HF-format directory atomically: into path.tmp, then rename over path.
+def fsync_dir(path: str):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    `state` (optimizer, step, rng, ...) goes to trainer_state.pt beside the weights for --resume.
-    `weights`: a full state dict to write instead of the model's own (FSDP: model_state's)."""
-    tmp, old = path.rstrip("/") + ".tmp", path.rstrip("/") + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": weights} if weights is not None else {}))
-    tok.save_pretrained(tmp)
-    processor_of(model).save_pretrained(tmp)  # preprocessor_config.json: AutoProcessor, vLLM, VLMEvalKit load it
-    if state is not None:
-        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-    if os.path.exists(path):
+
+def write_model(model, tok, path: str, dtype=None, weights: dict | None = None):
+    """save_pretrained, the tokenizer and the image processor into a new directory, every file fsynced;
+    weights cast to `dtype` (default: the model's). `weights`: a full state dict to write in place of the
+    model's own (an FSDP-sharded model: parallel.model_state's). I/O failures, safetensors' included, come
+    out as OSError naming the path."""
+    cast = dtype is not None and dtype != model.dtype
+    try:
+        sd = weights if weights is not None else model.state_dict() if cast else None
+        sd = {k: v.to(dtype) for k, v in sd.items()} if cast else sd
+        model.save_pretrained(path, safe_serialization=True, state_dict=sd)
+        tok.save_pretrained(path)
+        processor_of(model).save_pretrained(path)  # preprocessor_config.json: AutoProcessor, vLLM, VLMEvalKit load it
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors reports a full disk as its own error type
+        raise OSError(errno.EIO, f"cannot write ({type(e).__name__}: {str(e).splitlines()[0]})", path) from None
+    if cast:  # config.json says which dtype the weights are in
+        cfg_path = os.path.join(path, "config.json")
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        cfg["dtype"] = str(dtype).split(".")[1]
+        with open(cfg_path, "w") as f:
+            json.dump(cfg, f, indent=2)
+    for name in os.listdir(path):
+        with open(os.path.join(path, name), "rb") as f:
+            os.fsync(f.fileno())
+    fsync_dir(path)
+
+
+def replace_dir(src: str, dst: str):
+    """Rename directory src over dst (dst -> dst.old first, removed last), fsyncing the parent."""
+    old = dst.rstrip("/") + ".old"
+    if os.path.exists(dst):
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    fsync_dir(os.path.dirname(os.path.abspath(dst)))
     shutil.rmtree(old, ignore_errors=True)
 
 
-# ------------------------------------------------------------------ torchrun (torch.distributed)
-# One process without torchrun: rank 0 of 1, every helper below is a no-op.
-def init_dist(device: str) -> str:
-    """Under torchrun (WORLD_SIZE > 1) join the process group once: gloo on the CPU, nccl on CUDA (one GPU
-    per rank, cuda:LOCAL_RANK). Returns the device this rank computes on."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        _die_with_parent()
-        if torch.device(device).type == "cuda":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
-    if dist.is_initialized() and torch.device(device).type == "cuda":
-        return f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-    return device
+def save_checkpoint(model, tok, path: str, dtype=None):
+    """Write an HF-format directory atomically: into path.tmp (fsynced), then rename over path.
+    Training runs save through rundir.save, which adds the trainer state beside it."""
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_model(model, tok, tmp, dtype)
+    replace_dir(tmp, path)
 
 
-def _die_with_parent():
-    """torchrun starts every worker in a session of its own, so `kill -9` of torchrun's process group leaves
-    the workers training (and writing checkpoints) as orphans: on Linux, ask for SIGKILL when it dies."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the launcher is already gone
-            os._exit(1)
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def is_main() -> bool:
-    return rank() == 0
-
-
-def share(n: int, what: str) -> range:
-    """This rank's contiguous share of n items (n must divide evenly: every rank runs the same steps)."""
-    if n % world():
-        raise ValueError(f"{what} ({n}) must be divisible by the number of processes ({world()})")
-    k = n // world()
-    return range(rank() * k, (rank() + 1) * k)
-
-
-def part(n: int) -> range:
-    """This rank's contiguous part of n items when they need not divide evenly (sizes differ by at most 1)."""
-    return range(n * rank() // world(), n * (rank() + 1) // world())
-
-
-def _comm(t: torch.Tensor) -> torch.Tensor:
-    return t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
-
-
-def all_sum(t: torch.Tensor) -> torch.Tensor:
-    """The sum over ranks (a new tensor on t's device)."""
-    if world() == 1:
-        return t
-    x = _comm(t.detach().clone())
-    dist.all_reduce(x)
-    return x.to(t.device)
-
-
-def all_true(flag: bool) -> bool:
-    """True when the flag holds on every rank."""
-    return bool(all_sum(torch.tensor([0 if flag else 1])).item() == 0)
-
-
-def gather_cat(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """Every rank's t (same shape on all) concatenated in rank order along dim."""
-    if world() == 1:
-        return t
-    parts = [torch.empty_like(_comm(t)) for _ in range(world())]
-    dist.all_gather(parts, _comm(t.contiguous()))
-    return torch.cat(parts, dim).to(t.device)
-
-
-def gather_objects(obj) -> list:
-    """Every rank's picklable obj, in rank order."""
-    if world() == 1:
-        return [obj]
-    out = [None] * world()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def average_grads(params):
-    """Average the accumulated gradients over ranks once per optimizer step (after the last micro-batch, as
-    DDP with no_sync on the others would); a parameter without a gradient counts as zero. FSDP-sharded
-    parameters are skipped: fully_shard reduce-scatters their gradients itself."""
-    if world() == 1:
-        return
-    work = []
-    for p in params:
-        if isinstance(p.data, DTensor):
-            continue
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        p.grad.div_(world())
-        work.append(dist.all_reduce(p.grad, async_op=True))
-    for w in work:
-        w.wait()
-
-
-def shard_model(model):
-    """FSDP2: fully_shard every decoder layer and vision block, then the vision tower's own weights, the
-    input embedding and lm_head as ONE group (the 3B ties them: a shared weight must live in one group),
-    the language model's final norm, and the root. Our decode and scoring code calls these modules
-    directly; each unit gathers its weights in its own forward."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-    lm, vis = model.model.language_model, model.model.visual
-    for layer in lm.layers:
-        fully_shard(layer)
-    for block in vis.blocks:
-        fully_shard(block)
-    fully_shard(vis)
-    fully_shard([lm.embed_tokens, model.lm_head])
-    fully_shard(lm)
-    fully_shard(model)
-    model.lvr_run = lambda fn, *args, **kw: fn(*args, **kw)  # our passes start here (see run)
-    register_fsdp_forward_method(model, "lvr_run")
-    return model
-
-
-def run(model, fn, *args, **kw):
-    """fn(*args, **kw); on an FSDP model inside its root's forward: FSDP2 wants every pass (a decode, a
-    scoring forward and its backward) to start at the root, while our code calls the units directly."""
-    return model.lvr_run(fn, *args, **kw) if hasattr(model, "lvr_run") else fn(*args, **kw)
-
-
-def is_sharded(model) -> bool:
-    return any(isinstance(p.data, DTensor) for p in model.parameters())
-
-
-def make_optimizer(params, lr: float, zero: bool = False):
-    """AdamW; with `zero` a ZeroRedundancyOptimizer around it: each rank keeps 1/N of its state."""
-    if zero:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=lr, weight_decay=0.0)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-
-
-def _param_names(model, opt) -> list[str]:
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [names[id(p)] for g in opt.param_groups for p in g["params"]]
-
-
-def optimizer_state(model, opt) -> dict | None:
-    """The whole optimizer state in plain AdamW's layout (parameters numbered in optimizer order), so any
-    number of processes can resume it; None off rank 0. A collective under --zero (consolidated onto rank
-    0) and --fsdp (gathered): every rank must call it."""
-    if type(opt).__name__ == "ZeroRedundancyOptimizer":
-        opt.consolidate_state_dict(to=0)
-        return opt.state_dict() if is_main() else None
-    if not is_sharded(model):
-        return opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    sd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    index = {n: i for i, n in enumerate(_param_names(model, opt))}
-    return {"state": {index[n]: v for n, v in sd["state"].items()},
-            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in sd["param_groups"]]} if is_main() else None
-
-
-def load_optimizer_state(model, opt, sd: dict):
-    """Load optimizer_state's output (ZeRO keeps this rank's share, FSDP this rank's shards)."""
-    if not is_sharded(model):
-        return opt.load_state_dict(sd)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    names = _param_names(model, opt)
-    named = {"state": {names[i]: v for i, v in sd["state"].items()},
-             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]}
-    set_optimizer_state_dict(model, opt, named, options=StateDictOptions(full_state_dict=True))
-
-
-def save_run(model, tok, opt, path: str, state: dict):
-    """Every rank calls it: the optimizer state (ZeRO, FSDP) and the weights (FSDP) are gathered, then
-    rank 0 alone writes the checkpoint (save_checkpoint: atomic)."""
-    state = {**state, "optimizer": optimizer_state(model, opt)}
-    weights = model_state(model)
-    if is_main():
-        save_checkpoint(model, tok, path, state, weights)
-    if world() > 1:
-        dist.barrier()  # the checkpoint is on disk before any rank reads it (final eval, the next stage)
-
-
-def model_state(model) -> dict | None:
-    """The full weights for save_checkpoint when FSDP-sharded (a collective; on rank 0), else None."""
-    if not is_sharded(model):
+def saved_dtype(path: str):
+    """The dtype a checkpoint's config.json gives its weights (None when unstated)."""
+    try:
+        with open(os.path.join(resolve(path), "config.json")) as f:
+            cfg = json.load(f)
+        name = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype")
+    except (OSError, ValueError, AttributeError):
         return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return sd if is_main() else None
+    return getattr(torch, name, None) if isinstance(name, str) else None
+
+
+def nonfinite_tensor(model) -> str | None:
+    """The name of the first parameter or buffer holding NaN/inf, or None (FSDP: in this process's shards)."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        t = t.to_local() if hasattr(t, "to_local") else t  # FSDP: this process's shard
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -26,11 +26,11 @@ import sys
 import time
 
 import numpy as np
-import torch
 
 import data
 import eval as ev
 import model as M
+import rundir
 import train_rl
 import train_sft
 
@@ -66,8 +66,7 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------------------------- training
 def finished(run: str, steps: int) -> bool:
-    state = os.path.join(run, "checkpoint", "trainer_state.pt")
-    return os.path.isfile(state) and torch.load(state, weights_only=False)["step"] >= steps
+    return rundir.saved_step(run) >= steps
 
 
 def train(a, name: str, seed: int) -> str:

@@ -13,7 +13,7 @@ the ratio refers to the policy that sampled); PPO-clipped policy loss over the s
 code): a slot's log-probability is -||z - h||^2 / (2 sigma^2), z the latent fed during the rollout and h
 the policy's hidden state that produces it, so latents sit inside the ratio and the KL (README says what
 that changes in practice); `mask` (LVR's GRPO_latent): latent slots carry no policy gradient.
-Writes OUT/checkpoint (HF format, atomic), OUT/log.jsonl.
+Writes OUT/checkpoint (HF format), OUT/trainer_state.pt, OUT/log.jsonl (rundir.py).
 """
 from __future__ import annotations
 
@@ -33,7 +33,9 @@ import benchmarks
 import data
 import lvr
 import model as M
+import parallel as P
 import reward
+import rundir
 import train_sft
 
 LOSSES = ("dapo", "grpo", "dr_grpo")
@@ -46,13 +48,13 @@ def parse_args(argv=None):
     p.add_argument("--out", help="run directory (default runs/small-vl-rl-att, or runs/small-vl-rl with --att-weight 0)")
     p.add_argument("--data", help="questions (LVR / RL format: JSON array or JSONL; free-form answers too) "
                                   "instead of the synthetic generator")
-    p.add_argument("--steps", type=int, default=300, help="GRPO steps")
-    p.add_argument("--prompts", type=int, default=8, help="questions per step")
-    p.add_argument("--group", type=int, default=8, help="G: rollouts per question")
-    p.add_argument("--temperature", type=float, default=0.5, help="rollout sampling temperature")
-    p.add_argument("--top-p", type=float, default=0.99, help="rollout nucleus sampling")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="rollout length cap (latent steps included)")
-    p.add_argument("--latent-steps", type=int, default=8, help="K: latent steps per span")
+    p.add_argument("--steps", type=rundir.at_least(1), default=300, help="GRPO steps")
+    p.add_argument("--prompts", type=rundir.at_least(1), default=8, help="questions per step")
+    p.add_argument("--group", type=rundir.at_least(2), default=8, help="G: rollouts per question (at least 2)")
+    p.add_argument("--temperature", type=rundir.at_least(0.0, float), default=0.5, help="rollout sampling temperature")
+    p.add_argument("--top-p", type=rundir.at_least(0.0, float), default=0.99, help="rollout nucleus sampling")
+    p.add_argument("--max-new-tokens", type=rundir.at_least(1), default=32, help="rollout length cap (latent steps included)")
+    p.add_argument("--latent-steps", type=rundir.at_least(0), default=8, help="K: latent steps per span")
     p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (AdamW; the paper: 1e-6 for the 7B)")
     p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps")
     p.add_argument("--clip-grad", type=float, default=1.0, help="gradient norm clip")
@@ -63,15 +65,15 @@ def parse_args(argv=None):
     p.add_argument("--clip-low", type=float, default=0.2, help="PPO ratio clip below 1")
     p.add_argument("--clip-high", type=float, default=0.3, help="PPO ratio clip above 1")
     p.add_argument("--dual-clip", type=float, default=3.0, help="dual clip for negative advantages (0 = off)")
-    p.add_argument("--ppo-epochs", type=int, default=1, help="updates per rollout batch")
+    p.add_argument("--ppo-epochs", type=rundir.at_least(1), default=1, help="updates per rollout batch")
     p.add_argument("--beta", type=float, default=0.0, help="KL (k3) to a frozen reference; 0 builds no reference")
     p.add_argument("--latent-logp", default="vlpo", choices=["vlpo", "mask"], help="how latent slots enter the loss")
-    p.add_argument("--sigma", type=float, default=10.0, help="VLPO's sigma")
+    p.add_argument("--sigma", type=rundir.at_least(0.0, float), default=10.0, help="VLPO's sigma")
     p.add_argument("--acc-weight", type=float, default=0.9, help="reward weight of answer accuracy")
     p.add_argument("--format-weight", type=float, default=0.1, help="reward weight of the answer format")
     p.add_argument("--len-weight", type=float, default=0.001, help="penalty per token beyond the shortest correct reply")
     p.add_argument("--att-weight", type=float, default=1.0, help="weight of the attention reward (0 = plain GRPO)")
-    p.add_argument("--att-layers", default="0", help="decoder layers of the attention reward, comma-separated")
+    p.add_argument("--att-layers", type=rundir.layer_list, default=[0], help="decoder layers of the attention reward, comma-separated")
     p.add_argument("--att-variant", default="share", choices=["share", "relative"], help="attention reward variant")
     p.add_argument("--att-no-latent", default="zero", choices=["zero", "neutral"],
                    help="reward of rollouts without a span: 0 (paper) or their group's latent mean (not pushed)")
@@ -80,12 +82,12 @@ def parse_args(argv=None):
     p.add_argument("--skip-unsolved", action="store_true", help="skip groups with no correct rollout (paper)")
     p.add_argument("--train-vision", action="store_true", help="also train the vision tower")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and the sampling")
-    p.add_argument("--save-every", type=int, default=50, help="write a checkpoint every N steps (and at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    p.add_argument("--micro-batch", type=int,
+    p.add_argument("--save-every", type=rundir.at_least(1), default=50, help="write a checkpoint every N steps (and at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's newest complete checkpoint")
+    p.add_argument("--micro-batch", type=rundir.at_least(1),
                    help="rollouts per scoring forward/backward, gradients accumulated (default: all for small-vl, 4 "
                         "for other models); any value gives the same update")
-    p.add_argument("--rollout-batch", type=int, help="questions decoded together (default: all of a step's)")
+    p.add_argument("--rollout-batch", type=rundir.at_least(1), help="questions decoded together (default: all of a step's)")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of the decoder layers (non-reentrant)")
     p.add_argument("--param-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="dtype of the trained weights, their gradients and AdamW's state (README: what bf16 loses)")
@@ -96,7 +98,8 @@ def parse_args(argv=None):
     a.dtype = M.resolve_dtype(a)
     a.micro_batch = a.micro_batch or (a.prompts * a.group if a.model == "small-vl" else 4)
     a.rollout_batch = a.rollout_batch or a.prompts
-    a.att_layers = [int(x) for x in a.att_layers.split(",")]
+    if a.top_p > 1:
+        p.error(f"argument --top-p: must be at most 1, got {a.top_p}")
     return a
 
 
@@ -151,9 +154,9 @@ def loss_weights(mask, args) -> torch.Tensor:
     """Per-token weights whose weighted sum of per-token losses is the chosen aggregation over the whole
     batch, so micro-batches (any split of the rows) add up to exactly the full batch's loss."""
     m = mask.float()
-    rows = m.shape[0] * M.world()  # under torchrun: the batch of all ranks (each holds an equal share)
+    rows = m.shape[0] * P.world()  # under torchrun: the batch of all ranks (each holds an equal share)
     if args.loss == "dapo":
-        return m / M.all_sum(m.sum()).clamp(min=1)
+        return m / P.all_sum(m.sum()).clamp(min=1)
     if args.loss == "grpo":
         return m / m.sum(1, keepdim=True).clamp(min=1) / rows
     return m / (rows * args.max_new_tokens)
@@ -195,7 +198,7 @@ def rollout(args, model, tok, samples, step, first: int = 0):
     for i in range(0, len(samples), args.rollout_batch):
         prompt = {k: v.to(args.device) for k, v in M.encode(model, tok, samples[i:i + args.rollout_batch]).items()}
         gens = [group_generator(args, step, first + j) for j in range(i, min(len(samples), i + args.rollout_batch))]
-        rolls.append(M.run(model, lvr.generate, model, tok, prompt, G=args.group, max_new_tokens=args.max_new_tokens,
+        rolls.append(P.run(model, lvr.generate, model, tok, prompt, G=args.group, max_new_tokens=args.max_new_tokens,
                                   latent_steps=args.latent_steps, temperature=args.temperature, top_p=args.top_p,
                                   generator=gens, all_ranks=args.fsdp))
     model.train()
@@ -208,7 +211,7 @@ def micro_batches(args, n: int) -> list[slice]:
 
 def score(args, model, roll, need_attn: bool):
     """The scoring forward of one micro-batch: (logp per token, r_attn per rollout), latents as constants."""
-    return M.run(model, _score, args, model, roll, need_attn)
+    return P.run(model, _score, args, model, roll, need_attn)
 
 
 def _score(args, model, roll, need_attn: bool):
@@ -278,19 +281,20 @@ def grpo_step(args, model, tok, ref, opt, samples, step, length_penalty, first: 
                 logp, _ = score(args, model, roll.select(mb), need_attn=False)
             part, st = policy_loss(logp, old[mb], adv[mb], mask[mb], weights[mb], args,
                                    None if ref_logp is None else ref_logp[mb])
-            if not M.all_true(bool(torch.isfinite(part))):  # every rank skips, or none (collectives stay paired)
+            if not P.all_true(bool(torch.isfinite(part))):  # every rank skips, or none (collectives stay paired)
                 warnings.warn(f"step {step}: non-finite loss, update skipped")
                 skipped = True
                 break
-            (part * M.world()).backward()  # each rank's part of the sum; gradients are averaged over ranks
+            (part * P.world()).backward()  # each rank's part of the sum; gradients are averaged over ranks
             loss += float(part.detach())
             stats = {k: stats.get(k, 0.0) + v for k, v in st.items()}
         if skipped:
             opt.zero_grad(set_to_none=True)
             break
-        M.average_grads(params)
-        torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
-        opt.step()
+        P.average_grads(params)
+        if not rundir.clip_and_step(opt, args.clip_grad):  # the averaged gradients: every rank decides alike
+            skipped = True
+            break
     t3 = time.time()
     return {"step": step + 1, **step_metrics(args, roll, total, parts, keep, stats, loss, skipped),
             "t_rollout": t1 - t0, "t_score": t2 - t1, "t_update": t3 - t2}
@@ -298,10 +302,10 @@ def grpo_step(args, model, tok, ref, opt, samples, step, length_penalty, first: 
 
 def sync_length_penalty(penalty, samples):
     """Share this step's shortest correct lengths between ranks (a question may land on another rank later)."""
-    if M.world() == 1:
+    if P.world() == 1:
         return
     mine = {q: penalty.best[q] for q in (s.id or s.question for s in samples) if q in penalty.best}
-    for best in M.gather_objects(mine):
+    for best in P.gather_objects(mine):
         for q, n in best.items():
             penalty.best[q] = min(n, penalty.best.get(q, n))
 
@@ -314,9 +318,9 @@ def step_metrics(args, roll, total, parts, keep, stats, loss, skipped) -> dict:
     multi = (roll.tokens == roll.lvr_start).sum(1).cpu() >= 2
     rows = torch.stack([total, parts["acc"], parts["format"], parts["r_attn"], parts["length"],
                         roll.opened.cpu().float(), multi.float(), keep.cpu().float()])
-    total, acc, fmt, r_attn, length, opened, multi, keep = M.gather_cat(rows.double(), 1).float()
+    total, acc, fmt, r_attn, length, opened, multi, keep = P.gather_cat(rows.double(), 1).float()
     opened, multi = opened.bool(), multi.bool()
-    sums = M.all_sum(torch.tensor([stats.get(k, 0.0) for k in STAT_KEYS] + [loss], dtype=torch.float64)).tolist()
+    sums = P.all_sum(torch.tensor([stats.get(k, 0.0) for k in STAT_KEYS] + [loss], dtype=torch.float64)).tolist()
     stats, loss = dict(zip(STAT_KEYS, sums[:-1])), sums[-1]
     n_tok = max(1.0, stats["tokens"]) if not skipped else 1.0
     same = (total.view(-1, args.group) == total.view(-1, args.group)[:, :1]).all(1)
@@ -332,71 +336,76 @@ def step_metrics(args, roll, total, parts, keep, stats, loss, skipped) -> dict:
 
 # ----------------------------------------------------------------------------------- the run
 def start(args):
-    ckpt = os.path.join(args.out, "checkpoint")
-    resume = args.resume and os.path.isdir(ckpt)
-    if args.resume and not resume and M.is_main():
+    """(model, tokenizer, reference, optimizer, trainer state, checkpoint dtype); from OUT's newest save with --resume.
+    Under torchrun every rank loads the weights and the trainer state, then shards (--fsdp) and builds its optimizer."""
+    found = rundir.resume_point(args.out) if args.resume else None
+    if args.resume and not found and P.is_main():
         print(f"no checkpoint in {args.out}: starting fresh")
-    model, tok = M.load_model(ckpt if resume else initial_model(args), M.DTYPES[args.param_dtype], args.device)
+    init = found[0] if found else initial_model(args)
+    model, tok = M.load_model(init, M.DTYPES[args.param_dtype], args.device)
+    rundir.check_layers(model, args.att_layers)
     for p in model.model.visual.parameters():
         p.requires_grad_(args.train_vision)
     if args.grad_ckpt:
         model.activation_checkpointing_enable({"use_reentrant": False})
+    state = {"step": 0, "length_penalty": {}, "skips": 0}
+    if found:
+        state = rundir.load_state(found, model)  # the master weights, before FSDP shards them
+        rundir.check_resume(state.get("args", {}), vars(args), ("seed", "prompts", "data"))
     if args.fsdp:
-        M.shard_model(model)
-    opt = M.make_optimizer([p for p in model.parameters() if p.requires_grad], args.lr, args.zero)
-    state = {"step": 0, "length_penalty": {}}
-    if resume:
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
-        M.load_optimizer_state(model, opt, state["optimizer"])
-        if M.is_main():
+        P.shard_model(model)
+    opt = P.make_optimizer([p for p in model.parameters() if p.requires_grad], args.lr, args.zero)
+    if found:
+        P.load_optimizer_state(model, opt, state["optimizer"])
+        if P.is_main():
             print(f"resuming {args.out} at step {state['step']}")
     ref = None
     if args.beta > 0:  # the frozen reference is the starting checkpoint
         ref, _ = M.load_model(initial_model(args), M.DTYPES[args.dtype], args.device)  # no grad, compute dtype
         ref.requires_grad_(False)
         if args.fsdp:
-            M.shard_model(ref)
-    penalty = reward.LengthPenalty()
-    penalty.best = dict(state["length_penalty"])
-    return model, tok, ref, opt, state["step"], penalty
+            P.shard_model(ref)
+    return model, tok, ref, opt, state, M.saved_dtype(init)
 
 
 def train(args) -> str:
     """The GRPO run; under torchrun each rank takes an equal contiguous share of every step's questions and
     rank 0 alone logs, shows the bar and writes checkpoints."""
-    args.device = M.init_dist(args.device)
+    args.device = P.init_dist(args.device)
     train_sft.check_parallel(args)
-    mine = M.share(args.prompts, "--prompts")
+    mine = P.share(args.prompts, "--prompts")
     torch.manual_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
-    stream = train_sft.Stream(args)
-    model, tok, ref, opt, step, penalty = start(args)
-    log = os.path.join(args.out, "log.jsonl")
-    if M.is_main():
-        train_sft.log_line(log, {}, upto=step)
-    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="grpo", disable=not M.is_main())
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
-        base = (1 << 30) + step * args.prompts  # RL questions come from a part of the stream SFT never reaches
-        row = grpo_step(args, model, tok, ref, opt, [stream[base + i] for i in mine], step, penalty, mine.start)
-        if M.is_main():
-            train_sft.log_line(log, row)
-        bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['acc']:.2f}", latent=f"{row['latent_rate']:.2f}",
-                        att=f"{row['att_share']:.3f}")
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            M.save_run(model, tok, opt, os.path.join(args.out, "checkpoint"),
-                       {"step": step + 1, "length_penalty": penalty.best, "args": vars(args)})
-    return os.path.join(args.out, "checkpoint")
+    with rundir.locked(args.out):
+        stream = train_sft.Stream(args)
+        model, tok, ref, opt, state, dtype = start(args)
+        step, skips, streak = state["step"], state.get("skips", 0), 0
+        penalty = reward.LengthPenalty()
+        penalty.best = dict(state["length_penalty"])
+        log = rundir.start_log(args.out, step)
+        bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="grpo", disable=not P.is_main())
+        for step in bar:
+            for g in opt.param_groups:
+                g["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+            base = (1 << 30) + step * args.prompts  # RL questions come from a part of the stream SFT never reaches
+            row = grpo_step(args, model, tok, ref, opt, [stream[base + i] for i in mine], step, penalty, mine.start)
+            skips += row["skipped"]
+            rundir.log(log, {**row, "skips": skips})
+            bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['acc']:.2f}", latent=f"{row['latent_rate']:.2f}",
+                            att=f"{row['att_share']:.3f}")
+            streak = rundir.skip_streak(streak, row["skipped"], step + 1, args.steps)
+            if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+                rundir.save(args.out, model, tok, {"step": step + 1, "skips": skips, "length_penalty": penalty.best,
+                                                   "args": vars(args)}, dtype, opt)
+    return os.path.join(args.out, rundir.CKPT)
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
         ckpt = train(args)
-    except (M.ModelLoadError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    if M.is_main():
+    except (M.ModelLoadError, rundir.RunError, P.RankZeroError, OSError, ValueError) as e:
+        sys.exit(f"error: {rundir.oneline(e)}" if P.is_main() else 1)  # rank 0 says it, once
+    if P.is_main():
         print(f"checkpoint: {ckpt}\nnext: python eval.py --model {ckpt} --compare")
 
 

@@ -19,18 +19,17 @@ A real checkpoint (--model DIR or a cached hub id) needs --data (LVR's SFT forma
 own defaults: lr 1e-5 (LVR's), no pointing loss (it needs the synthetic scenes), run folder
 runs/<model name>-sft; --data holds out a seeded --val-fraction of its rows for validation.
 
-Each run directory gets checkpoint/ (HF format, safetensors, replaced atomically), log.jsonl (metrics per
-step) and eval_val.json (validation: normal / drop / noise latents, blank image, latent rate).
+Each run directory gets checkpoint/ (HF format, safetensors), trainer_state.pt (for --resume), log.jsonl
+(metrics per step; all three written by rundir.py) and eval_val.json (validation: normal / drop / noise
+latents, blank image, latent rate).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -41,7 +40,9 @@ import data
 import eval as ev
 import lvr
 import model as M
+import parallel as P
 import reward
+import rundir
 
 RUNS = "runs"
 OFFSET = {0: 0, 1: 10 ** 8}  # stream positions of each stage's questions (train_rl.py starts at 2 * 10**8)
@@ -58,17 +59,20 @@ def parse_args(argv=None):
     p.add_argument("--max-pixels", type=int, help="real checkpoints: override their max_pixels (image resize bound)")
     p.add_argument("--no-latents", action="store_true", help="text-only baseline: no reply carries a latent span")
     p.add_argument("--latent-fraction", type=float, default=0.75, help="share of replies that carry a latent span")
-    p.add_argument("--latent-steps", type=int, default=8, help="K: latent slots per span (and decode steps at eval)")
+    p.add_argument("--latent-steps", type=rundir.at_least(1), default=8, help="K: latent slots per span (and decode steps at eval)")
+    p.add_argument("--span-lengths", metavar="LO,HI", type=span_range,
+                   help="pooled targets: each reply's span length drawn from LO..HI (default: always K), so the text "
+                        "after a span is seen at many offsets")
     p.add_argument("--latent-targets", default="pooled", choices=["pooled", "bbox"],
                    help="pooled: region tokens averaged onto K slots (matches inference); bbox: every token in the boxes")
     p.add_argument("--lam", type=float, default=0.1, help="weight of the latent MSE against the text CE")
-    p.add_argument("--base-steps", type=int, default=2000, help="stage 0 steps (the small-vl base model)")
-    p.add_argument("--steps", type=int, default=1500, help="stage 1 steps (vision tower frozen)")
+    p.add_argument("--base-steps", type=rundir.at_least(1), default=2000, help="stage 0 steps (the small-vl base model)")
+    p.add_argument("--steps", type=rundir.at_least(1), default=1500, help="stage 1 steps (vision tower frozen)")
     p.add_argument("--ground-weight", type=float, default=1.0, help="weight of the grounding probe's loss in stage 0")
     p.add_argument("--point-weight", type=float,
                    help="weight of the pointing loss (layer 0, head 0 attends from an object's name to its cells); "
                         "default 1 for small-vl, 0 for a real checkpoint")
-    p.add_argument("--batch-size", type=int, default=32, help="questions per step")
+    p.add_argument("--batch-size", type=rundir.at_least(1), default=32, help="questions per step")
     p.add_argument("--lr", type=float,
                    help="peak learning rate (AdamW, warm-up then cosine to 10%%); default 1e-3 small-vl, 1e-5 a real checkpoint")
     p.add_argument("--warmup", type=int, default=30, help="warm-up steps")
@@ -76,8 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, the data and the latent choice")
     p.add_argument("--n-val", type=int, default=500, help="validation questions for the final table")
     p.add_argument("--eval-every", type=int, default=250, help="quick greedy validation every N steps (0 = never)")
-    p.add_argument("--save-every", type=int, default=250, help="write a checkpoint every N steps (and at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint with the same data order")
+    p.add_argument("--save-every", type=rundir.at_least(1), default=250, help="write a checkpoint every N steps (and at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's newest complete checkpoint, same data order")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of the decoder layers (non-reentrant)")
     p.add_argument("--param-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="dtype of the trained weights, their gradients and AdamW's state")
@@ -112,7 +116,7 @@ def add_parallel_args(p):
 
 
 def check_parallel(args):
-    if (args.zero or args.fsdp) and M.world() < 2:
+    if (args.zero or args.fsdp) and P.world() < 2:
         raise ValueError("--zero and --fsdp shard over processes: run under torchrun --nproc-per-node N (N >= 2)")
 
 
@@ -139,6 +143,24 @@ class Stream:
 
     def val(self, n: int) -> list[data.Sample]:
         return self.held[:n] if self.held is not None else data.make_split("val", n, self.seed)
+
+
+def span_range(s: str) -> tuple[int, int]:
+    """argparse type of --span-lengths: 'LO,HI' with 1 <= LO <= HI."""
+    try:
+        lo, hi = (int(x) for x in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (two integers), got {s!r}") from None
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"need 1 <= LO <= HI, got {s!r}")
+    return lo, hi
+
+
+def span_length(args, index: int) -> int:
+    """Latent slots of sample `index`'s span: K, or with --span-lengths a seeded draw from LO..HI."""
+    if not args.span_lengths:
+        return args.latent_steps
+    return int(np.random.default_rng([args.seed, 2, index]).integers(args.span_lengths[0], args.span_lengths[1] + 1))
 
 
 def wants_latent(args, stage: int, index: int) -> bool:
@@ -241,13 +263,13 @@ def point_loss(model, tok, qk, batch, samples, with_count: bool = False):
 
 
 def start(args, stage: int, out: str, init: str | None):
-    """(model, tokenizer, probe, optimizer, first step) of a stage; from out/checkpoint when resuming."""
-    ckpt = os.path.join(out, "checkpoint")
-    resume = args.resume and os.path.isdir(ckpt)
-    if args.resume and not resume and M.is_main():
+    """(model, tokenizer, probe, optimizer, trainer state) of a stage; from OUT's newest save when resuming.
+    Under torchrun every rank loads the weights and the trainer state, then shards (--fsdp) and builds its optimizer."""
+    found = rundir.resume_point(out) if args.resume else None
+    if args.resume and not found and P.is_main():
         print(f"no checkpoint in {out}: starting fresh")
-    if resume or init is not None:
-        model, tok = M.load_model(ckpt if resume else init, M.DTYPES[args.param_dtype], args.device,
+    if found or init is not None:
+        model, tok = M.load_model(found[0] if found else init, M.DTYPES[args.param_dtype], args.device,
                                   max_pixels=args.max_pixels)
     else:
         model, tok = M.build_small_vl(args.seed)
@@ -259,42 +281,32 @@ def start(args, stage: int, out: str, init: str | None):
     for p in model.model.visual.parameters():
         p.requires_grad_(stage == 0)
     own = [p for n, p in probe.named_parameters() if not n.startswith("embed.")]  # the embeddings are the model's
-    if args.fsdp and stage == 1:  # stage 0 (the tiny small-vl base, whose probe shares the embeddings) stays whole
-        M.shard_model(model)
-    params = [p for p in model.parameters() if p.requires_grad] + (own if stage == 0 else [])
-    opt = M.make_optimizer(params, args.lr, args.zero)
-    step = 0
-    if resume:
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+    state = {"step": 0, "skips": 0, "dtype": M.saved_dtype(found[0] if found else init) if (found or init) else None}
+    if found:
+        state = {**state, **rundir.load_state(found, model)}  # the master weights, before FSDP shards them
+        rundir.check_resume(state.get("args", {}), vars(args), ("seed", "batch_size", "data"))
         probe.load_state_dict({**probe.state_dict(), **state["probe"]})  # older checkpoints also hold embed.weight
-        M.load_optimizer_state(model, opt, state["optimizer"])
-        step = state["step"]
-        if M.is_main():
-            print(f"resuming {out} at step {step}")
-    return model, tok, probe, opt, step
-
-
-def log_line(path: str, row: dict, upto: int | None = None):
-    """Append a JSON row; with `upto`, first drop rows past that step (a resumed run rewrites them)."""
-    if upto is not None and os.path.exists(path):
-        keep = [line for line in open(path) if json.loads(line).get("step", 0) <= upto]
-        with open(path, "w") as f:
-            f.writelines(keep)
-    if row:
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    if args.fsdp and stage == 1:  # stage 0 (the tiny small-vl base, whose probe shares the embeddings) stays whole
+        P.shard_model(model)
+    params = [p for p in model.parameters() if p.requires_grad] + (own if stage == 0 else [])
+    opt = P.make_optimizer(params, args.lr, args.zero)
+    if found:
+        P.load_optimizer_state(model, opt, state["optimizer"])
+        if P.is_main():
+            print(f"resuming {out} at step {state['step']}")
+    return model, tok, probe, opt, state
 
 
 def sft_step(args, model, tok, probe, samples, index, stage: int) -> dict:
     """CE + lam * MSE on a batch whose replies carry latent spans where wants_latent says so; in stage 0
     plus the grounding probe's loss on every merged visual token."""
-    batch, W = lvr.sft_batch(model, tok, samples, [wants_latent(args, stage, i) for i in index], args.latent_steps,
-                             args.latent_targets)
+    wants = [wants_latent(args, stage, i) for i in index]
+    batch, W = lvr.sft_batch(model, tok, samples, wants, [span_length(args, i) for i in index], args.latent_targets)
     batch = {k: v.to(args.device) for k, v in batch.items()}
     point = args.point_weight > 0 and args.data is None
     with reward.capture_qk(model, [0] if point else []) as qk:
         out = lvr.sft_loss(model, batch, W.to(args.device), args.lam)
-    out["latent_share"] = W.shape[0] / max(1, args.latent_steps) / len(samples)
+    out["latent_share"] = sum(wants) / len(samples)
     if point:
         out["point"], out["n_point"] = point_loss(model, tok, qk, batch, samples, with_count=True)
         out["loss"] = out["loss"] + args.point_weight * out["point"]
@@ -312,14 +324,14 @@ TERMS = ("ce", "mse", "point", "ground")
 def across_ranks(args, out: dict) -> dict:
     """Under torchrun: each loss term reweighted so that, gradients averaged over ranks, it is its mean over
     the whole batch of every rank (as one process takes it); the logged values are those global means."""
-    if M.world() == 1:
+    if P.world() == 1:
         return {k: float(out[k].detach()) if torch.is_tensor(out[k]) else out[k] for k in TERMS + ("loss", "latent_share") if k in out}
     weight = {"ce": 1.0, "mse": args.lam, "point": args.point_weight, "ground": args.ground_weight}
     keys = [k for k in TERMS + ("latent_share",) if k in out]
     n = torch.tensor([float(out[f"n_{k}"]) for k in keys], dtype=torch.float64)
-    sums = M.all_sum(torch.stack([n, n * torch.tensor([float(out[k]) for k in keys], dtype=torch.float64)]))
+    sums = P.all_sum(torch.stack([n, n * torch.tensor([float(out[k]) for k in keys], dtype=torch.float64)]))
     total = sums[0].clamp(min=1)
-    share = dict(zip(keys, (n * M.world() / total).tolist()))
+    share = dict(zip(keys, (n * P.world() / total).tolist()))
     out["loss"] = sum(weight[k] * out[k] * share[k] for k in keys if k in weight)
     logged = dict(zip(keys, (sums[1] / total).tolist()))
     return {**logged, "loss": sum(weight[k] * logged[k] for k in keys if k in weight)}
@@ -329,17 +341,20 @@ def train(args, stage: int, out: str, init: str | None) -> str:
     """One stage into run directory `out`; returns its checkpoint. Under torchrun each rank takes an equal
     contiguous share of every batch; rank 0 alone logs, shows the bar and writes checkpoints."""
     torch.manual_seed(args.seed + stage)
-    os.makedirs(out, exist_ok=True)
+    with rundir.locked(out):
+        return _train(args, stage, out, init)
+
+
+def _train(args, stage: int, out: str, init: str | None) -> str:
     stream = Stream(args)
-    model, tok, probe, opt, step = start(args, stage, out, init)
+    model, tok, probe, opt, state = start(args, stage, out, init)
+    step, skips, streak = state["step"], state["skips"], 0
     total = args.base_steps if stage == 0 else args.steps
-    log = os.path.join(out, "log.jsonl")
-    if M.is_main():
-        log_line(log, {}, upto=step)
+    log = rundir.start_log(out, step)
     model.train()
     autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
-    bar = tqdm(range(step, total), initial=step, total=total, desc=f"stage {stage}", disable=not M.is_main())
-    mine = M.share(args.batch_size, "--batch-size")
+    bar = tqdm(range(step, total), initial=step, total=total, desc=f"stage {stage}", disable=not P.is_main())
+    mine = P.share(args.batch_size, "--batch-size")
     params = [p for g in opt.param_groups for p in g["params"]]
     for step in bar:
         t0 = time.time()
@@ -350,28 +365,25 @@ def train(args, stage: int, out: str, init: str | None) -> str:
         for g in opt.param_groups:
             g["lr"] = lr
         with autocast:
-            res = M.run(model, sft_step, args, model, tok, probe, samples, index, stage)
+            res = P.run(model, sft_step, args, model, tok, probe, samples, index, stage)
             logged = across_ranks(args, res)
         opt.zero_grad(set_to_none=True)
-        skipped = not M.all_true(bool(torch.isfinite(res["loss"])))
-        if skipped:
-            warnings.warn(f"step {step}: non-finite loss, update skipped")
-        else:
-            res["loss"].backward()
-            M.average_grads(params)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-        row = {"step": step + 1, "stage": stage, "lr": lr, "skipped": skipped, "sec": time.time() - t0, **logged}
-        if M.is_main():
-            log_line(log, row)
+        res["loss"].backward()  # on every rank (FSDP's backward is a collective)
+        P.average_grads(params)
+        skipped = not rundir.clip_and_step(opt, 1.0)  # the averaged gradients: every rank decides alike
+        skips += skipped
+        row = {"step": step + 1, "stage": stage, "lr": lr, "skipped": skipped, "skips": skips, "sec": time.time() - t0,
+               **logged}
+        rundir.log(log, row)
         bar.set_postfix({k: f"{row[k]:.3f}" for k in ("ground", "point", "ce", "mse") if k in row})
+        streak = rundir.skip_streak(streak, skipped, step + 1, total)
         if args.eval_every and (step + 1) % args.eval_every == 0:
             quick_eval(args, model, tok, stream, log, step + 1, bar)
         if (step + 1) % args.save_every == 0 or step + 1 == total:
             probe_state = {k: v for k, v in probe.state_dict().items() if not k.startswith("embed.")}  # the model's
-            M.save_run(model, tok, opt, os.path.join(out, "checkpoint"),
-                       {"step": step + 1, "probe": probe_state, "args": vars(args)})
-    return os.path.join(out, "checkpoint")
+            rundir.save(out, model, tok, {"step": step + 1, "probe": probe_state, "skips": skips, "args": vars(args)},
+                        state["dtype"], opt)
+    return os.path.join(out, rundir.CKPT)
 
 
 def quick_eval(args, model, tok, stream, log, step, bar):
@@ -379,61 +391,60 @@ def quick_eval(args, model, tok, stream, log, step, bar):
     model.eval()
     quick = ev.summarize(ev.evaluate(model, tok, stream.val(100), latent_steps=args.latent_steps, progress=False))
     model.train()
-    if not M.is_main():
-        return
-    log_line(log, {"step": step, "val_acc": quick["overall"]["acc"], "val_latent_rate": quick["overall"]["latent_rate"],
+    rundir.log(log, {"step": step, "val_acc": quick["overall"]["acc"], "val_latent_rate": quick["overall"]["latent_rate"],
                    **{f"val_{t}": v["acc"] for t, v in quick["per_type"].items()}})
     bar.write(f"step {step}: val acc {quick['overall']['acc']:.2f} " + " ".join(f"{t} {v['acc']:.2f}" for t, v in quick["per_type"].items()))
 
 
 def base_model(args) -> str:
-    """small-vl's stage-0 checkpoint, trained first when missing or unfinished."""
-    ckpt = os.path.join(args.base, "checkpoint")
-    state = os.path.join(ckpt, "trainer_state.pt")
-    if os.path.isfile(state) and torch.load(state, weights_only=False)["step"] >= args.base_steps:
+    """small-vl's stage-0 checkpoint, trained first when missing or unfinished (its table written if missing)."""
+    ckpt = os.path.join(args.base, rundir.CKPT)
+    if rundir.saved_step(args.base) >= args.base_steps:
+        if not os.path.isfile(os.path.join(args.base, "eval_val.json")):  # killed after its last save
+            final_eval(args, ckpt, args.base, modes=("normal", "blank image"))
         return ckpt
-    if M.is_main():
+    if P.is_main():
         print(f"small-vl base model {args.base} is missing or unfinished: training it first (stage 0)")
     t0 = time.time()
     args = argparse.Namespace(**{**vars(args), "data": None})  # the base always learns the synthetic scenes
     ckpt = train(args, 0, args.base, None)
-    if M.is_main():
+    if P.is_main():
         print(f"base model trained in {time.time() - t0:.0f}s: {ckpt}")
     final_eval(args, ckpt, args.base, modes=("normal", "blank image"))
     return ckpt
 
 
 def final_eval(args, ckpt: str, out: str, modes=None) -> dict:
-    """The validation table: latent interventions, blank images, latent rate (greedy and sampled)."""
-    model, tok = M.load_model(ckpt, M.DTYPES[args.dtype], args.device)
-    val = Stream(args).val(args.n_val)
-    table = {"normal": {}, "drop": {"mode": "drop"}, "noise": {"mode": "noise"}, "noise_norm": {"mode": "noise_norm"},
-             "blank image": {"blank": True}, "sampled T=1": {"temperature": 1.0}}
-    res = {name: ev.summarize(ev.evaluate(model, tok, val, latent_steps=args.latent_steps, **kw))
-           for name, kw in table.items() if modes is None or name in modes}
-    if not M.is_main():
-        return res
-    print(ev.table(res))
-    with open(os.path.join(out, "eval_val.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    """The validation table: latent interventions, blank images, latent rate (greedy and sampled) -> OUT/eval_val.json.
+    Under torchrun the questions are split over the ranks; rank 0 prints and writes."""
+    with rundir.locked(out):
+        model, tok = M.load_model(ckpt, M.DTYPES[args.dtype], args.device)
+        val = Stream(args).val(args.n_val)
+        table = {"normal": {}, "drop": {"mode": "drop"}, "noise": {"mode": "noise"}, "noise_norm": {"mode": "noise_norm"},
+                 "blank image": {"blank": True}, "sampled T=1": {"temperature": 1.0}}
+        res = {name: ev.summarize(ev.evaluate(model, tok, val, latent_steps=args.latent_steps, **kw))
+               for name, kw in table.items() if modes is None or name in modes}
+        if P.is_main():
+            print(ev.table(res))
+        P.on_main(ev.write_json, os.path.join(out, "eval_val.json"), res)
     return res
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        args.device = M.init_dist(args.device)
+        args.device = P.init_dist(args.device)
         check_parallel(args)
         if args.data:
             data.load_jsonl(args.data)  # bad rows fail now, not after the base model's training
         init = args.model if args.model != "small-vl" else base_model(args)
         t0 = time.time()
         ckpt = train(args, 1, args.out, init)
-        if M.is_main():
+        if P.is_main():
             print(f"stage 1 trained in {time.time() - t0:.0f}s; checkpoint: {ckpt}")
         final_eval(args, ckpt, args.out)
-    except (M.ModelLoadError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    except (M.ModelLoadError, rundir.RunError, P.RankZeroError, OSError, ValueError) as e:
+        sys.exit(f"error: {rundir.oneline(e)}" if P.is_main() else 1)  # rank 0 says it, once
 
 
 if __name__ == "__main__":

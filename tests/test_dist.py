@@ -1,6 +1,7 @@
 """The trainers and eval under torchrun (2 processes, gloo on the CPU) against one process."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 
 import eval as ev
 import model as M
+import rundir
 import train_rl
 import train_sft
 
@@ -67,8 +69,8 @@ def test_grpo_step_under_torchrun_equals_one_process(ckpt, one_rl, tmp_path, mod
         assert a[key] == b[key], key
     assert b["loss"] == pytest.approx(a["loss"], abs=1e-6) and b["kl"] == pytest.approx(a["kl"], abs=1e-6)
     assert max_diff(one_rl, out) < 1e-6
-    state = torch.load(os.path.join(out, "checkpoint", "trainer_state.pt"), weights_only=False)
-    plain = torch.load(os.path.join(one_rl, "checkpoint", "trainer_state.pt"), weights_only=False)
+    state = torch.load(os.path.join(out, rundir.STATE), weights_only=False)
+    plain = torch.load(os.path.join(one_rl, rundir.STATE), weights_only=False)
     assert state["optimizer"]["state"].keys() == plain["optimizer"]["state"].keys()  # whole, plain AdamW layout
 
 
@@ -80,15 +82,32 @@ def test_uneven_split_is_a_one_line_error(ckpt, tmp_path):
     assert res.returncode != 0 and "error: --prompts (3) must be divisible by the number of processes (2)" in res.stderr
 
 
+def test_rank0_refusals_stop_every_rank_with_one_line(ckpt, one_rl, tmp_path):
+    """What only rank 0 checks (the run lock, --resume against the saved options) stops all ranks, with its
+    one line said once, instead of leaving rank 1 waiting in a collective (the 120 s timeout would fire)."""
+    def run(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--", "train_rl.py",
+               "--model", ckpt, "--steps", "1", "--out", out, *RL, *extra]
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    busy = str(tmp_path / "busy")
+    with rundir.locked(busy):  # this test process holds the folder
+        res = run(busy)
+    assert res.returncode != 0 and res.stderr.count(f"error: {busy} is in use by another run (pid {os.getpid()})") == 1
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*exitcode\s*: 1 ", res.stderr), "rank 1 must stop by itself"
+    res = run(one_rl, "--resume", "--prompts", "2")
+    assert res.returncode != 0
+    assert res.stderr.count("error: --resume with --prompts 2 but the run used 4: that changes the data order") == 1
+
+
 def test_killed_torchrun_run_resumes_in_one_process(ckpt, tmp_path):
     """kill -9 of the whole torchrun process group (--zero: the optimizer state consolidated on rank 0) after a
     checkpoint, then --resume in ONE process: the end state is the uninterrupted single-process run's."""
     steps, out, full = 12, str(tmp_path / "killed"), str(tmp_path / "full")
     args = ["--model", ckpt, "--steps", str(steps), "--save-every", "1"] + RL
     proc = torchrun("train_rl.py", args + ["--out", out, "--zero"], wait=False)
-    state = os.path.join(out, "checkpoint", "trainer_state.pt")
     deadline = time.time() + 240
-    while not os.path.exists(state) and time.time() < deadline and proc.poll() is None:
+    while not os.path.exists(os.path.join(out, rundir.STATE)) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     workers = [int(p) for p in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
     os.killpg(proc.pid, signal.SIGKILL)
@@ -98,7 +117,7 @@ def test_killed_torchrun_run_resumes_in_one_process(ckpt, tmp_path):
     while any(os.path.exists(f"/proc/{w}") and open(f"/proc/{w}/stat").read().split()[2] != "Z" for w in workers):
         assert time.time() < deadline, "torchrun's workers outlived it"
         time.sleep(0.05)
-    done = torch.load(state, weights_only=False)["step"]
+    done = rundir.saved_step(out)
     assert 1 <= done < steps, "the kill must land mid-run"
     train_rl.main(args + ["--out", out, "--resume"])
     train_rl.main(args + ["--out", full])

@@ -272,3 +272,18 @@ def test_per_group_generators_make_rollouts_independent_of_batching(tiny, sample
         T = one.tokens.shape[1]
         assert torch.equal(together.tokens[3 * i:3 * i + 3, :T], one.tokens)
         assert torch.allclose(together.latents[3 * i:3 * i + 3, :T], one.latents)
+
+
+def test_variable_span_lengths(tiny, samples):
+    """--span-lengths: each reply's span has its own number of slots (seeded per sample, within LO..HI)."""
+    import train_sft
+    m, tok = tiny
+    batch, W = lvr.sft_batch(m, tok, samples[:3], [True, True, False], [2, 5, 7])
+    slots = (batch["input_ids"] == m.config.lvr_id).sum(1).tolist()
+    assert slots == [2, 5, 0] and W.shape[0] == 7
+    args = train_sft.parse_args(["--span-lengths", "2,6", "--latent-steps", "8"])
+    lengths = [train_sft.span_length(args, i) for i in range(200)]
+    assert set(lengths) == {2, 3, 4, 5, 6} and lengths == [train_sft.span_length(args, i) for i in range(200)]
+    assert train_sft.span_length(train_sft.parse_args([]), 5) == 8
+    with pytest.raises(SystemExit):
+        train_sft.parse_args(["--span-lengths", "0,3"])
