@@ -6,6 +6,7 @@ an error there stops all ranks with its one line instead of leaving the others w
 """
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 
@@ -22,6 +23,7 @@ def init_dist(device: str) -> str:
         if torch.device(device).type == "cuda":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+        atexit.register(dist.destroy_process_group)  # shut down in order, not in the interpreter's teardown
     if dist.is_initialized() and torch.device(device).type == "cuda":
         return f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     return device
