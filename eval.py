@@ -36,6 +36,7 @@ import benchmarks
 import data
 import lvr
 import model as M
+import parallel as P
 import reward
 import rundir
 
@@ -83,32 +84,42 @@ def first_span_latents(roll, K: int) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, batch_size=64, temperature=0.0,
              top_p=1.0, seed=0, max_new_tokens=32, blank=False, progress=True, att_layers=(0,)) -> list[dict]:
-    """Batched decoding (greedy, or sampling seeded by `seed`); one record per question, with the
-    rollout's attention share on its latents (reward.py's r_attn, None without a span).
+    """Batched decoding (greedy, or sampling with one generator per question seeded by (`seed`, its
+    index)); one record per question, with the rollout's attention share on its latents (reward.py's
+    r_attn, None without a span).
 
     mode: one of lvr.MODES; "shuffle" (each question is fed the latents the next question of its batch
     generated); "oracle" (its own stage-1 targets: the visual tokens of its boxes, pooled onto K slots);
-    "K=n" (normal decoding with n latent steps)."""
+    "K=n" (normal decoding with n latent steps).
+    Under torchrun each rank decodes a contiguous part of the questions and every rank gets all records, in
+    order; "shuffle" (which pairs questions within a batch) and an FSDP-sharded model (in lockstep) decode
+    all questions on every rank instead."""
     if mode.startswith("K="):
         mode, latent_steps = "normal", int(mode[2:])
-    gen = torch.Generator(device=model.device).manual_seed(seed)
+    sharded = P.is_sharded(model)
+    whole = sharded or mode == "shuffle"
+    mine = range(len(samples)) if whole else P.part(len(samples))
     force = route_force(samples, route)
     records = []
-    for i in tqdm(range(0, len(samples), batch_size), desc=f"eval {mode}", disable=not progress, leave=False):
-        chunk = samples[i:i + batch_size]
+    for i in tqdm(range(mine.start, mine.stop, batch_size), desc=f"eval {mode}", disable=not progress or not P.is_main(),
+                  leave=False):
+        idx = range(i, min(mine.stop, i + batch_size))
+        chunk = samples[idx.start:idx.stop]
         images = [np.full_like(s.load_image(), data.BACKGROUND) for s in chunk] if blank else None
         prompt = {k: v.to(model.device) for k, v in M.encode(model, tok, chunk, images=images).items()}
+        gens = [torch.Generator(device=model.device).manual_seed(seed * 1_000_003 + j) for j in idx]
         kw = dict(max_new_tokens=max_new_tokens, latent_steps=latent_steps, temperature=temperature, top_p=top_p,
-                  force=None if force is None else force[i:i + batch_size])
+                  force=None if force is None else force[idx.start:idx.stop], all_ranks=sharded)
         given = None
         if mode == "oracle":
-            given = lvr.oracle_latents(model, prompt, chunk, latent_steps)
+            given = P.run(model, lvr.oracle_latents, model, prompt, chunk, latent_steps)
         elif mode == "shuffle":
-            own = lvr.generate(model, tok, prompt, generator=torch.Generator(device=model.device).manual_seed(seed), **kw)
+            own = P.run(model, lvr.generate, model, tok, prompt, generator=gens, **kw)
             given = first_span_latents(own, latent_steps).roll(-1, 0)
-        roll = lvr.generate(model, tok, prompt, mode=mode if mode in lvr.MODES else "normal", generator=gen,
-                            given=given, **kw)
-        share = reward.score_rollout(model, roll, att_layers)[1].cpu()
+            gens = [torch.Generator(device=model.device).manual_seed(seed * 1_000_003 + j) for j in idx]
+        roll = P.run(model, lvr.generate, model, tok, prompt, mode=mode if mode in lvr.MODES else "normal",
+                     generator=gens, given=given, **kw)
+        share = P.run(model, reward.score_rollout, model, roll, att_layers)[1].cpu()
         for j, s in enumerate(chunk):
             text = tok.decode(roll.tokens[j][roll.mask[j]], skip_special_tokens=False)
             pred = reward.parse_answer(text) if s.choices or len(s.answer) == 1 else benchmarks.final_text(text)
@@ -117,7 +128,7 @@ def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, bat
                             "correct": benchmarks.is_correct(text, s),
                             "opened": opened, "att_share": float(share[j]) if opened else None, "text": text,
                             "chance": 1 / n_options(s) if s.choices or len(s.answer) == 1 else 0.0})
-    return records
+    return records if whole else [r for rs in P.gather_objects(records) for r in rs]
 
 
 def n_options(sample) -> int:
@@ -293,7 +304,8 @@ def output_path(a) -> str:
     if os.path.isdir(a.model) and os.access(a.model, os.W_OK):
         return os.path.join(a.model, name)
     out = f"eval_{os.path.basename(os.path.normpath(a.model))}_{a.bench or a.split}.json"
-    print(f"{a.model} is not a writable folder: results go to {out}")
+    if P.is_main():
+        print(f"{a.model} is not a writable folder: results go to {out}")
     return out
 
 
@@ -310,6 +322,7 @@ def main(argv=None):
         if a.plot:
             print("wrote", plot(a.plot, a.plot_out))
             return
+        a.device = P.init_dist(a.device)  # under torchrun: questions split over the ranks, rank 0 reports
         a.model = a.model or newest_checkpoint()
         out = output_path(a)
         model, tok = M.load_model(a.model, M.DTYPES[M.resolve_dtype(a)], a.device, max_pixels=a.max_pixels)
@@ -329,11 +342,14 @@ def main(argv=None):
                 results[mode] = evaluate(model, tok, samples, mode=mode, **kw)
                 summaries = compare(results) if a.compare else {m: summarize(r) for m, r in results.items()}
                 report[name] = {"summaries": summaries, "records": results}
-                write_json(out, {"model": a.model, "route": route,
-                                 **(report[name] if len(sets) == 1 else {"benchmarks": report})})
-            print(f"{name}:\n{table(summaries)}" if len(sets) > 1 else table(summaries))
-    except (M.ModelLoadError, OSError, ValueError, ImportError) as e:
-        sys.exit(f"error: {rundir.oneline(e)}")
+                P.on_main(write_json, out, {"model": a.model, "route": route,
+                                            **(report[name] if len(sets) == 1 else {"benchmarks": report})})
+            if P.is_main():
+                print(f"{name}:\n{table(summaries)}" if len(sets) > 1 else table(summaries))
+    except (M.ModelLoadError, P.RankZeroError, OSError, ValueError, ImportError) as e:
+        sys.exit(f"error: {rundir.oneline(e)}" if P.is_main() else 1)  # rank 0 says it, once
+    if not P.is_main():
+        return
     if len(sets) > 1:
         print(bench_table({name: r["summaries"][modes[0]] for name, r in report.items()}))
     print("wrote", out)

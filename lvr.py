@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 import data
 import model as M
+import parallel as P
 
 MODES = ("normal", "drop", "noise", "noise_norm", "zero", "repeat")
 
@@ -196,7 +197,10 @@ def rollout_of(model, prompt: dict, tokens, latents, latent_mask, mask, G: int =
                    latents, latent_mask, mask, forced, M.lvr_token_ids(model)["lvr_start_id"])
 
 
-def sample_token(logits, temperature, top_p, generator):
+def sample_token(logits, temperature, top_p, u):
+    """Temperature / nucleus sampling by inverse CDF: row i takes the first token whose cumulative
+    probability passes u[i] (uniform in [0, 1)) times the row's kept mass, so a row's token depends only on
+    its own logits and its own draw, never on the rest of the batch."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, -1)
@@ -204,7 +208,18 @@ def sample_token(logits, temperature, top_p, generator):
         sp, si = probs.sort(-1, descending=True)
         keep = sp.cumsum(-1) - sp < top_p
         probs = torch.zeros_like(probs).scatter(-1, si, sp * keep)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    cdf = probs.cumsum(-1)
+    pick = torch.searchsorted(cdf, u.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:], right=True)[:, 0]
+    return pick.clamp(max=logits.shape[-1] - 1)
+
+
+def draw(fn, generator, N: int, G: int, shape=(), device="cpu") -> torch.Tensor:
+    """(N, *shape) random numbers (fn: torch.rand or torch.randn): from one generator for the whole batch,
+    or, given a list with one generator per prompt row, G rows from each prompt's own generator, so that
+    a group's rollouts do not depend on which prompts share its batch, rank or decode call."""
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([fn((G, *shape), generator=g, device=device) for g in generator])
+    return fn((N, *shape), generator=generator, device=device)
 
 
 def eos_ids(model, tok) -> list[int]:
@@ -217,12 +232,15 @@ def eos_ids(model, tok) -> list[int]:
 @torch.no_grad()
 def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, latent_steps: int = 8,
              mode: str = "normal", temperature: float = 0.0, top_p: float = 1.0, force=None,
-             latent_exit: str = "fixed", generator=None, use_cache: bool = True, given=None) -> Rollout:
+             latent_exit: str = "fixed", generator=None, use_cache: bool = True, given=None,
+             all_ranks: bool = False) -> Rollout:
     """Batched latent decoding. `force` (N,) int per sample: 1 opens a span first, -1 never opens one.
     `given` (N, K, D): the vectors fed at a span's K slots in place of the model's own (eval's oracle and
-    shuffled arms).
+    shuffled arms). `generator`: one torch.Generator, or a list with one per prompt row (see `draw`).
 
-    use_cache=False recomputes the whole sequence at every step (the test oracle for the cache)."""
+    use_cache=False recomputes the whole sequence at every step (the test oracle for the cache).
+    all_ranks=True (FSDP: every forward is a collective) keeps this rank stepping, feeding pad tokens,
+    until the rows of every rank are done; trailing all-pad columns are dropped, so the result is the same."""
     if mode not in MODES:
         raise ValueError(f"unknown latent mode {mode!r}; expected one of {MODES}")
     if latent_exit not in ("fixed", "learned"):
@@ -270,14 +288,15 @@ def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, lat
             logits[force > 0] = float("-inf")
             logits[force > 0, start] = 0.0
         logits[force < 0, start] = float("-inf")
-        nxt_tok = sample_token(logits, temperature, top_p, generator)
+        u = draw(torch.rand, generator, N, G, device=dev) if temperature > 0 else None
+        nxt_tok = sample_token(logits, temperature, top_p, u)
         learned_exit = (nxt_tok == end) | (nxt_tok == lat_end) if latent_exit == "learned" else torch.zeros_like(done)
         exit_now = in_lat & ((left == 0) | learned_exit)
         feed = in_lat & ~exit_now & ~done
         token = torch.where(exit_now, torch.full_like(nxt_tok, end), torch.where(feed, torch.full_like(nxt_tok, lvr), nxt_tok))
         token = torch.where(done, torch.full_like(token, tok.pad_token_id), token)
         slot = (K - left).clamp(0, max(K - 1, 0))  # the span's slot each row feeds now, when it feeds
-        vec = latent_vector(h, mode, generator)
+        vec = latent_vector(h, mode, generator, G)
         if mode == "repeat":  # the span's first latent, fed again at every later slot
             first = torch.where((feed & (slot == 0))[:, None], h, first)
             vec = first
@@ -292,7 +311,8 @@ def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, lat
         real.append(~done)
         forced.append(exit_now | (entered & (force > 0) & (t == 0)))
         done = done | torch.isin(token, eos.to(dev))
-        if bool(done.all()) or t == max_new_tokens - 1:
+        finished = bool(done.all())
+        if (P.all_true(finished) if all_ranks else finished) or t == max_new_tokens - 1:
             break
         step_x = torch.where(feed[:, None], vec.to(h.dtype), model.get_input_embeddings()(token))
         attn = torch.cat([attn, torch.ones(N, 1, dtype=attn.dtype, device=dev)], 1)
@@ -300,8 +320,9 @@ def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, lat
             h = hidden(model, step_x[:, None], attn, (nxt + t).view(1, N, 1).expand(3, N, 1), cache)[:, -1]
         else:
             h = recompute(model, full, row_feats, toks, vecs, lmask, attn)
-    return rollout_of(model, prompt, torch.stack(toks, 1), torch.stack(vecs, 1), torch.stack(lmask, 1),
-                      torch.stack(real, 1), G, feats, torch.stack(forced, 1))
+    T = int(torch.stack(real, 1).any(0).nonzero().max()) + 1 if N else len(toks)  # drop all-pad columns
+    return rollout_of(model, prompt, torch.stack(toks, 1)[:, :T], torch.stack(vecs, 1)[:, :T], torch.stack(lmask, 1)[:, :T],
+                      torch.stack(real, 1)[:, :T], G, feats, torch.stack(forced, 1)[:, :T])
 
 
 def recompute(model, full, feats, toks, vecs, lmask, attn):
@@ -314,13 +335,13 @@ def recompute(model, full, feats, toks, vecs, lmask, attn):
     return hidden(model, x, attn, pos)[:, -1]
 
 
-def latent_vector(h, mode, generator):
+def latent_vector(h, mode, generator, G: int = 1):
     """The vector fed at a latent step: the hidden state itself, or noise in its place."""
     if mode in ("normal", "drop", "repeat"):
         return h
     if mode == "zero":
         return torch.zeros_like(h)
-    noise = torch.randn(h.shape, generator=generator, device=h.device, dtype=torch.float32).to(h.dtype)
+    noise = draw(torch.randn, generator, h.shape[0], G, h.shape[1:], h.device).to(h.dtype)
     if mode == "noise":
         return noise
     return noise * (h.norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True))
@@ -408,7 +429,8 @@ def sft_loss(model, batch: dict, slot_weights: torch.Tensor, lam: float = 0.1) -
     ce = F.cross_entropy(model.lm_head(h[:, :-1][scored]).float(), labels[scored]) if scored.any() else h.new_zeros(())
     before = torch.nonzero(slot[:, 1:], as_tuple=True)  # position p predicts slot p+1
     mse = F.mse_loss(h[:, :-1][before].float(), targets.float()) if slot.any() else h.new_zeros(())
-    return {"loss": ce + lam * mse, "ce": ce.detach(), "mse": mse.detach(), "feats": feats}
+    return {"loss": ce + lam * mse, "ce": ce, "mse": mse, "feats": feats,  # counts: what ce and mse average over
+            "n_ce": int(scored.sum()), "n_mse": int(before[0].numel())}
 
 
 def main():

@@ -342,13 +342,15 @@ def fsync_dir(path: str):
         os.close(fd)
 
 
-def write_model(model, tok, path: str, dtype=None):
+def write_model(model, tok, path: str, dtype=None, weights: dict | None = None):
     """save_pretrained, the tokenizer and the image processor into a new directory, every file fsynced;
-    weights cast to `dtype` (default: the model's). I/O failures, safetensors' included, come out as
-    OSError naming the path."""
+    weights cast to `dtype` (default: the model's). `weights`: a full state dict to write in place of the
+    model's own (an FSDP-sharded model: parallel.model_state's). I/O failures, safetensors' included, come
+    out as OSError naming the path."""
     cast = dtype is not None and dtype != model.dtype
     try:
-        sd = {k: v.to(dtype) for k, v in model.state_dict().items()} if cast else None
+        sd = weights if weights is not None else model.state_dict() if cast else None
+        sd = {k: v.to(dtype) for k, v in sd.items()} if cast else sd
         model.save_pretrained(path, safe_serialization=True, state_dict=sd)
         tok.save_pretrained(path)
         processor_of(model).save_pretrained(path)  # preprocessor_config.json: AutoProcessor, vLLM, VLMEvalKit load it
@@ -401,8 +403,9 @@ def saved_dtype(path: str):
 
 
 def nonfinite_tensor(model) -> str | None:
-    """The name of the first parameter or buffer holding NaN/inf, or None."""
+    """The name of the first parameter or buffer holding NaN/inf, or None (FSDP: in this process's shards)."""
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        t = t.to_local() if hasattr(t, "to_local") else t  # FSDP: this process's shard
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             return name
     return None

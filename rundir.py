@@ -10,6 +10,10 @@ A save writes checkpoint.tmp/ and fsyncs it, then trainer_state.tmp (complete an
 checkpoint.tmp/ as complete), then renames checkpoint/ -> checkpoint.old/, checkpoint.tmp/ -> checkpoint/,
 trainer_state.tmp -> trainer_state.pt. `find` reads the newest complete pair whatever moment a kill
 struck; `recover` finishes the renames of a save cut short.
+
+Under torchrun rank 0 alone holds the lock and writes; every rank calls these functions (a save gathers
+the optimizer state and FSDP's weights from all ranks first), and rank 0's file steps go through
+parallel.on_main, so an error there (a busy folder, a full disk) stops every rank with its one line.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import warnings
 import torch
 
 import model as M
+import parallel as P
 
 CKPT, STATE, LOG, LOCK = "checkpoint", "trainer_state.pt", "log.jsonl", "run.lock"
 MAX_SKIPS = 10  # a run stops after this many skipped steps in a row (or when all its steps were skipped)
@@ -80,13 +85,21 @@ def check_resume(saved: dict, now: dict, order_keys: tuple):
         k = bad[0]
         raise RunError(f"--resume with --{k.replace('_', '-')} {diff[k][1]} but the run used {diff[k][0]}: "
                        "that changes the data order; use the same value or another --out")
-    if diff:
+    if diff and P.is_main():
         print("resuming with changed options: " + ", ".join(f"--{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in diff.items()))
 
 
 # ---------------------------------------------------------------------------------------- lock
 @contextlib.contextmanager
 def locked(out: str):
+    """Hold OUT for this run (under torchrun: rank 0 holds it, every rank learns whether it could)."""
+    with contextlib.ExitStack() as stack:
+        P.on_main(stack.enter_context, _lock(out))
+        yield
+
+
+@contextlib.contextmanager
+def _lock(out: str):
     """Hold OUT for this process; another live run on it is refused, naming the folder and its PID.
     A folder this call created is removed again when the run fails before writing anything to it."""
     if os.path.exists(out) and not os.path.isdir(out):
@@ -152,18 +165,27 @@ def recover(out: str):
             shutil.rmtree(junk, ignore_errors=True)
 
 
-def save(out: str, model, tok, state: dict, dtype=None):
-    """Write checkpoint/ (weights in `dtype`, default the model's) and trainer_state.pt as one atomic pair.
-    Refuses non-finite weights: a diverged run keeps its last good checkpoint."""
-    bad = M.nonfinite_tensor(model)
+def save(out: str, model, tok, state: dict, dtype=None, opt=None):
+    """Write checkpoint/ (weights in `dtype`, default the model's) and trainer_state.pt (with `opt`'s state
+    in plain AdamW layout, which any number of processes resumes) as one atomic pair. Refuses non-finite
+    weights: a diverged run keeps its last good checkpoint. Under torchrun every rank calls it: the check,
+    the optimizer state (--zero, --fsdp) and the weights (--fsdp) are collectives; then rank 0 writes."""
+    bad = next((b for b in P.gather_objects(M.nonfinite_tensor(model)) if b), None)
     if bad:
         raise RunError(f"not writing a checkpoint to {out}: tensor {bad} holds NaN/inf (the run diverged; lower --lr)")
+    if opt is not None:
+        state = {**state, "optimizer": P.optimizer_state(model, opt)}
+    P.on_main(_write, out, model, tok, state, dtype, P.model_state(model))
+
+
+def _write(out: str, model, tok, state: dict, dtype, weights: dict | None):
     ck, st = os.path.join(out, CKPT), os.path.join(out, STATE)
     shutil.rmtree(ck + ".tmp", ignore_errors=True)
-    M.write_model(model, tok, ck + ".tmp", dtype)
+    M.write_model(model, tok, ck + ".tmp", dtype, weights)
     state = {**state, "rng": torch.get_rng_state()}
     if dtype is not None and dtype != model.dtype:  # exact resume needs the master weights checkpoint/ rounds
-        state["master"] = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        full = weights or dict(model.named_parameters())
+        state["master"] = {n: full[n].detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
     torch.save(state, st + ".partial")
     _fsync_file(st + ".partial")
     os.replace(st + ".partial", st + ".tmp")  # from here on the new pair counts as complete
@@ -172,13 +194,18 @@ def save(out: str, model, tok, state: dict, dtype=None):
 
 
 def resume_point(out: str) -> tuple[str, str] | None:
-    """Finish OUT's interrupted save if any (the lock must be held); then `find`."""
+    """Finish OUT's interrupted save if any (the lock must be held: rank 0 does it); then `find`, on every rank."""
+    return P.on_main(_recover_and_find, out)
+
+
+def _recover_and_find(out: str):
     recover(out)
     return find(out)
 
 
 def load_state(found: tuple[str, str], model) -> dict:
-    """The trainer state of a `find` result; puts back the master weights and the RNG."""
+    """The trainer state of a `find` result; puts back the master weights (into the whole model: before
+    FSDP shards it) and the RNG. Every rank reads it."""
     state = torch.load(found[1], weights_only=False, map_location="cpu")
     if "master" in state:
         with torch.no_grad():
@@ -193,7 +220,11 @@ def load_state(found: tuple[str, str], model) -> dict:
 # ------------------------------------------------------------------------------------------ log
 def start_log(out: str, upto: int) -> str:
     """OUT/log.jsonl with only the rows up to step `upto` (a resumed run writes the later ones again),
-    rewritten atomically. A torn last line (power loss, disk full) is dropped with one message."""
+    rewritten atomically (by rank 0). A torn last line (power loss, disk full) is dropped with one message."""
+    return P.on_main(_start_log, out, upto)
+
+
+def _start_log(out: str, upto: int) -> str:
     path = os.path.join(out, LOG)
     keep = []
     if upto and os.path.exists(path):
@@ -218,6 +249,11 @@ def start_log(out: str, upto: int) -> str:
 
 
 def log(path: str, row: dict):
+    """Append a row (rank 0 writes; every rank calls it)."""
+    P.on_main(_append, path, row)
+
+
+def _append(path: str, row: dict):
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -225,10 +261,12 @@ def log(path: str, row: dict):
 # --------------------------------------------------------------------------------------- update
 def clip_and_step(opt, clip: float) -> bool:
     """Clip the gradient norm and step; a non-finite gradient skips the update (gradients cleared).
-    Returns whether the optimizer stepped."""
+    Returns whether the optimizer stepped. Under torchrun the gradients must be averaged over the ranks
+    first (parallel.average_grads; FSDP's are): a non-finite gradient on any rank skips the step on all."""
     params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, clip)
-    if not torch.isfinite(norm):
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: the norm over every shard
+    if not P.all_true(bool(torch.isfinite(norm))):
         opt.zero_grad(set_to_none=True)
         warnings.warn("non-finite gradients: update skipped")
         return False

@@ -33,6 +33,7 @@ import benchmarks
 import data
 import lvr
 import model as M
+import parallel as P
 import reward
 import rundir
 import train_sft
@@ -90,6 +91,7 @@ def parse_args(argv=None):
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of the decoder layers (non-reentrant)")
     p.add_argument("--param-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="dtype of the trained weights, their gradients and AdamW's state (README: what bf16 loses)")
+    train_sft.add_parallel_args(p)
     M.add_device_args(p)
     a = p.parse_args(argv)
     a.out = a.out or os.path.join(train_sft.RUNS, "small-vl-rl-att" if a.att_weight else "small-vl-rl")
@@ -156,11 +158,12 @@ def loss_weights(mask, args) -> torch.Tensor:
     """Per-token weights whose weighted sum of per-token losses is the chosen aggregation over the whole
     batch, so micro-batches (any split of the rows) add up to exactly the full batch's loss."""
     m = mask.float()
+    rows = m.shape[0] * P.world()  # under torchrun: the batch of all ranks (each holds an equal share)
     if args.loss == "dapo":
-        return m / m.sum().clamp(min=1)
+        return m / P.all_sum(m.sum()).clamp(min=1)
     if args.loss == "grpo":
-        return m / m.sum(1, keepdim=True).clamp(min=1) / m.shape[0]
-    return m / (m.shape[0] * args.max_new_tokens)
+        return m / m.sum(1, keepdim=True).clamp(min=1) / rows
+    return m / (rows * args.max_new_tokens)
 
 
 def policy_loss(logp, old_logp, adv, mask, weights, args, ref_logp=None) -> tuple[torch.Tensor, dict]:
@@ -184,16 +187,24 @@ def policy_loss(logp, old_logp, adv, mask, weights, args, ref_logp=None) -> tupl
 
 
 # ------------------------------------------------------------------------------------ one step
-def rollout(args, model, tok, samples, step):
-    """G rollouts of every question, decoded --rollout-batch questions at a time."""
-    gen = torch.Generator(device=args.device).manual_seed(args.seed * 1_000_003 + step)
+def group_generator(args, step: int, question: int) -> torch.Generator:
+    """The random source of question `question` (its index in the step) at `step`: its G rollouts are the
+    same however the step's questions are split over ranks and decode batches."""
+    seed = int(np.random.SeedSequence([args.seed, step, question]).generate_state(1)[0])
+    return torch.Generator(device=args.device).manual_seed(seed)
+
+
+def rollout(args, model, tok, samples, step, first: int = 0):
+    """G rollouts of every question (samples[i] is question first + i of the step), decoded
+    --rollout-batch questions at a time."""
     model.eval()
     rolls = []
     for i in range(0, len(samples), args.rollout_batch):
         prompt = {k: v.to(args.device) for k, v in M.encode(model, tok, samples[i:i + args.rollout_batch]).items()}
-        rolls.append(lvr.generate(model, tok, prompt, G=args.group, max_new_tokens=args.max_new_tokens,
+        gens = [group_generator(args, step, first + j) for j in range(i, min(len(samples), i + args.rollout_batch))]
+        rolls.append(P.run(model, lvr.generate, model, tok, prompt, G=args.group, max_new_tokens=args.max_new_tokens,
                                   latent_steps=args.latent_steps, temperature=args.temperature, top_p=args.top_p,
-                                  generator=gen))
+                                  generator=gens, all_ranks=args.fsdp))
     model.train()
     return lvr.cat_rollouts(rolls, tok.pad_token_id)
 
@@ -204,6 +215,10 @@ def micro_batches(args, n: int) -> list[slice]:
 
 def score(args, model, roll, need_attn: bool):
     """The scoring forward of one micro-batch: (logp per token, r_attn per rollout), latents as constants."""
+    return P.run(model, _score, args, model, roll, need_attn)
+
+
+def _score(args, model, roll, need_attn: bool):
     h, r_attn = reward.score_rollout(model, roll, args.att_layers if need_attn else [], args.att_variant,
                                      vision_grad=args.train_vision and torch.is_grad_enabled())
     return token_logps(model, h, roll, args), r_attn
@@ -238,24 +253,29 @@ def keep_groups(args, acc: torch.Tensor) -> torch.Tensor:
     return keep.repeat_interleave(args.group)
 
 
-def grpo_step(args, model, tok, ref, opt, samples, step, length_penalty) -> dict:
+def grpo_step(args, model, tok, ref, opt, samples, step, length_penalty, first: int = 0) -> dict:
     """Rollouts; a gradient-free scoring pass (the rollout policy's log-probs, r_attn, the reference's);
-    rewards and advantages; then per PPO epoch one update accumulated over micro-batches of rollouts."""
+    rewards and advantages; then per PPO epoch one update accumulated over micro-batches of rollouts.
+    Under torchrun `samples` are this rank's share (questions first, first + 1, ... of the step): the loss
+    normaliser counts every rank's tokens and rollouts, gradients are averaged after the last micro-batch
+    and the returned metrics cover all ranks, so the update is the one a single process makes."""
     autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     t0 = time.time()
     with autocast:
-        roll = rollout(args, model, tok, samples, step)
+        roll = rollout(args, model, tok, samples, step, first)
     t1 = time.time()
     with autocast:
         old, r_attn = score_all(args, model, roll, need_attn=True)  # r_attn is always logged; the reward uses its weight
         ref_logp = score_all(args, ref, roll, need_attn=False)[0] if ref is not None else None
     total, parts = rewards(args, tok, samples, roll, r_attn, length_penalty)
+    sync_length_penalty(length_penalty, samples)
     adv = advantages(total, args.group, std=not (args.no_std or args.loss == "dr_grpo")).to(old.device)
     keep = keep_groups(args, parts["acc"]).to(old.device)
     mask = roll.mask & ~roll.forced & (~roll.latent_mask if args.latent_logp == "mask" else torch.ones_like(roll.mask))
     mask = mask & keep[:, None]
     weights = loss_weights(mask, args)
     t2 = time.time()
+    params = [p for g in opt.param_groups for p in g["params"]]
     skipped, loss = False, 0.0
     for epoch in range(args.ppo_epochs):
         opt.zero_grad(set_to_none=True)
@@ -265,41 +285,65 @@ def grpo_step(args, model, tok, ref, opt, samples, step, length_penalty) -> dict
                 logp, _ = score(args, model, roll.select(mb), need_attn=False)
             part, st = policy_loss(logp, old[mb], adv[mb], mask[mb], weights[mb], args,
                                    None if ref_logp is None else ref_logp[mb])
-            if not torch.isfinite(part):
+            if not P.all_true(bool(torch.isfinite(part))):  # every rank skips, or none (collectives stay paired)
                 warnings.warn(f"step {step}: non-finite loss, update skipped")
                 skipped = True
                 break
-            part.backward()
+            (part * P.world()).backward()  # each rank's part of the sum; gradients are averaged over ranks
             loss += float(part.detach())
             stats = {k: stats.get(k, 0.0) + v for k, v in st.items()}
         if skipped:
             opt.zero_grad(set_to_none=True)
             break
-        if not rundir.clip_and_step(opt, args.clip_grad):
+        P.average_grads(params)
+        if not rundir.clip_and_step(opt, args.clip_grad):  # the averaged gradients: every rank decides alike
             skipped = True
             break
     t3 = time.time()
-    n_tok = max(1.0, stats.get("tokens", 0.0)) if not skipped else 1.0
-    same = (total.view(-1, args.group) == total.view(-1, args.group)[:, :1]).all(1)
-    opened = roll.opened.cpu()
-    multi = (roll.tokens == roll.lvr_start).sum(1).cpu() >= 2
-    return {"step": step + 1, "reward": total.mean().item(), "acc": parts["acc"].mean().item(),
-            "format": parts["format"].mean().item(), "latent_rate": opened.float().mean().item(),
-            "att_share": (parts["r_attn"][opened].mean().item() if opened.any() else 0.0),
-            "multi_span": multi.float().mean().item(),
-            "att_share_multi": (parts["r_attn"][multi].mean().item() if multi.any() else None),
-            **{k: (0.0 if skipped else stats.get(k, 0.0) / n_tok)
-               for k in ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")},
-            "zero_spread": same.float().mean().item(), "kept_groups": keep.float().mean().item(),
-            "length": parts["length"].mean().item(), "loss": loss, "skipped": skipped,
+    return {"step": step + 1, **step_metrics(args, roll, total, parts, keep, stats, loss, skipped),
             "t_rollout": t1 - t0, "t_score": t2 - t1, "t_update": t3 - t2}
+
+
+def sync_length_penalty(penalty, samples):
+    """Share this step's shortest correct lengths between ranks (a question may land on another rank later)."""
+    if P.world() == 1:
+        return
+    mine = {q: penalty.best[q] for q in (s.id or s.question for s in samples) if q in penalty.best}
+    for best in P.gather_objects(mine):
+        for q, n in best.items():
+            penalty.best[q] = min(n, penalty.best.get(q, n))
+
+
+STAT_KEYS = ("tokens", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
+
+
+def step_metrics(args, roll, total, parts, keep, stats, loss, skipped) -> dict:
+    """The log row's metrics over the rollouts of every rank (gathered in rank order: the single-process order)."""
+    multi = (roll.tokens == roll.lvr_start).sum(1).cpu() >= 2
+    rows = torch.stack([total, parts["acc"], parts["format"], parts["r_attn"], parts["length"],
+                        roll.opened.cpu().float(), multi.float(), keep.cpu().float()])
+    total, acc, fmt, r_attn, length, opened, multi, keep = P.gather_cat(rows.double(), 1).float()
+    opened, multi = opened.bool(), multi.bool()
+    sums = P.all_sum(torch.tensor([stats.get(k, 0.0) for k in STAT_KEYS] + [loss], dtype=torch.float64)).tolist()
+    stats, loss = dict(zip(STAT_KEYS, sums[:-1])), sums[-1]
+    n_tok = max(1.0, stats["tokens"]) if not skipped else 1.0
+    same = (total.view(-1, args.group) == total.view(-1, args.group)[:, :1]).all(1)
+    return {"reward": total.mean().item(), "acc": acc.mean().item(), "format": fmt.mean().item(),
+            "latent_rate": opened.float().mean().item(),
+            "att_share": (r_attn[opened].mean().item() if opened.any() else 0.0),
+            "multi_span": multi.float().mean().item(),
+            "att_share_multi": (r_attn[multi].mean().item() if multi.any() else None),
+            **{k: (0.0 if skipped else stats[k] / n_tok) for k in STAT_KEYS[1:]},
+            "zero_spread": same.float().mean().item(), "kept_groups": keep.mean().item(),
+            "length": length.mean().item(), "loss": loss, "skipped": skipped}
 
 
 # ----------------------------------------------------------------------------------- the run
 def start(args):
-    """(model, tokenizer, reference, optimizer, trainer state, checkpoint dtype); from OUT's newest save with --resume."""
+    """(model, tokenizer, reference, optimizer, trainer state, checkpoint dtype); from OUT's newest save with --resume.
+    Under torchrun every rank loads the weights and the trainer state, then shards (--fsdp) and builds its optimizer."""
     found = rundir.resume_point(args.out) if args.resume else None
-    if args.resume and not found:
+    if args.resume and not found and P.is_main():
         print(f"no checkpoint in {args.out}: starting fresh")
     init = found[0] if found else initial_model(args)
     model, tok = M.load_model(init, M.DTYPES[args.param_dtype], args.device)
@@ -308,21 +352,32 @@ def start(args):
         p.requires_grad_(args.train_vision)
     if args.grad_ckpt:
         model.activation_checkpointing_enable({"use_reentrant": False})
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     state = {"step": 0, "length_penalty": {}, "skips": 0}
     if found:
-        state = rundir.load_state(found, model)
+        state = rundir.load_state(found, model)  # the master weights, before FSDP shards them
         rundir.check_resume(state.get("args", {}), vars(args), ("seed", "prompts", "data"))
-        opt.load_state_dict(state["optimizer"])
-        print(f"resuming {args.out} at step {state['step']}")
+    if args.fsdp:
+        P.shard_model(model)
+    opt = P.make_optimizer([p for p in model.parameters() if p.requires_grad], args.lr, args.zero)
+    if found:
+        P.load_optimizer_state(model, opt, state["optimizer"])
+        if P.is_main():
+            print(f"resuming {args.out} at step {state['step']}")
     ref = None
     if args.beta > 0:  # the frozen reference is the starting checkpoint
         ref, _ = M.load_model(initial_model(args), M.DTYPES[args.dtype], args.device)  # no grad, compute dtype
         ref.requires_grad_(False)
+        if args.fsdp:
+            P.shard_model(ref)
     return model, tok, ref, opt, state, M.saved_dtype(init)
 
 
 def train(args) -> str:
+    """The GRPO run; under torchrun each rank takes an equal contiguous share of every step's questions and
+    rank 0 alone logs, shows the bar and writes checkpoints."""
+    args.device = P.init_dist(args.device)
+    train_sft.check_parallel(args)
+    mine = P.share(args.prompts, "--prompts")
     torch.manual_seed(args.seed)
     with rundir.locked(args.out):
         stream = train_sft.Stream(args)
@@ -331,20 +386,20 @@ def train(args) -> str:
         penalty = reward.LengthPenalty()
         penalty.best = dict(state["length_penalty"])
         log = rundir.start_log(args.out, step)
-        bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="grpo")
+        bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="grpo", disable=not P.is_main())
         for step in bar:
             for g in opt.param_groups:
                 g["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
             base = (1 << 30) + step * args.prompts  # RL questions come from a part of the stream SFT never reaches
-            row = grpo_step(args, model, tok, ref, opt, [stream[base + i] for i in range(args.prompts)], step, penalty)
+            row = grpo_step(args, model, tok, ref, opt, [stream[base + i] for i in mine], step, penalty, mine.start)
             skips += row["skipped"]
             rundir.log(log, {**row, "skips": skips})
             bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['acc']:.2f}", latent=f"{row['latent_rate']:.2f}",
                             att=f"{row['att_share']:.3f}")
             streak = rundir.skip_streak(streak, row["skipped"], step + 1, args.steps)
             if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-                rundir.save(args.out, model, tok, {"step": step + 1, "optimizer": opt.state_dict(), "skips": skips,
-                                                   "length_penalty": penalty.best, "args": vars(args)}, dtype)
+                rundir.save(args.out, model, tok, {"step": step + 1, "skips": skips, "length_penalty": penalty.best,
+                                                   "args": vars(args)}, dtype, opt)
     return os.path.join(args.out, rundir.CKPT)
 
 
@@ -352,9 +407,10 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         ckpt = train(args)
-    except (M.ModelLoadError, rundir.RunError, OSError, ValueError) as e:
-        sys.exit(f"error: {rundir.oneline(e)}")
-    print(f"checkpoint: {ckpt}\nnext: python eval.py --model {ckpt} --compare")
+    except (M.ModelLoadError, rundir.RunError, P.RankZeroError, OSError, ValueError) as e:
+        sys.exit(f"error: {rundir.oneline(e)}" if P.is_main() else 1)  # rank 0 says it, once
+    if P.is_main():
+        print(f"checkpoint: {ckpt}\nnext: python eval.py --model {ckpt} --compare")
 
 
 if __name__ == "__main__":

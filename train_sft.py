@@ -40,6 +40,7 @@ import data
 import eval as ev
 import lvr
 import model as M
+import parallel as P
 import reward
 import rundir
 
@@ -87,6 +88,7 @@ def parse_args(argv=None):
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of the decoder layers (non-reentrant)")
     p.add_argument("--param-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="dtype of the trained weights, their gradients and AdamW's state")
+    add_parallel_args(p)
     M.add_device_args(p)
     a = p.parse_args(argv)
     a.dtype = M.resolve_dtype(a)
@@ -107,6 +109,20 @@ def parse_args(argv=None):
     if not 0 <= a.latent_fraction <= 1:
         p.error("--latent-fraction must be in [0, 1]")
     return a
+
+
+def add_parallel_args(p):
+    """--zero / --fsdp (torchrun with 2+ processes), the same in train_rl.py."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--zero", action="store_true", help="under torchrun: shard AdamW's state over the processes "
+                                                       "(ZeroRedundancyOptimizer); weights and gradients stay whole")
+    g.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2, weights, gradients and optimizer state "
+                                                       "sharded (decoder layers, vision blocks, embeddings + lm_head)")
+
+
+def check_parallel(args):
+    if (args.zero or args.fsdp) and P.world() < 2:
+        raise ValueError("--zero and --fsdp shard over processes: run under torchrun --nproc-per-node N (N >= 2)")
 
 
 class Stream:
@@ -215,12 +231,12 @@ class GroundingProbe(torch.nn.Module):
         return loss
 
 
-def point_loss(model, tok, qk, batch, samples) -> torch.Tensor:
+def point_loss(model, tok, qk, batch, samples, with_count: bool = False):
     """Pointing: at every reply word that names objects (a colour; the shape an attribute question
     names), head 0 of decoder layer 0 should put its attention on those objects' cells, and head 2 on
     the cells of the objects the previous such word named (so a pair's second word sees both objects,
     e.g. "yellow purple below"): -log(attention mass on the cells), averaged over such words and heads.
-    Synthetic data only (needs the scene)."""
+    Synthetic data only (needs the scene). with_count: also the number of (word, head) terms averaged."""
     q, k = qk[0]
     q, k = q.float(), k.float()  # (B, H, L, d), (B, Hkv, L, d)
     group = q.shape[1] // k.shape[1]
@@ -242,19 +258,20 @@ def point_loss(model, tok, qk, batch, samples) -> torch.Tensor:
                     rows.append((b, head, p, cells[target]))
             prev = named
     if not rows:
-        return q.new_zeros(())
+        return (q.new_zeros(()), 0) if with_count else q.new_zeros(())
     losses = []
     for b, head, p, target in rows:
         logits = (k[b, head // group, :p + 1] @ q[b, head, p]) / q.shape[-1] ** 0.5
         logits = logits.masked_fill(~mask[b, :p + 1], float("-inf"))
         losses.append(logits.logsumexp(0) - logits[target].logsumexp(0))
-    return torch.stack(losses).mean()
+    return (torch.stack(losses).mean(), len(losses)) if with_count else torch.stack(losses).mean()
 
 
 def start(args, stage: int, out: str, init: str | None):
-    """(model, tokenizer, probe, optimizer, trainer state) of a stage; from OUT's newest save when resuming."""
+    """(model, tokenizer, probe, optimizer, trainer state) of a stage; from OUT's newest save when resuming.
+    Under torchrun every rank loads the weights and the trainer state, then shards (--fsdp) and builds its optimizer."""
     found = rundir.resume_point(out) if args.resume else None
-    if args.resume and not found:
+    if args.resume and not found and P.is_main():
         print(f"no checkpoint in {out}: starting fresh")
     if found or init is not None:
         model, tok = M.load_model(found[0] if found else init, M.DTYPES[args.param_dtype], args.device,
@@ -269,15 +286,19 @@ def start(args, stage: int, out: str, init: str | None):
     for p in model.model.visual.parameters():
         p.requires_grad_(stage == 0)
     own = [p for n, p in probe.named_parameters() if not n.startswith("embed.")]  # the embeddings are the model's
-    params = [p for p in model.parameters() if p.requires_grad] + (own if stage == 0 else [])
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     state = {"step": 0, "skips": 0, "dtype": M.saved_dtype(found[0] if found else init) if (found or init) else None}
     if found:
-        state = {**state, **rundir.load_state(found, model)}
+        state = {**state, **rundir.load_state(found, model)}  # the master weights, before FSDP shards them
         rundir.check_resume(state.get("args", {}), vars(args), ("seed", "batch_size", "data"))
-        probe.load_state_dict(state["probe"])
-        opt.load_state_dict(state["optimizer"])
-        print(f"resuming {out} at step {state['step']}")
+        probe.load_state_dict({**probe.state_dict(), **state["probe"]})  # older checkpoints also hold embed.weight
+    if args.fsdp and stage == 1:  # stage 0 (the tiny small-vl base, whose probe shares the embeddings) stays whole
+        P.shard_model(model)
+    params = [p for p in model.parameters() if p.requires_grad] + (own if stage == 0 else [])
+    opt = P.make_optimizer(params, args.lr, args.zero)
+    if found:
+        P.load_optimizer_state(model, opt, state["optimizer"])
+        if P.is_main():
+            print(f"resuming {out} at step {state['step']}")
     return model, tok, probe, opt, state
 
 
@@ -292,16 +313,38 @@ def sft_step(args, model, tok, probe, samples, index, stage: int) -> dict:
         out = lvr.sft_loss(model, batch, W.to(args.device), args.lam)
     out["latent_share"] = sum(wants) / len(samples)
     if point:
-        out["point"] = point_loss(model, tok, qk, batch, samples)
+        out["point"], out["n_point"] = point_loss(model, tok, qk, batch, samples, with_count=True)
         out["loss"] = out["loss"] + args.point_weight * out["point"]
     if stage == 0 and args.ground_weight > 0:
         out["ground"] = probe(out["feats"], probe.labels(samples, *M.merged_grid(samples[0].image.shape, model)))
+        out["n_ground"] = out["feats"].shape[0]
         out["loss"] = out["loss"] + args.ground_weight * out["ground"]
+    out["n_latent_share"] = len(samples)
     return out
 
 
+TERMS = ("ce", "mse", "point", "ground")
+
+
+def across_ranks(args, out: dict) -> dict:
+    """Under torchrun: each loss term reweighted so that, gradients averaged over ranks, it is its mean over
+    the whole batch of every rank (as one process takes it); the logged values are those global means."""
+    if P.world() == 1:
+        return {k: float(out[k].detach()) if torch.is_tensor(out[k]) else out[k] for k in TERMS + ("loss", "latent_share") if k in out}
+    weight = {"ce": 1.0, "mse": args.lam, "point": args.point_weight, "ground": args.ground_weight}
+    keys = [k for k in TERMS + ("latent_share",) if k in out]
+    n = torch.tensor([float(out[f"n_{k}"]) for k in keys], dtype=torch.float64)
+    sums = P.all_sum(torch.stack([n, n * torch.tensor([float(out[k]) for k in keys], dtype=torch.float64)]))
+    total = sums[0].clamp(min=1)
+    share = dict(zip(keys, (n * P.world() / total).tolist()))
+    out["loss"] = sum(weight[k] * out[k] * share[k] for k in keys if k in weight)
+    logged = dict(zip(keys, (sums[1] / total).tolist()))
+    return {**logged, "loss": sum(weight[k] * logged[k] for k in keys if k in weight)}
+
+
 def train(args, stage: int, out: str, init: str | None) -> str:
-    """One stage into run directory `out`; returns its checkpoint."""
+    """One stage into run directory `out`; returns its checkpoint. Under torchrun each rank takes an equal
+    contiguous share of every batch; rank 0 alone logs, shows the bar and writes checkpoints."""
     torch.manual_seed(args.seed + stage)
     with rundir.locked(out):
         return _train(args, stage, out, init)
@@ -315,30 +358,36 @@ def _train(args, stage: int, out: str, init: str | None) -> str:
     log = rundir.start_log(out, step)
     model.train()
     autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
-    bar = tqdm(range(step, total), initial=step, total=total, desc=f"stage {stage}")
+    bar = tqdm(range(step, total), initial=step, total=total, desc=f"stage {stage}", disable=not P.is_main())
+    mine = P.share(args.batch_size, "--batch-size")
+    params = [p for g in opt.param_groups for p in g["params"]]
     for step in bar:
         t0 = time.time()
-        index = range(OFFSET[stage] + step * args.batch_size, OFFSET[stage] + (step + 1) * args.batch_size)
+        first = OFFSET[stage] + step * args.batch_size
+        index = range(first + mine.start, first + mine.stop)
         samples = [stream[i] for i in index]
         lr = lr_at(args, step, total)
         for g in opt.param_groups:
             g["lr"] = lr
         with autocast:
-            res = sft_step(args, model, tok, probe, samples, index, stage)
+            res = P.run(model, sft_step, args, model, tok, probe, samples, index, stage)
+            logged = across_ranks(args, res)
         opt.zero_grad(set_to_none=True)
-        res["loss"].backward()
-        skipped = not rundir.clip_and_step(opt, 1.0)
+        res["loss"].backward()  # on every rank (FSDP's backward is a collective)
+        P.average_grads(params)
+        skipped = not rundir.clip_and_step(opt, 1.0)  # the averaged gradients: every rank decides alike
         skips += skipped
         row = {"step": step + 1, "stage": stage, "lr": lr, "skipped": skipped, "skips": skips, "sec": time.time() - t0,
-               **{k: float(v.detach()) if torch.is_tensor(v) else v for k, v in res.items() if k in ("loss", "ce", "mse", "ground", "point", "latent_share")}}
+               **logged}
         rundir.log(log, row)
         bar.set_postfix({k: f"{row[k]:.3f}" for k in ("ground", "point", "ce", "mse") if k in row})
         streak = rundir.skip_streak(streak, skipped, step + 1, total)
         if args.eval_every and (step + 1) % args.eval_every == 0:
             quick_eval(args, model, tok, stream, log, step + 1, bar)
         if (step + 1) % args.save_every == 0 or step + 1 == total:
-            rundir.save(out, model, tok, {"step": step + 1, "optimizer": opt.state_dict(), "probe": probe.state_dict(),
-                                          "skips": skips, "args": vars(args)}, state["dtype"])
+            probe_state = {k: v for k, v in probe.state_dict().items() if not k.startswith("embed.")}  # the model's
+            rundir.save(out, model, tok, {"step": step + 1, "probe": probe_state, "skips": skips, "args": vars(args)},
+                        state["dtype"], opt)
     return os.path.join(out, rundir.CKPT)
 
 
@@ -362,17 +411,20 @@ def base_model(args) -> str:
         if not os.path.isfile(os.path.join(args.base, "eval_val.json")):  # killed after its last save
             final_eval(args, ckpt, args.base, modes=("normal", "blank image"))
         return ckpt
-    print(f"small-vl base model {args.base} is missing or unfinished: training it first (stage 0)")
+    if P.is_main():
+        print(f"small-vl base model {args.base} is missing or unfinished: training it first (stage 0)")
     t0 = time.time()
     args = argparse.Namespace(**{**vars(args), "data": None})  # the base always learns the synthetic scenes
     ckpt = train(args, 0, args.base, None)
-    print(f"base model trained in {time.time() - t0:.0f}s: {ckpt}")
+    if P.is_main():
+        print(f"base model trained in {time.time() - t0:.0f}s: {ckpt}")
     final_eval(args, ckpt, args.base, modes=("normal", "blank image"))
     return ckpt
 
 
 def final_eval(args, ckpt: str, out: str, modes=None) -> dict:
-    """The validation table: latent interventions, blank images, latent rate (greedy and sampled) -> OUT/eval_val.json."""
+    """The validation table: latent interventions, blank images, latent rate (greedy and sampled) -> OUT/eval_val.json.
+    Under torchrun the questions are split over the ranks; rank 0 prints and writes."""
     with rundir.locked(out):
         model, tok = M.load_model(ckpt, M.DTYPES[args.dtype], args.device)
         val = Stream(args).val(args.n_val)
@@ -380,23 +432,27 @@ def final_eval(args, ckpt: str, out: str, modes=None) -> dict:
                  "blank image": {"blank": True}, "sampled T=1": {"temperature": 1.0}}
         res = {name: ev.summarize(ev.evaluate(model, tok, val, latent_steps=args.latent_steps, **kw))
                for name, kw in table.items() if modes is None or name in modes}
-        print(ev.table(res))
-        ev.write_json(os.path.join(out, "eval_val.json"), res)
+        if P.is_main():
+            print(ev.table(res))
+        P.on_main(ev.write_json, os.path.join(out, "eval_val.json"), res)
     return res
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
+        args.device = P.init_dist(args.device)
+        check_parallel(args)
         if args.data:
             data.load_jsonl(args.data)  # bad rows fail now, not after the base model's training
         init = args.model if args.model != "small-vl" else base_model(args)
         t0 = time.time()
         ckpt = train(args, 1, args.out, init)
-        print(f"stage 1 trained in {time.time() - t0:.0f}s; checkpoint: {ckpt}")
+        if P.is_main():
+            print(f"stage 1 trained in {time.time() - t0:.0f}s; checkpoint: {ckpt}")
         final_eval(args, ckpt, args.out)
-    except (M.ModelLoadError, rundir.RunError, OSError, ValueError) as e:
-        sys.exit(f"error: {rundir.oneline(e)}")
+    except (M.ModelLoadError, rundir.RunError, P.RankZeroError, OSError, ValueError) as e:
+        sys.exit(f"error: {rundir.oneline(e)}" if P.is_main() else 1)  # rank 0 says it, once
 
 
 if __name__ == "__main__":

@@ -249,6 +249,31 @@ def test_zero_repeat_and_given_latents(tiny, samples):
     assert torch.allclose(oracle[0], torch.stack([feats[g].mean(0) for g in groups]), atol=1e-6)
 
 
+def test_inverse_cdf_sampling_follows_the_nucleus():
+    """Evenly spaced uniforms land on each kept token in proportion to its renormalised probability."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -8.0]])
+    probs = torch.softmax(logits[0], -1)
+    u = (torch.arange(10000) + 0.5) / 10000
+    picks = lvr.sample_token(logits.expand(10000, -1), 1.0, 0.9, u)
+    kept = probs.sort(descending=True).values.cumsum(0) - probs.sort(descending=True).values < 0.9
+    want = torch.where(kept, probs, torch.zeros_like(probs))  # logits are sorted already
+    assert torch.allclose(torch.bincount(picks, minlength=5) / 10000, want / want.sum(), atol=2e-4)
+
+
+def test_per_group_generators_make_rollouts_independent_of_batching(tiny, samples):
+    """One generator per question: its G rollouts are the same whether decoded alone or with others."""
+    m, tok = tiny
+    gens = lambda idx: [torch.Generator().manual_seed(100 + i) for i in idx]  # noqa: E731
+    kw = dict(G=3, temperature=1.0, top_p=0.95, mode="noise")
+    together = decode(m, tok, samples, generator=gens(range(5)), **kw)
+    assert len({tuple(r.tolist()) for r in together.tokens[:3]}) > 1, "sampling must differ within a group"
+    for i, s in enumerate(samples):
+        one = decode(m, tok, [s], generator=gens([i]), **kw)
+        T = one.tokens.shape[1]
+        assert torch.equal(together.tokens[3 * i:3 * i + 3, :T], one.tokens)
+        assert torch.allclose(together.latents[3 * i:3 * i + 3, :T], one.latents)
+
+
 def test_variable_span_lengths(tiny, samples):
     """--span-lengths: each reply's span has its own number of slots (seeded per sample, within LO..HI)."""
     import train_sft
