@@ -195,7 +195,8 @@ def newest_checkpoint(runs: str = "runs") -> str:
     path = rl[-1] if rl else sft if os.path.isdir(sft) else os.path.join("checkpoints", "small-vl-sft")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no small-vl checkpoint under {runs}/: run python train_sft.py --model small-vl first")
-    print(f"evaluating {path} ({'RL' if rl else 'SFT'}: the newest small-vl checkpoint)")
+    if P.is_main():
+        print(f"evaluating {path} ({'RL' if rl else 'SFT'}: the newest small-vl checkpoint)")
     return path
 
 
