@@ -191,6 +191,132 @@ def vlpo_table(device, model_dir, epochs=(1, 2, 4), steps=3):
         print(f"| {e} | {rate:.2f} | {(gv - gm).norm() / gm.norm():.2e} | {(uv - um).norm() / um.norm():.2e} |", flush=True)
 
 
+# ------------------------------------------------------------------------- (d) memory of a GRPO step
+QWEN = {  # Qwen2.5-VL-{3B,7B}-Instruct config.json (text part; the vision tower is the same for both)
+    "3b": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+               intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True),
+    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+               intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,  # tests
+                 intermediate_size=128, vocab_size=151936, tie_word_embeddings=True)}
+VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3, patch_size=14,
+              temporal_patch_size=2, spatial_merge_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
+GB = 1e9
+
+
+def qwen_model(shape: str, layers: int | None = None, vision_depth: int | None = None, meta: bool = False):
+    """A Qwen2.5-VL model of this shape with random weights (`layers` / `vision_depth` decoder layers /
+    vision blocks instead of the real ones) and the LVR token ids; meta: no storage (parameter counts)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    text = {**QWEN[shape], "max_position_embeddings": 128000, "rms_norm_eps": 1e-6, "eos_token_id": 151645,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}}
+    if shape == "tiny":
+        text["rope_parameters"]["mrope_section"] = [4, 6, 6]
+    if layers is not None:
+        text["num_hidden_layers"] = layers
+    vision = {**VISION, "out_hidden_size": text["hidden_size"], "depth": vision_depth or VISION["depth"]}
+    if shape == "tiny":
+        vision.update(hidden_size=32, intermediate_size=64, num_heads=2)
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
+                           vision_start_token_id=151652, vision_end_token_id=151653,
+                           tie_word_embeddings=text["tie_word_embeddings"])
+    for i, key in enumerate(("lvr_start_id", "lvr_id", "lvr_latent_end_id", "lvr_end_id")):
+        setattr(cfg, key, 151665 + i)
+    with torch.device("meta" if meta else "cpu"):
+        return Qwen2_5_VLForConditionalGeneration(cfg)
+
+
+def static_bytes(shape: str, param_dtype: str) -> dict:
+    """Exact bytes of what lives through a step at full depth: weights (all), gradients and AdamW's two
+    states (the trained text model; the vision tower is frozen), in the parameter dtype."""
+    model = qwen_model(shape, meta=True)
+    b = 4 if param_dtype == "fp32" else 2
+    total = sum(p.numel() for p in model.parameters())
+    trained = total - sum(p.numel() for p in model.model.visual.parameters())
+    return {"params": total, "trained": trained, "weights": b * total, "grads": b * trained, "adam": 2 * b * trained}
+
+
+def hwm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return int(f.read().split("VmHWM:")[1].split()[0]) * 1024
+
+
+def reset_peak(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:  # the peak RSS starts again from the current RSS
+            f.write("5")
+
+
+def peak_bytes(device) -> int:
+    return torch.cuda.max_memory_allocated() if device == "cuda" else hwm_bytes()
+
+
+def memory_cell(shape, layers, vision_depth, prompts, group, image_px, new_tokens, micro_batch, grad_ckpt, param_dtype,
+                device, freeze_embeddings=False) -> dict:
+    """Runs in its own process: one GRPO step (train_rl.grpo_step: rollout, scoring, backward, AdamW) of a
+    random model at this shape, fp32 or bf16 weights, bf16 autocast, completions forced to `new_tokens`.
+    The step starts in the steady state of training: AdamW's state and the last step's gradients alive.
+    Returns per phase (rollout, scoring, update) the peak above the memory held just before the step
+    (CPU: peak RSS, reset per phase via /proc/self/clear_refs) or, on CUDA, the absolute peak allocated."""
+    import data
+    import lvr
+    import reward
+    import train_rl
+    import model as M
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
+    from conftest import QWEN_TEMPLATE, qwen_tokenizer  # the released Qwen tokenizer layout (real special ids)
+    args = train_rl.parse_args(["--model", "bench", "--prompts", str(prompts), "--group", str(group), "--lr", "1e-6",
+                                "--max-new-tokens", str(new_tokens), "--micro-batch", str(micro_batch), "--dtype", "bf16",
+                                "--param-dtype", param_dtype, "--device", device] + ["--grad-ckpt"] * grad_ckpt)
+    torch.manual_seed(0)
+    tok = qwen_tokenizer(lvr=True)
+    tok.chat_template = QWEN_TEMPLATE
+    model = qwen_model(shape, layers, vision_depth).to(device, M.DTYPES[param_dtype])
+    model.image_processor = M.image_processor(model.config.vision_config)
+    model.requires_grad_(True)
+    model.model.visual.requires_grad_(False)
+    if freeze_embeddings:  # CPU, 7B: their gradients and AdamW state are counted analytically instead
+        model.get_input_embeddings().requires_grad_(False)
+        model.get_output_embeddings().requires_grad_(False)
+    if grad_ckpt:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.0)
+    for p in trained:  # steady state: the previous step's gradients and AdamW's state
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    lvr.eos_ids = lambda model, tok: []  # no EOS: every completion runs to new_tokens (this process only)
+    samples = data.make_split("test", prompts, size=image_px)
+    peaks, base = {}, 0 if device == "cuda" else rss_bytes()
+
+    def phase(name, fn):
+        def run(*a, **k):
+            reset_peak(device)
+            out = fn(*a, **k)
+            peaks[name] = peak_bytes(device) - base
+            reset_peak(device)
+            return out
+        return run
+    train_rl.rollout, train_rl.score_all = phase("rollout", train_rl.rollout), phase("scoring", train_rl.score_all)
+    row = train_rl.grpo_step(args, model, tok, None, opt, samples, 0, reward.LengthPenalty())
+    peaks["update"] = peak_bytes(device) - base
+    prompt_len = M.encode(model, tok, samples[:1])["input_ids"].shape[1]
+    return {**peaks, "base": base, "length": row["length"], "prompt_len": prompt_len}
+
+
+def run_cell(**kw) -> dict:
+    """memory_cell in a fresh process (big allocations returned to the OS at once, so RSS follows them)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-cell", json.dumps(kw)],
+                         capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise SystemExit(f"memory cell {kw} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", default="all", choices=["all", "reward", "rollout", "vlpo"],
@@ -200,7 +326,11 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--compile", action="store_true", help="torch.compile the fused reward (CUDA)")
     p.add_argument("--cell", nargs=3, metavar=("METHOD", "SHAPE", "L"), help=argparse.SUPPRESS)
+    p.add_argument("--memory-cell", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.memory_cell:
+        print(json.dumps(memory_cell(**json.loads(a.memory_cell))))
+        return
     if a.cell:
         print(json.dumps(one_cell(a.cell[0], a.cell[1], int(a.cell[2]), a.device, a.compile)))
         return
