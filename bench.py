@@ -301,7 +301,20 @@ def memory_cell(shape, layers, vision_depth, prompts, group, image_px, new_token
             return out
         return run
     train_rl.rollout, train_rl.score_all = phase("rollout", train_rl.rollout), phase("scoring", train_rl.score_all)
-    row = train_rl.grpo_step(args, model, tok, None, opt, samples, 0, reward.LengthPenalty())
+    score = train_rl.score
+
+    def scored(*a, **k):  # what a micro-batch's forward keeps for its backward: the RSS it adds
+        before = rss_bytes() if device == "cpu" else torch.cuda.memory_allocated()
+        out = score(*a, **k)
+        if torch.is_grad_enabled():
+            after = rss_bytes() if device == "cpu" else torch.cuda.memory_allocated()
+            peaks["saved"] = max(peaks.get("saved", 0), after - before)
+        return out
+    train_rl.score = scored
+    try:
+        row = train_rl.grpo_step(args, model, tok, None, opt, samples, 0, reward.LengthPenalty())
+    except torch.OutOfMemoryError:
+        return {"oom": True}
     peaks["update"] = peak_bytes(device) - base
     prompt_len = M.encode(model, tok, samples[:1])["input_ids"].shape[1]
     return {**peaks, "base": base, "length": row["length"], "prompt_len": prompt_len}
@@ -317,9 +330,98 @@ def run_cell(**kw) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+FULL = dict(prompts=8, group=8, image_px=896, new_tokens=512)  # the defaults: 8 x 8 rollouts, 1024 image tokens
+CPU = dict(prompts=1, group=4, image_px=112, new_tokens=16, vision_depth=1)  # a CPU cell: 4 short rollouts, 16 image tokens
+CPU_CONFIGS = {"3b": [(1, False, "fp32"), (4, False, "fp32"), (4, True, "fp32"), (4, True, "bf16")],
+               "7b": [(4, False, "fp32"), (4, True, "fp32")]}  # (micro-batch, grad-ckpt, param dtype), at 1 and 2 layers
+
+
+def verdict(gb: float) -> str:
+    return "fits 80 GB" if gb <= 80 else "fits 141 GB" if gb <= 141 else f"needs {gb:.0f} GB"
+
+
+def layer_params(shape) -> int:
+    return sum(p.numel() for p in qwen_model(shape, layers=1, vision_depth=1, meta=True).model.language_model.layers[0].parameters())
+
+
+def estimate(shape, micro_batch, c1, c2) -> dict:
+    """A full-depth step at the defaults from two CPU cells at 1 and 2 decoder layers (same settings).
+    Exact: weights, gradients and AdamW state (static_bytes; the last step's gradients are alive through
+    the rollout), the KV cache of the 64 rollouts (keys fp32 after RoPE when the residual stream is fp32,
+    values bf16). Linear in depth: the rollout's other growth (bf16 weight copies of autocast) and what a
+    micro-batch's forward keeps for backward ('saved'), whose per-layer part less the bf16 weight copies
+    is taken as linear in tokens (activations, SDPA). The measured transients beyond 'saved' in the
+    update (lm_head gradient, AdamW temporaries) and the scoring pass are added as measured, scaled in
+    tokens: an upper estimate, as the phases' peaks are summed parts rather than one instant."""
+    c, fp32 = QWEN[shape], c1["param_dtype"] == "fp32"
+    D, s = c["num_hidden_layers"], static_bytes(shape, c1["param_dtype"])
+    static = s["weights"] + s["grads"] + s["adam"]
+    kv_el = 2 * c["hidden_size"] // c["num_attention_heads"] * c["num_key_value_heads"]  # K and V elements per token per layer
+    kv_b = (kv_el // 2) * ((4 + 2) if fp32 else 4)
+    text = c1["prompt_len"] - (c1["image_px"] // 28) ** 2  # the prompt's text tokens (this tokenizer's)
+    L, Lc = text + (FULL["image_px"] // 28) ** 2 + FULL["new_tokens"], c1["prompt_len"] + c1["new_tokens"]
+    N, Nc = FULL["prompts"] * FULL["group"], c1["prompts"] * c1["group"]
+    kv, kv_cell = N * L * D * kv_b, Nc * Lc * kv_b
+    rollout = c1["rollout"] + (D - 1) * (c2["rollout"] - c1["rollout"] - kv_cell) - kv_cell + kv
+    copies = 2 * layer_params(shape) if fp32 and not c1["grad_ckpt"] else 0  # bf16 weight copies the graph keeps
+    per_tok = max(0, c2["saved"] - c1["saved"] - copies) / (c1["micro_batch"] * Lc)  # bytes per token per layer
+    rest = c1["saved"] - copies - per_tok * c1["micro_batch"] * Lc  # lm_head input, final norm, ...
+    tokens = micro_batch * L / (c1["micro_batch"] * Lc)
+    saved = D * (copies + per_tok * micro_batch * L) + max(0, rest) * tokens
+    update = saved + max(0, c1["update"] - c1["saved"]) * tokens
+    peak = static + max(rollout, c1["scoring"] * tokens, update)
+    return {"peak": peak, "static": static, "kv": kv, "per_tok": per_tok, "rollout": static + rollout, "update": static + update}
+
+
+def memory_table(device, shapes=("3b", "7b"), micro_batches=(1, 2, 4, 8, 16), configs=None) -> list[tuple]:
+    """(d) the peak memory of one GRPO step. CUDA: measured at full depth and the defaults, a fresh process
+    per cell. CPU: measured at real widths with 1 and 2 decoder layers, 1 vision block and 4 short rollouts
+    (table 1), then estimated at full scale (estimate; table 2). Returns table 2's rows."""
+    print(f"\n(d) memory of one GRPO step (rollout + scoring + backward + AdamW) at P={FULL['prompts']} G={FULL['group']}, "
+          f"{(FULL['image_px'] // 28) ** 2} image tokens, completions forced to {FULL['new_tokens']} tokens, bf16 autocast, {device}")
+    rows, configs, est = [], configs or CPU_CONFIGS, {}
+    if device == "cuda":
+        for shape in shapes:
+            for pd in ("fp32", "bf16"):
+                for ckpt in (False, True):
+                    for mb in micro_batches:
+                        r = run_cell(shape=shape, layers=None, micro_batch=mb, grad_ckpt=ckpt, param_dtype=pd, device=device,
+                                     vision_depth=None, **FULL)
+                        gb = None if r.get("oom") else max(r["rollout"], r["scoring"], r["update"]) / GB
+                        rows.append((shape, mb, ckpt, pd, gb, "measured, full depth" if gb else "out of memory"))
+    else:
+        print("\nmeasured on this CPU (real widths, 1 vision block; GB above what the step starts with, which holds "
+              "the weights, the last step's gradients and AdamW's state; 7B: embeddings frozen to fit in RAM):")
+        print("| model | layers | rollouts x tokens | micro-batch | grad-ckpt | param dtype | held before | rollout peak | "
+              "scoring peak | update peak | kept for backward | per token per layer |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for shape in shapes:
+            for mb, ckpt, pd in configs[shape]:
+                kw = dict(shape=shape, micro_batch=mb, grad_ckpt=ckpt, param_dtype=pd, device=device,
+                          freeze_embeddings=shape == "7b", **CPU)
+                c1, c2 = ({**kw, **run_cell(layers=d, **kw)} for d in (1, 2))
+                for d, r in ((1, c1), (2, c2)):
+                    per_tok = estimate(shape, mb, c1, c2)["per_tok"]
+                    print(f"| {shape} | {d} | {r['group']} x {r['prompt_len']}+{r['new_tokens']} | {mb} | {'yes' if ckpt else 'no'} | "
+                          f"{pd} | {r['base'] / GB:.2f} | {r['rollout'] / GB:.2f} | {r['scoring'] / GB:.2f} | {r['update'] / GB:.2f} | "
+                          f"{r['saved'] / GB:.3f} | {per_tok / 1024:.0f} KiB |", flush=True)
+                for m in micro_batches:  # from the cells of the nearest measured micro-batch
+                    key, near = (shape, m, ckpt, pd), abs(m - mb)
+                    if key not in est or near < est[key][0]:
+                        est[key] = (near, estimate(shape, m, c1, c2)["peak"] / GB, f"extrapolated (cells: 1-2 layers, micro-batch {mb})")
+        rows = [(*k, gb, how) for k, (_, gb, how) in est.items()]
+    print("\n| model | micro-batch | grad-ckpt | param dtype | peak GB | how | one GPU |")
+    print("|---|---|---|---|---|---|---|")
+    for shape, mb, ckpt, pd, gb, how in sorted(rows, key=lambda r: (r[0], r[3], r[2], r[1])):
+        print(f"| Qwen2.5-VL-{shape.upper()} | {mb} | {'yes' if ckpt else 'no'} | {pd} | {'-' if gb is None else f'{gb:.1f}'} | "
+              f"{how} | {verdict(gb) if gb is not None else 'needs more than this GPU'} |")
+    return rows
+
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", default="all", choices=["all", "reward", "rollout", "vlpo"],
+    p.add_argument("--part", default="all", choices=["all", "reward", "rollout", "vlpo", "memory", "dtype"],
                    help="which table (vlpo: what VLPO changes against masked latents; needs --model or an SFT run)")
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048], help="sequence lengths for (a)")
     p.add_argument("--model", help="checkpoint for (b) (default: runs/small-vl-sft/checkpoint if present)")
@@ -339,6 +441,8 @@ def main():
     if a.part in ("all", "rollout"):
         default = os.path.join("runs", "small-vl-sft", "checkpoint")
         rollout_table(a.device, a.model or (default if os.path.isdir(default) else None))
+    if a.part == "memory":
+        memory_table(a.device)
     if a.part == "vlpo":
         vlpo_table(a.device, a.model or os.path.join("runs", "small-vl-sft", "checkpoint"))
 
