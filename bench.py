@@ -1,5 +1,6 @@
 """Benchmarks that print figures: (a) the fused attention reward against the naive one, (b) rollout
-throughput of lvr.generate against transformers' generate(num_return_sequences=G).
+throughput of lvr.generate against transformers' generate(num_return_sequences=G), (c) VLPO vs masked
+latents, (d) the peak memory of a GRPO step at real scale, (e) fp32 vs bf16 weights at small learning rates.
 
 (a) One attention layer at sequence lengths 256..2048, on small-vl's shape (4 heads, 2 KV heads, head dim
 32, 8 rollouts) and on a Qwen2.5-VL-3B-like shape (16 heads, 2 KV heads, head dim 128, 4 rollouts), random
@@ -17,11 +18,18 @@ once for its G rollouts; generate repeats the prompt (image included) G times.
     python bench.py --part reward --lengths 256 1024
     python bench.py --compile        # CUDA: torch.compile the fused reward
     python bench.py --part vlpo      # (c) VLPO against masked latent slots, from the LVR SFT checkpoint
+    python bench.py --part memory    # (d) peak memory of a GRPO step of Qwen2.5-VL-3B/7B (CPU: ~15 min, estimated)
+    python bench.py --part dtype     # (e) what bf16 weights lose at lr 1e-6 (any small-vl checkpoint: --model)
+
+(d) Qwen2.5-VL-3B / 7B shapes from their config.json, random weights, one train_rl.grpo_step at the defaults
+with EOS suppressed (completions of exactly 512 tokens). CUDA: full depth, torch.cuda.max_memory_allocated.
+CPU: 1 and 2 decoder layers at real widths, extrapolated (memory_table, estimate).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -47,6 +55,15 @@ def naive_share(q, k, query_mask, key_mask):
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def fresh_process(flags: list[str], env: dict | None = None) -> dict:
+    """Run `python bench.py FLAGS` (one benchmark cell) in a fresh process; its last stdout line, a JSON dict."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), *flags], capture_output=True, text=True,
+                         env={**os.environ, **(env or {})})
+    if out.returncode:
+        raise SystemExit(f"bench cell {' '.join(flags)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def one_cell(method: str, shape: str, L: int, device: str, compile_: bool) -> dict:
@@ -91,11 +108,7 @@ def reward_table(lengths, device, compile_):
         for L in lengths:
             cells = {}
             for method in ("naive", "fused"):
-                cmd = [sys.executable, __file__, "--cell", method, shape, str(L), "--device", device] + (["--compile"] if compile_ else [])
-                out = subprocess.run(cmd, capture_output=True, text=True)
-                if out.returncode:
-                    raise SystemExit(f"bench cell {method} {shape} {L} failed:\n{out.stderr[-2000:]}")
-                cells[method] = json.loads(out.stdout.strip().splitlines()[-1])
+                cells[method] = fresh_process(["--cell", method, shape, str(L), "--device", device] + ["--compile"] * compile_)
             n, f = cells["naive"], cells["fused"]
             assert abs(n["value"] - f["value"]) < 1e-4, (shape, L, n["value"], f["value"])
             print(f"| {shape} | {L} | {n['ms']:.1f} | {f['ms']:.1f} | {n['ms'] / f['ms']:.1f}x | {n['peak_mb']:.1f} | "
@@ -204,7 +217,7 @@ VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, 
 GB = 1e9
 
 
-def qwen_model(shape: str, layers: int | None = None, vision_depth: int | None = None, meta: bool = False):
+def qwen_model(shape: str, layers: int | None = None, vision_depth: int | None = None, meta: bool = False, device="cpu"):
     """A Qwen2.5-VL model of this shape with random weights (`layers` / `vision_depth` decoder layers /
     vision blocks instead of the real ones) and the LVR token ids; meta: no storage (parameter counts)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -222,7 +235,7 @@ def qwen_model(shape: str, layers: int | None = None, vision_depth: int | None =
                            tie_word_embeddings=text["tie_word_embeddings"])
     for i, key in enumerate(("lvr_start_id", "lvr_id", "lvr_latent_end_id", "lvr_end_id")):
         setattr(cfg, key, 151665 + i)
-    with torch.device("meta" if meta else "cpu"):
+    with torch.device("meta" if meta else device):
         return Qwen2_5_VLForConditionalGeneration(cfg)
 
 
@@ -236,11 +249,6 @@ def static_bytes(shape: str, param_dtype: str) -> dict:
     return {"params": total, "trained": trained, "weights": b * total, "grads": b * trained, "adam": 2 * b * trained}
 
 
-def hwm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        return int(f.read().split("VmHWM:")[1].split()[0]) * 1024
-
-
 def reset_peak(device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -251,7 +259,10 @@ def reset_peak(device):
 
 
 def peak_bytes(device) -> int:
-    return torch.cuda.max_memory_allocated() if device == "cuda" else hwm_bytes()
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    with open("/proc/self/status") as f:
+        return int(f.read().split("VmHWM:")[1].split()[0]) * 1024
 
 
 def memory_cell(shape, layers, vision_depth, prompts, group, image_px, new_tokens, micro_batch, grad_ckpt, param_dtype,
@@ -274,7 +285,7 @@ def memory_cell(shape, layers, vision_depth, prompts, group, image_px, new_token
     torch.manual_seed(0)
     tok = qwen_tokenizer(lvr=True)
     tok.chat_template = QWEN_TEMPLATE
-    model = qwen_model(shape, layers, vision_depth).to(device, M.DTYPES[param_dtype])
+    model = qwen_model(shape, layers, vision_depth, device=device).to(M.DTYPES[param_dtype])
     model.image_processor = M.image_processor(model.config.vision_config)
     model.requires_grad_(True)
     model.model.visual.requires_grad_(False)
@@ -321,13 +332,8 @@ def memory_cell(shape, layers, vision_depth, prompts, group, image_px, new_token
 
 
 def run_cell(**kw) -> dict:
-    """memory_cell in a fresh process (big allocations returned to the OS at once, so RSS follows them)."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-cell", json.dumps(kw)],
-                         capture_output=True, text=True, env=env)
-    if out.returncode:
-        raise SystemExit(f"memory cell {kw} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """memory_cell in a fresh process; big allocations go back to the OS when freed, so RSS follows them."""
+    return fresh_process(["--memory-cell", json.dumps(kw)], {"MALLOC_MMAP_THRESHOLD_": "65536"})
 
 
 FULL = dict(prompts=8, group=8, image_px=896, new_tokens=512)  # the defaults: 8 x 8 rollouts, 1024 image tokens
@@ -344,42 +350,49 @@ def layer_params(shape) -> int:
     return sum(p.numel() for p in qwen_model(shape, layers=1, vision_depth=1, meta=True).model.language_model.layers[0].parameters())
 
 
-def estimate(shape, micro_batch, c1, c2) -> dict:
+def estimate(shape, micro_batch, c1, c2, layer_act=0.0) -> dict:
     """A full-depth step at the defaults from two CPU cells at 1 and 2 decoder layers (same settings).
-    Exact: weights, gradients and AdamW state (static_bytes; the last step's gradients are alive through
-    the rollout), the KV cache of the 64 rollouts (keys fp32 after RoPE when the residual stream is fp32,
-    values bf16). Linear in depth: the rollout's other growth (bf16 weight copies of autocast) and what a
-    micro-batch's forward keeps for backward ('saved'), whose per-layer part less the bf16 weight copies
-    is taken as linear in tokens (activations, SDPA). The measured transients beyond 'saved' in the
-    update (lm_head gradient, AdamW temporaries) and the scoring pass are added as measured, scaled in
-    tokens: an upper estimate, as the phases' peaks are summed parts rather than one instant."""
-    c, fp32 = QWEN[shape], c1["param_dtype"] == "fp32"
-    D, s = c["num_hidden_layers"], static_bytes(shape, c1["param_dtype"])
-    static = s["weights"] + s["grads"] + s["adam"]
-    kv_el = 2 * c["hidden_size"] // c["num_attention_heads"] * c["num_key_value_heads"]  # K and V elements per token per layer
-    kv_b = (kv_el // 2) * ((4 + 2) if fp32 else 4)
-    text = c1["prompt_len"] - (c1["image_px"] // 28) ** 2  # the prompt's text tokens (this tokenizer's)
-    L, Lc = text + (FULL["image_px"] // 28) ** 2 + FULL["new_tokens"], c1["prompt_len"] + c1["new_tokens"]
-    N, Nc = FULL["prompts"] * FULL["group"], c1["prompts"] * c1["group"]
-    kv, kv_cell = N * L * D * kv_b, Nc * Lc * kv_b
-    rollout = c1["rollout"] + (D - 1) * (c2["rollout"] - c1["rollout"] - kv_cell) - kv_cell + kv
-    copies = 2 * layer_params(shape) if fp32 and not c1["grad_ckpt"] else 0  # bf16 weight copies the graph keeps
-    per_tok = max(0, c2["saved"] - c1["saved"] - copies) / (c1["micro_batch"] * Lc)  # bytes per token per layer
-    rest = c1["saved"] - copies - per_tok * c1["micro_batch"] * Lc  # lm_head input, final norm, ...
+    Exact: weights, gradients and AdamW state (the last step's gradients live through the rollout), the KV
+    cache of the 64 rollouts (keys fp32 after RoPE when the residual stream is fp32, values bf16), autocast's
+    bf16 copies of fp32 weights (cached for a whole rollout / scoring pass, kept by the graph until backward).
+    Linear in depth: what a micro-batch's forward keeps for backward per token per layer (the 2-layer cell
+    less the 1-layer one; --grad-ckpt: plus one layer's activations, `layer_act`, recomputed in backward).
+    Linear in tokens: the cells' other measured growth. The update's transients beyond what is kept
+    (lm_head gradient, AdamW temporaries) are added as measured, with the fp32 logits chunk grown with
+    the micro-batch: an upper estimate, as the parts' peaks need not fall at one instant."""
+    c, fp32, frozen = QWEN[shape], c1["param_dtype"] == "fp32", c1.get("freeze_embeddings", False)
+    D, V, H = c["num_hidden_layers"], c["vocab_size"], c["hidden_size"]
+    s = static_bytes(shape, c1["param_dtype"])
+    kv_b = H // c["num_attention_heads"] * c["num_key_value_heads"] * ((4 + 2) if fp32 else 4)  # per token per layer
+    L0c, text = c1["prompt_len"], c1["prompt_len"] - (c1["image_px"] // 28) ** 2  # prompt text: this tokenizer's
+    L0 = text + (FULL["image_px"] // 28) ** 2
+    L, Lc = L0 + FULL["new_tokens"], L0c + c1["new_tokens"]
+    copy, head = (2 * layer_params(shape), 2 * V * H) if fp32 else (0, 0)  # autocast's bf16 copies: a layer, lm_head
+    head_c = 0 if frozen else head  # frozen weights are not cached; nor is their gradient made (added as grad_head)
+    grad_head = V * H * (6 if fp32 else 2) if frozen else 0
+    prompt_tokens = FULL["prompts"] * L0 / (c1["prompts"] * L0c)
+    r_rest = c1["rollout"] - copy - head_c - c1["prompts"] * c1["group"] * Lc * kv_b
+    rollout = D * copy + head + FULL["prompts"] * FULL["group"] * L * D * kv_b + max(0, r_rest) * prompt_tokens
     tokens = micro_batch * L / (c1["micro_batch"] * Lc)
-    saved = D * (copies + per_tok * micro_batch * L) + max(0, rest) * tokens
-    update = saved + max(0, c1["update"] - c1["saved"]) * tokens
-    peak = static + max(rollout, c1["scoring"] * tokens, update)
-    return {"peak": peak, "static": static, "kv": kv, "per_tok": per_tok, "rollout": static + rollout, "update": static + update}
+    scoring = D * copy + head + max(0, c1["scoring"] - copy - head_c) * tokens
+    per_tok = max(0, c2["saved"] - c1["saved"] - copy) / (c1["micro_batch"] * Lc)
+    s_rest = c1["saved"] - copy - head_c - per_tok * c1["micro_batch"] * Lc
+    saved = D * (copy + per_tok * micro_batch * L) + head + max(0, s_rest) * tokens
+    logits = 3 * 64 * V * 4 * (micro_batch - c1["micro_batch"])  # token_logps' fp32 chunk, its exp and its gradient
+    recompute = layer_act * micro_batch * L if c1["grad_ckpt"] else 0
+    update = saved + max(0, c1["update"] - c1["saved"] + logits) + grad_head + recompute
+    static = s["weights"] + s["grads"] + s["adam"]
+    return {"peak": static + max(rollout, scoring, update), "per_tok": per_tok}
 
 
-def memory_table(device, shapes=("3b", "7b"), micro_batches=(1, 2, 4, 8, 16), configs=None) -> list[tuple]:
+def memory_table(device, shapes=("3b", "7b"), micro_batches=(1, 2, 4, 8, 16), configs=None, cache=None) -> list[tuple]:
     """(d) the peak memory of one GRPO step. CUDA: measured at full depth and the defaults, a fresh process
     per cell. CPU: measured at real widths with 1 and 2 decoder layers, 1 vision block and 4 short rollouts
-    (table 1), then estimated at full scale (estimate; table 2). Returns table 2's rows."""
+    (table 1), then estimated at full scale (estimate; table 2); `cache`: a JSON file of measured cells, reused
+    and extended. Returns table 2's rows."""
     print(f"\n(d) memory of one GRPO step (rollout + scoring + backward + AdamW) at P={FULL['prompts']} G={FULL['group']}, "
           f"{(FULL['image_px'] // 28) ** 2} image tokens, completions forced to {FULL['new_tokens']} tokens, bf16 autocast, {device}")
-    rows, configs, est = [], configs or CPU_CONFIGS, {}
+    rows, configs, est, acts = [], configs or CPU_CONFIGS, {}, {}
     if device == "cuda":
         for shape in shapes:
             for pd in ("fp32", "bf16"):
@@ -395,20 +408,28 @@ def memory_table(device, shapes=("3b", "7b"), micro_batches=(1, 2, 4, 8, 16), co
         print("| model | layers | rollouts x tokens | micro-batch | grad-ckpt | param dtype | held before | rollout peak | "
               "scoring peak | update peak | kept for backward | per token per layer |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        cells = json.load(open(cache)) if cache and os.path.exists(cache) else {}
         for shape in shapes:
-            for mb, ckpt, pd in configs[shape]:
+            for mb, ckpt, pd in configs[shape]:  # a config without --grad-ckpt first: its activations per layer
                 kw = dict(shape=shape, micro_batch=mb, grad_ckpt=ckpt, param_dtype=pd, device=device,
                           freeze_embeddings=shape == "7b", **CPU)
-                c1, c2 = ({**kw, **run_cell(layers=d, **kw)} for d in (1, 2))
+                for d in (1, 2):
+                    key = json.dumps({**kw, "layers": d}, sort_keys=True)
+                    cells[key] = cells.get(key) or {**kw, **run_cell(layers=d, **kw)}
+                    if cache:
+                        json.dump(cells, open(cache, "w"), indent=1)
+                c1, c2 = (cells[json.dumps({**kw, "layers": d}, sort_keys=True)] for d in (1, 2))
+                per_tok = estimate(shape, mb, c1, c2)["per_tok"]
+                if not ckpt:
+                    acts[shape] = per_tok
                 for d, r in ((1, c1), (2, c2)):
-                    per_tok = estimate(shape, mb, c1, c2)["per_tok"]
                     print(f"| {shape} | {d} | {r['group']} x {r['prompt_len']}+{r['new_tokens']} | {mb} | {'yes' if ckpt else 'no'} | "
                           f"{pd} | {r['base'] / GB:.2f} | {r['rollout'] / GB:.2f} | {r['scoring'] / GB:.2f} | {r['update'] / GB:.2f} | "
                           f"{r['saved'] / GB:.3f} | {per_tok / 1024:.0f} KiB |", flush=True)
                 for m in micro_batches:  # from the cells of the nearest measured micro-batch
                     key, near = (shape, m, ckpt, pd), abs(m - mb)
                     if key not in est or near < est[key][0]:
-                        est[key] = (near, estimate(shape, m, c1, c2)["peak"] / GB, f"extrapolated (cells: 1-2 layers, micro-batch {mb})")
+                        est[key] = (near, estimate(shape, m, c1, c2, acts.get(shape, 0.0))["peak"] / GB, f"extrapolated (cells: 1-2 layers, micro-batch {mb})")
         rows = [(*k, gb, how) for k, (_, gb, how) in est.items()]
     print("\n| model | micro-batch | grad-ckpt | param dtype | peak GB | how | one GPU |")
     print("|---|---|---|---|---|---|---|")
@@ -417,6 +438,46 @@ def memory_table(device, shapes=("3b", "7b"), micro_batches=(1, 2, 4, 8, 16), co
               f"{how} | {verdict(gb) if gb is not None else 'needs more than this GPU'} |")
     return rows
 
+
+
+def dtype_table(device, model_dir, lrs=(1e-6, 5e-5)):
+    """(e) What bf16 weights lose: one GRPO step (train_rl.grpo_step, bf16 autocast) from `model_dir`, whose
+    weights are first rounded to bf16 so that both runs start from the same values and compute the same
+    forward: --param-dtype fp32 (fp32 master weights and AdamW state) against bf16 (weights, gradients and
+    AdamW state in bf16). Share of the trained weights that changed; update norm relative to fp32's."""
+    import reward
+    import train_rl
+    import train_sft
+    import model as M
+    print(f"\n(e) fp32 master weights vs bf16 weights: one GRPO step from {model_dir}, bf16 autocast, {device}")
+    print("| lr | param dtype | weights changed | update norm / fp32's | (update - fp32's) norm / fp32's |")
+    print("|---|---|---|---|---|")
+    for lr in lrs:
+        out = {}
+        for pd in ("fp32", "bf16"):
+            args = train_rl.parse_args(["--lr", str(lr), "--param-dtype", pd, "--dtype", "bf16", "--device", device])
+            model, tok = M.load_model(model_dir, torch.float32, device)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(p.bfloat16().float())
+            model.to(M.DTYPES[pd]).requires_grad_(True)
+            model.model.visual.requires_grad_(False)
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            start = {n: p.detach().clone() for n, p in named}
+            opt = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=0.0)
+            torch.manual_seed(0)
+            stream = train_sft.Stream(args)
+            train_rl.grpo_step(args, model, tok, None, opt, [stream[(1 << 30) + i] for i in range(args.prompts)], 0,
+                               reward.LengthPenalty())
+            out[pd] = torch.cat([(p.detach().float() - start[n].float()).flatten() for n, p in named])
+            changed = sum(int((p.detach() != start[n]).sum()) for n, p in named) / sum(p.numel() for _, p in named)
+            ref = out["fp32"].norm()
+            print(f"| {lr:g} | {pd} | {changed:.2%} | {out[pd].norm() / ref:.3f} | {(out[pd] - out['fp32']).norm() / ref:.3f} |", flush=True)
+    w = 0.02
+    spacing = 2.0 ** (math.floor(math.log2(w)) - 7)  # bf16 keeps 8 significant bits
+    print(f"analytic, |w| = {w}: bf16 spacing {spacing:.3g} (fp32: {2.0 ** (math.floor(math.log2(w)) - 23):.3g}); "
+          f"AdamW's first steps move a weight by about lr: 1e-6 is {1e-6 / spacing:.4f} of the spacing, "
+          f"so round-to-nearest drops every step below half of it ({spacing / 2:.3g}), i.e. lr < {spacing / 2:.3g}")
 
 
 def main():
@@ -428,6 +489,7 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--compile", action="store_true", help="torch.compile the fused reward (CUDA)")
     p.add_argument("--cell", nargs=3, metavar=("METHOD", "SHAPE", "L"), help=argparse.SUPPRESS)
+    p.add_argument("--cells", help="--part memory on CPU: a JSON file keeping the measured cells, reused when present")
     p.add_argument("--memory-cell", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.memory_cell:
@@ -442,7 +504,9 @@ def main():
         default = os.path.join("runs", "small-vl-sft", "checkpoint")
         rollout_table(a.device, a.model or (default if os.path.isdir(default) else None))
     if a.part == "memory":
-        memory_table(a.device)
+        memory_table(a.device, cache=a.cells)
+    if a.part == "dtype":
+        dtype_table(a.device, a.model or os.path.join("runs", "small-vl-sft", "checkpoint"))
     if a.part == "vlpo":
         vlpo_table(a.device, a.model or os.path.join("runs", "small-vl-sft", "checkpoint"))
 

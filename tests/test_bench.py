@@ -1,0 +1,37 @@
+"""bench.py --part memory: the cell machinery (a real GRPO step in a fresh process) and the table, on a tiny
+Qwen2.5-VL shape with the real vocabulary."""
+import re
+
+import bench
+
+
+def test_verdict():
+    assert bench.verdict(79.9) == "fits 80 GB"
+    assert bench.verdict(120) == "fits 141 GB"
+    assert bench.verdict(300.2) == "needs 300 GB"
+
+
+def test_static_bytes_are_exact():
+    s = bench.static_bytes("3b", "fp32")
+    assert 3.7e9 < s["params"] < 3.8e9 and 3.0e9 < s["trained"] < 3.1e9  # Qwen2.5-VL-3B: 3.75B, vision 0.67B
+    assert s["weights"] == 4 * s["params"] and s["adam"] == 2 * s["grads"] == 8 * s["trained"]
+    assert bench.static_bytes("3b", "bf16")["weights"] == 2 * s["params"]
+    assert 8.2e9 < bench.static_bytes("7b", "fp32")["params"] < 8.4e9  # 8.29B: untied embeddings
+
+
+def test_memory_table_on_a_tiny_shape(capsys):
+    rows = bench.memory_table("cpu", shapes=("tiny",), micro_batches=(1, 4),
+                              configs={"tiny": [(1, False, "fp32"), (4, False, "fp32")]})
+    out = capsys.readouterr().out
+    measured = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| tiny |")]
+    assert len(measured) == 4  # 2 micro-batches x 1 and 2 layers
+    cell = {(int(r[1]), int(r[3])): [float(x) for x in r[7:11]] for r in measured}  # rollout, scoring, update, saved
+    for layers in (1, 2):  # a larger micro-batch keeps more for backward and peaks higher in the update
+        assert cell[layers, 4][3] > cell[layers, 1][3] and cell[layers, 4][2] > cell[layers, 1][2]
+    table = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| Qwen2.5-VL-TINY |")]
+    assert len(table) == len(rows) == 2 and {int(r[1]) for r in table} == {1, 4}
+    for r in table:
+        assert r[2].strip() == "no" and r[3].strip() == "fp32" and "extrapolated" in r[5]
+        assert re.fullmatch(r" (fits 80 GB|fits 141 GB|needs \d+ GB) ", r[6])
+    peak = {int(r[1]): float(r[4]) for r in table}
+    assert peak[4] > peak[1] > 0
