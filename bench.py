@@ -322,10 +322,7 @@ def memory_cell(shape, layers, vision_depth, prompts, group, image_px, new_token
             peaks["saved"] = max(peaks.get("saved", 0), after - before)
         return out
     train_rl.score = scored
-    try:
-        row = train_rl.grpo_step(args, model, tok, None, opt, samples, 0, reward.LengthPenalty())
-    except torch.OutOfMemoryError:
-        return {"oom": True}
+    row = train_rl.grpo_step(args, model, tok, None, opt, samples, 0, reward.LengthPenalty())
     peaks["update"] = peak_bytes(device) - base
     prompt_len = M.encode(model, tok, samples[:1])["input_ids"].shape[1]
     return {**peaks, "base": base, "length": row["length"], "prompt_len": prompt_len}
@@ -338,8 +335,8 @@ def run_cell(**kw) -> dict:
 
 FULL = dict(prompts=8, group=8, image_px=896, new_tokens=512)  # the defaults: 8 x 8 rollouts, 1024 image tokens
 CPU = dict(prompts=1, group=4, image_px=112, new_tokens=16, vision_depth=1)  # a CPU cell: 4 short rollouts, 16 image tokens
-CPU_CONFIGS = {"3b": [(1, False, "fp32"), (4, False, "fp32"), (4, True, "fp32"), (4, True, "bf16")],
-               "7b": [(4, False, "fp32"), (4, True, "fp32")]}  # (micro-batch, grad-ckpt, param dtype), at 1 and 2 layers
+CPU_CONFIGS = {"3b": [(4, False, "fp32"), (4, True, "fp32"), (4, True, "bf16")],
+               "7b": [(4, False, "fp32"), (4, True, "fp32"), (4, True, "bf16")]}  # (micro-batch, grad-ckpt, param dtype), at 1 and 2 layers
 
 
 def verdict(gb: float) -> str:
@@ -359,7 +356,9 @@ def estimate(shape, micro_batch, c1, c2, layer_act=0.0) -> dict:
     less the 1-layer one; --grad-ckpt: plus one layer's activations, `layer_act`, recomputed in backward).
     Linear in tokens: the cells' other measured growth. The update's transients beyond what is kept
     (lm_head gradient, AdamW temporaries) are added as measured, with the fp32 logits chunk grown with
-    the micro-batch: an upper estimate, as the parts' peaks need not fall at one instant."""
+    the micro-batch: an upper estimate, as the parts' peaks need not fall at one instant. The optimizer step
+    on CUDA (foreach AdamW, torch's default there; CPU runs a per-tensor loop) needs one more copy of the
+    trained weights' size."""
     c, fp32, frozen = QWEN[shape], c1["param_dtype"] == "fp32", c1.get("freeze_embeddings", False)
     D, V, H = c["num_hidden_layers"], c["vocab_size"], c["hidden_size"]
     s = static_bytes(shape, c1["param_dtype"])
@@ -368,21 +367,22 @@ def estimate(shape, micro_batch, c1, c2, layer_act=0.0) -> dict:
     L0 = text + (FULL["image_px"] // 28) ** 2
     L, Lc = L0 + FULL["new_tokens"], L0c + c1["new_tokens"]
     copy, head = (2 * layer_params(shape), 2 * V * H) if fp32 else (0, 0)  # autocast's bf16 copies: a layer, lm_head
-    head_c = 0 if frozen else head  # frozen weights are not cached; nor is their gradient made (added as grad_head)
+    head_c = 0 if frozen else head  # a frozen lm_head: cast anew at each use (not cached, not kept), no gradient made
     grad_head = V * H * (6 if fp32 else 2) if frozen else 0
     prompt_tokens = FULL["prompts"] * L0 / (c1["prompts"] * L0c)
-    r_rest = c1["rollout"] - copy - head_c - c1["prompts"] * c1["group"] * Lc * kv_b
+    r_rest = c1["rollout"] - copy - head - c1["prompts"] * c1["group"] * Lc * kv_b
     rollout = D * copy + head + FULL["prompts"] * FULL["group"] * L * D * kv_b + max(0, r_rest) * prompt_tokens
     tokens = micro_batch * L / (c1["micro_batch"] * Lc)
-    scoring = D * copy + head + max(0, c1["scoring"] - copy - head_c) * tokens
+    scoring = D * copy + head + max(0, c1["scoring"] - copy - head) * tokens
     per_tok = max(0, c2["saved"] - c1["saved"] - copy) / (c1["micro_batch"] * Lc)
     s_rest = c1["saved"] - copy - head_c - per_tok * c1["micro_batch"] * Lc
     saved = D * (copy + per_tok * micro_batch * L) + head + max(0, s_rest) * tokens
     logits = 3 * 64 * V * 4 * (micro_batch - c1["micro_batch"])  # token_logps' fp32 chunk, its exp and its gradient
     recompute = layer_act * micro_batch * L if c1["grad_ckpt"] else 0
     update = saved + max(0, c1["update"] - c1["saved"] + logits) + grad_head + recompute
+    step = s["grads"]  # CUDA: AdamW's default foreach path makes one temporary the size of the trained weights
     static = s["weights"] + s["grads"] + s["adam"]
-    return {"peak": static + max(rollout, scoring, update), "per_tok": per_tok}
+    return {"peak": static + max(rollout, scoring, update, step), "per_tok": per_tok, "update": static + update}
 
 
 def memory_table(device, shapes=("3b", "7b"), micro_batches=(1, 2, 4, 8, 16), configs=None, cache=None) -> list[tuple]:
@@ -415,7 +415,7 @@ def memory_table(device, shapes=("3b", "7b"), micro_batches=(1, 2, 4, 8, 16), co
                           freeze_embeddings=shape == "7b", **CPU)
                 for d in (1, 2):
                     key = json.dumps({**kw, "layers": d}, sort_keys=True)
-                    cells[key] = cells.get(key) or {**kw, **run_cell(layers=d, **kw)}
+                    cells[key] = cells.get(key) or {**kw, "layers": d, **run_cell(layers=d, **kw)}
                     if cache:
                         json.dump(cells, open(cache, "w"), indent=1)
                 c1, c2 = (cells[json.dumps({**kw, "layers": d}, sort_keys=True)] for d in (1, 2))
@@ -489,11 +489,16 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--compile", action="store_true", help="torch.compile the fused reward (CUDA)")
     p.add_argument("--cell", nargs=3, metavar=("METHOD", "SHAPE", "L"), help=argparse.SUPPRESS)
+    p.add_argument("--shapes", nargs="+", default=["3b", "7b"], choices=["3b", "7b"], help="--part memory: model shapes")
+    p.add_argument("--micro-batches", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="--part memory: micro-batch sizes")
     p.add_argument("--cells", help="--part memory on CPU: a JSON file keeping the measured cells, reused when present")
     p.add_argument("--memory-cell", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.memory_cell:
-        print(json.dumps(memory_cell(**json.loads(a.memory_cell))))
+        try:
+            print(json.dumps(memory_cell(**json.loads(a.memory_cell))))
+        except torch.OutOfMemoryError:
+            print(json.dumps({"oom": True}))
         return
     if a.cell:
         print(json.dumps(one_cell(a.cell[0], a.cell[1], int(a.cell[2]), a.device, a.compile)))
@@ -504,7 +509,7 @@ def main():
         default = os.path.join("runs", "small-vl-sft", "checkpoint")
         rollout_table(a.device, a.model or (default if os.path.isdir(default) else None))
     if a.part == "memory":
-        memory_table(a.device, cache=a.cells)
+        memory_table(a.device, a.shapes, a.micro_batches, cache=a.cells)
     if a.part == "dtype":
         dtype_table(a.device, a.model or os.path.join("runs", "small-vl-sft", "checkpoint"))
     if a.part == "vlpo":

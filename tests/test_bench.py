@@ -1,5 +1,6 @@
 """bench.py --part memory: the cell machinery (a real GRPO step in a fresh process) and the table, on a tiny
 Qwen2.5-VL shape with the real vocabulary."""
+import json
 import re
 
 import bench
@@ -19,9 +20,10 @@ def test_static_bytes_are_exact():
     assert 8.2e9 < bench.static_bytes("7b", "fp32")["params"] < 8.4e9  # 8.29B: untied embeddings
 
 
-def test_memory_table_on_a_tiny_shape(capsys):
+def test_memory_table_on_a_tiny_shape(capsys, tmp_path):
+    cache = str(tmp_path / "cells.json")
     rows = bench.memory_table("cpu", shapes=("tiny",), micro_batches=(1, 4),
-                              configs={"tiny": [(1, False, "fp32"), (4, False, "fp32")]})
+                              configs={"tiny": [(1, False, "fp32"), (4, False, "fp32")]}, cache=cache)
     out = capsys.readouterr().out
     measured = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| tiny |")]
     assert len(measured) == 4  # 2 micro-batches x 1 and 2 layers
@@ -33,5 +35,9 @@ def test_memory_table_on_a_tiny_shape(capsys):
     for r in table:
         assert r[2].strip() == "no" and r[3].strip() == "fp32" and "extrapolated" in r[5]
         assert re.fullmatch(r" (fits 80 GB|fits 141 GB|needs \d+ GB) ", r[6])
-    peak = {int(r[1]): float(r[4]) for r in table}
-    assert peak[4] > peak[1] > 0
+    peak = {r[1]: r[4] for r in rows}
+    assert peak[4] >= peak[1] > 0
+    cells = json.load(open(cache))  # the estimate from the same cells grows with the micro-batch
+    c1, c2 = (next(c for c in cells.values() if c["micro_batch"] == 4 and c["layers"] == d) for d in (1, 2))
+    update = [bench.estimate("tiny", m, c1, c2)["update"] for m in (1, 4, 16)]
+    assert update[0] < update[1] < update[2]
