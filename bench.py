@@ -18,7 +18,7 @@ once for its G rollouts; generate repeats the prompt (image included) G times.
     python bench.py --part reward --lengths 256 1024
     python bench.py --compile        # CUDA: torch.compile the fused reward
     python bench.py --part vlpo      # (c) VLPO against masked latent slots, from the LVR SFT checkpoint
-    python bench.py --part memory    # (d) peak memory of a GRPO step of Qwen2.5-VL-3B/7B (CPU: ~15 min, estimated)
+    python bench.py --part memory    # (d) peak memory of a GRPO step of Qwen2.5-VL-3B/7B (CPU: ~25 min on 2 busy cores)
     python bench.py --part dtype     # (e) what bf16 weights lose at lr 1e-6 (any small-vl checkpoint: --model)
 
 (d) Qwen2.5-VL-3B / 7B shapes from their config.json, random weights, one train_rl.grpo_step at the defaults
@@ -354,9 +354,9 @@ def estimate(shape, micro_batch, c1, c2, layer_act=0.0) -> dict:
     bf16 copies of fp32 weights (cached for a whole rollout / scoring pass, kept by the graph until backward).
     Linear in depth: what a micro-batch's forward keeps for backward per token per layer (the 2-layer cell
     less the 1-layer one; --grad-ckpt: plus one layer's activations, `layer_act`, recomputed in backward).
-    Linear in tokens: the cells' other measured growth. The update's transients beyond what is kept
-    (lm_head gradient, AdamW temporaries) are added as measured, with the fp32 logits chunk grown with
-    the micro-batch: an upper estimate, as the parts' peaks need not fall at one instant. The optimizer step
+    Linear in tokens: the cells' other growth in what backward keeps and the prefill's (rollout). The
+    transients beyond (lm_head gradient, AdamW temporaries) are added as measured, the fp32 logits chunk
+    grown with the micro-batch: an upper estimate, as the parts' peaks need not fall at one instant. The optimizer step
     on CUDA (foreach AdamW, torch's default there; CPU runs a per-tensor loop) needs one more copy of the
     trained weights' size."""
     c, fp32, frozen = QWEN[shape], c1["param_dtype"] == "fp32", c1.get("freeze_embeddings", False)
@@ -373,11 +373,12 @@ def estimate(shape, micro_batch, c1, c2, layer_act=0.0) -> dict:
     r_rest = c1["rollout"] - copy - head - c1["prompts"] * c1["group"] * Lc * kv_b
     rollout = D * copy + head + FULL["prompts"] * FULL["group"] * L * D * kv_b + max(0, r_rest) * prompt_tokens
     tokens = micro_batch * L / (c1["micro_batch"] * Lc)
-    scoring = D * copy + head + max(0, c1["scoring"] - copy - head) * tokens
     per_tok = max(0, c2["saved"] - c1["saved"] - copy) / (c1["micro_batch"] * Lc)
     s_rest = c1["saved"] - copy - head_c - per_tok * c1["micro_batch"] * Lc
     saved = D * (copy + per_tok * micro_batch * L) + head + max(0, s_rest) * tokens
     logits = 3 * 64 * V * 4 * (micro_batch - c1["micro_batch"])  # token_logps' fp32 chunk, its exp and its gradient
+    one_layer = (layer_act or per_tok) * micro_batch * L  # at most one layer's activations at a time without grad
+    scoring = D * copy + head + max(0, c1["scoring"] - copy - head + logits) + one_layer
     recompute = layer_act * micro_batch * L if c1["grad_ckpt"] else 0
     update = saved + max(0, c1["update"] - c1["saved"] + logits) + grad_head + recompute
     step = s["grads"]  # CUDA: AdamW's default foreach path makes one temporary the size of the trained weights
