@@ -19,7 +19,7 @@ once for its G rollouts; generate repeats the prompt (image included) G times.
     python bench.py --compile        # CUDA: torch.compile the fused reward
     python bench.py --part vlpo      # (c) VLPO against masked latent slots, from the LVR SFT checkpoint
     python bench.py --part memory    # (d) peak memory of a GRPO step of Qwen2.5-VL-3B/7B (CPU: ~25 min on 2 busy cores)
-    python bench.py --part dtype     # (e) what bf16 weights lose at lr 1e-6 (any small-vl checkpoint: --model)
+    python bench.py --part dtype     # (e) what bf16 weights lose at lr 1e-6 (LVR SFT checkpoint; --model DIR)
 
 (d) Qwen2.5-VL-3B / 7B shapes from their config.json, random weights, one train_rl.grpo_step at the defaults
 with EOS suppressed (completions of exactly 512 tokens). CUDA: full depth, torch.cuda.max_memory_allocated.
@@ -512,7 +512,8 @@ def main():
     if a.part == "memory":
         memory_table(a.device, a.shapes, a.micro_batches, cache=a.cells)
     if a.part == "dtype":
-        dtype_table(a.device, a.model or os.path.join("runs", "small-vl-sft", "checkpoint"))
+        default = os.path.join("runs", "small-vl-sft", "checkpoint")  # else the shipped LVR SFT checkpoint
+        dtype_table(a.device, a.model or (default if os.path.isdir(default) else os.path.join("checkpoints", "small-vl-sft")))
     if a.part == "vlpo":
         vlpo_table(a.device, a.model or os.path.join("runs", "small-vl-sft", "checkpoint"))
 
