@@ -440,7 +440,6 @@ def memory_table(device, shapes=("3b", "7b"), micro_batches=(1, 2, 4, 8, 16), co
     return rows
 
 
-
 def dtype_table(device, model_dir, lrs=(1e-6, 5e-5)):
     """(e) What bf16 weights lose: one GRPO step (train_rl.grpo_step, bf16 autocast) from `model_dir`, whose
     weights are first rounded to bf16 so that both runs start from the same values and compute the same
