@@ -349,16 +349,16 @@ def layer_params(shape) -> int:
 
 def estimate(shape, micro_batch, c1, c2, layer_act=0.0) -> dict:
     """A full-depth step at the defaults from two CPU cells at 1 and 2 decoder layers (same settings).
-    Exact: weights, gradients and AdamW state (the last step's gradients live through the rollout), the KV
+    Exact: weights, gradients and AdamW state (gradients only from the update's backward on: the trainers
+    free them after each step), the KV
     cache of the 64 rollouts (keys fp32 after RoPE when the residual stream is fp32, values bf16), autocast's
     bf16 copies of fp32 weights (cached for a whole rollout / scoring pass, kept by the graph until backward).
     Linear in depth: what a micro-batch's forward keeps for backward per token per layer (the 2-layer cell
     less the 1-layer one; --grad-ckpt: plus one layer's activations, `layer_act`, recomputed in backward).
     Linear in tokens: the cells' other growth in what backward keeps and the prefill's (rollout). The
     transients beyond (lm_head gradient, AdamW temporaries) are added as measured, the fp32 logits chunk
-    grown with the micro-batch: an upper estimate, as the parts' peaks need not fall at one instant. The optimizer step
-    on CUDA (foreach AdamW, torch's default there; CPU runs a per-tensor loop) needs one more copy of the
-    trained weights' size."""
+    grown with the micro-batch: an upper estimate, as the parts' peaks need not fall at one instant. On CUDA
+    the trainers use fused AdamW, which makes no temporary of the trained weights' size."""
     c, fp32, frozen = QWEN[shape], c1["param_dtype"] == "fp32", c1.get("freeze_embeddings", False)
     D, V, H = c["num_hidden_layers"], c["vocab_size"], c["hidden_size"]
     s = static_bytes(shape, c1["param_dtype"])
@@ -381,9 +381,9 @@ def estimate(shape, micro_batch, c1, c2, layer_act=0.0) -> dict:
     scoring = D * copy + head + max(0, c1["scoring"] - copy - head + logits) + one_layer
     recompute = layer_act * micro_batch * L if c1["grad_ckpt"] else 0
     update = saved + max(0, c1["update"] - c1["saved"] + logits) + grad_head + recompute
-    step = s["grads"]  # CUDA: AdamW's default foreach path makes one temporary the size of the trained weights
-    static = s["weights"] + s["grads"] + s["adam"]
-    return {"peak": static + max(rollout, scoring, update, step), "per_tok": per_tok, "update": static + update}
+    static = s["weights"] + s["adam"]  # + the gradients, alive from the update's backward to the step
+    return {"peak": static + max(rollout, scoring, s["grads"] + update), "per_tok": per_tok,
+            "update": static + s["grads"] + update}
 
 
 def memory_table(device, shapes=("3b", "7b"), micro_batches=(1, 2, 4, 8, 16), configs=None, cache=None) -> list[tuple]:
@@ -437,7 +437,25 @@ def memory_table(device, shapes=("3b", "7b"), micro_batches=(1, 2, 4, 8, 16), co
     for shape, mb, ckpt, pd, gb, how in sorted(rows, key=lambda r: (r[0], r[3], r[2], r[1])):
         print(f"| Qwen2.5-VL-{shape.upper()} | {mb} | {'yes' if ckpt else 'no'} | {pd} | {'-' if gb is None else f'{gb:.1f}'} | "
               f"{how} | {verdict(gb) if gb is not None else 'needs more than this GPU'} |")
+    per_rank_table(rows)
     return rows
+
+
+def per_rank_table(rows, shape="7b", mb=4):
+    """Per rank under torchrun (train_rl.py --zero / --fsdp, N ranks): the one-GPU peak of `shape` (fp32 master
+    weights, --grad-ckpt, micro-batch `mb`) less the static state each rank no longer holds. An upper
+    estimate: each rank's share of the rollouts (and their KV cache) is not taken off."""
+    one = next((gb for r_shape, r_mb, ckpt, pd, gb, _ in rows if (r_shape, r_mb, ckpt, pd) == (shape, mb, True, "fp32")), None)
+    if one is None:
+        return
+    s = static_bytes(shape, "fp32")
+    print(f"\nper rank, Qwen2.5-VL-{shape.upper()}, fp32 master weights, --grad-ckpt, micro-batch {mb} (from the row above):")
+    print("| ranks | --zero (AdamW state sharded) | --fsdp (weights, gradients, AdamW state sharded) |")
+    print("|---|---|---|")
+    for n in (2, 4):
+        zero = one - s["adam"] * (1 - 1 / n) / GB
+        fsdp = one - (s["weights"] + s["grads"] + s["adam"]) * (1 - 1 / n) / GB
+        print(f"| {n} | {zero:.1f} GB ({verdict(zero)}) | {fsdp:.1f} GB ({verdict(fsdp)}) |")
 
 
 def dtype_table(device, model_dir, lrs=(1e-6, 5e-5)):

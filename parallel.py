@@ -150,11 +150,16 @@ def is_sharded(model) -> bool:
 
 
 def make_optimizer(params, lr: float, zero: bool = False):
-    """AdamW; with `zero` a ZeroRedundancyOptimizer around it: each rank keeps 1/N of its state."""
+    """AdamW; with `zero` a ZeroRedundancyOptimizer around it: each rank keeps 1/N of its state. On CUDA the
+    fused kernel (the default foreach one makes a temporary as large as the trained weights; FSDP's sharded
+    parameters keep the default)."""
+    params = list(params)
+    fused = bool(params) and all(p.is_cuda and not hasattr(p, "full_tensor") for p in params)
+    kw = dict(lr=lr, weight_decay=0.0, **({"fused": True} if fused else {}))
     if zero:
         from torch.distributed.optim import ZeroRedundancyOptimizer
-        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=lr, weight_decay=0.0)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **kw)
+    return torch.optim.AdamW(params, **kw)
 
 
 def _param_names(model, opt) -> list[str]:

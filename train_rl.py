@@ -392,6 +392,7 @@ def train(args) -> str:
                 g["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
             base = (1 << 30) + step * args.prompts  # RL questions come from a part of the stream SFT never reaches
             row = grpo_step(args, model, tok, ref, opt, [stream[base + i] for i in mine], step, penalty, mine.start)
+            opt.zero_grad(set_to_none=True)  # the gradients are not kept through the next rollout
             skips += row["skipped"]
             rundir.log(log, {**row, "skips": skips})
             bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['acc']:.2f}", latent=f"{row['latent_rate']:.2f}",

@@ -376,6 +376,7 @@ def _train(args, stage: int, out: str, init: str | None) -> str:
         res["loss"].backward()  # on every rank (FSDP's backward is a collective)
         P.average_grads(params)
         skipped = not rundir.clip_and_step(opt, 1.0)  # the averaged gradients: every rank decides alike
+        opt.zero_grad(set_to_none=True)  # not kept through the next forward
         skips += skipped
         row = {"step": step + 1, "stage": stage, "lr": lr, "skipped": skipped, "skips": skips, "sec": time.time() - t0,
                **logged}

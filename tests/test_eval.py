@@ -102,13 +102,17 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path):
         ev.main(["--model", str(tmp_path / "nothing")])
 
 
-def test_newest_checkpoint_prefers_rl(tmp_path):
+def test_newest_checkpoint_prefers_rl(tmp_path, monkeypatch):
+    """RL (newest first), else the SFT run here, else the shipped LVR SFT model, else one line."""
+    monkeypatch.chdir(tmp_path)  # no shipped checkpoints/ here
     with pytest.raises(FileNotFoundError, match="no small-vl checkpoint"):
-        ev.newest_checkpoint(str(tmp_path))
-    (tmp_path / "small-vl-sft" / "checkpoint").mkdir(parents=True)
-    assert ev.newest_checkpoint(str(tmp_path)).endswith(os.path.join("small-vl-sft", "checkpoint"))
-    (tmp_path / "small-vl-rl-att" / "checkpoint").mkdir(parents=True)
-    assert ev.newest_checkpoint(str(tmp_path)).endswith(os.path.join("small-vl-rl-att", "checkpoint"))
+        ev.newest_checkpoint("runs")
+    (tmp_path / "checkpoints" / "small-vl-sft").mkdir(parents=True)
+    assert ev.newest_checkpoint("runs") == os.path.join("checkpoints", "small-vl-sft")
+    (tmp_path / "runs" / "small-vl-sft" / "checkpoint").mkdir(parents=True)
+    assert ev.newest_checkpoint("runs").endswith(os.path.join("small-vl-sft", "checkpoint"))
+    (tmp_path / "runs" / "small-vl-rl-att" / "checkpoint").mkdir(parents=True)
+    assert ev.newest_checkpoint("runs").endswith(os.path.join("small-vl-rl-att", "checkpoint"))
 
 
 def test_plot_writes_a_png_or_says_what_is_missing(tmp_path):
