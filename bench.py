@@ -170,17 +170,18 @@ def rollout_table(device, model_dir, G=8, prompts=8, new_tokens=32, repeats=7):
     print(f"ratio per repeat: median {statistics.median(ratios):.2f}x, range {min(ratios):.2f}x-{max(ratios):.2f}x")
 
 
-def vlpo_table(device, model_dir, epochs=(1, 2, 4), steps=3):
-    """What VLPO changes against masking the latent slots: the same GRPO steps (same rollouts: the same
-    start, seeds and data) with --latent-logp vlpo and mask; relative difference of the last update's
-    gradient and of the parameters after `steps` steps."""
+def vlpo_table(device, model_dir, epochs=(1, 2, 4), steps=1):
+    """What VLPO changes against masking the latent slots: the same GRPO step (same rollouts: the same
+    start, seeds and data) with --latent-logp vlpo and mask. The last epoch's gradients compared by norm
+    (dapo's normaliser counts the latent slots under vlpo only) and by direction (1 - cosine: what the
+    Gaussian log-densities add), and the parameter updates (Adam divides the scale out)."""
     import train_rl
     import train_sft
     import model as M
     import reward
-    print(f"\n(c) VLPO vs masked latent slots: {steps} GRPO steps from {model_dir}, {device}, defaults otherwise")
-    print("| PPO epochs | latent rate | grad diff / grad | update diff / update |")
-    print("|---|---|---|---|")
+    print(f"\n(c) VLPO vs masked latent slots: {steps} GRPO step(s) from {model_dir}, {device}, defaults otherwise")
+    print("| PPO epochs | latent rate | grad norm vlpo / mask | 1 - cos(grad vlpo, grad mask) | update diff / update |")
+    print("|---|---|---|---|---|")
     for e in epochs:
         out = {}
         for mode in ("vlpo", "mask"):
@@ -201,7 +202,9 @@ def vlpo_table(device, model_dir, epochs=(1, 2, 4), steps=3):
             out[mode] = (torch.cat([p.grad.flatten() for _, p in named]),
                          torch.cat([(p.detach() - start[n]).flatten() for n, p in named]), row["latent_rate"])
         (gv, uv, rate), (gm, um, _) = out["vlpo"], out["mask"]
-        print(f"| {e} | {rate:.2f} | {(gv - gm).norm() / gm.norm():.2e} | {(uv - um).norm() / um.norm():.2e} |", flush=True)
+        cos = torch.nn.functional.cosine_similarity(gv.double(), gm.double(), dim=0)
+        print(f"| {e} | {rate:.2f} | {gv.norm() / gm.norm():.3f} | {1 - cos:.1e} | {(uv - um).norm() / um.norm():.1e} |",
+              flush=True)
 
 
 # ------------------------------------------------------------------------- (d) memory of a GRPO step

@@ -200,6 +200,14 @@ def newest_checkpoint(runs: str = "runs") -> str:
     return path
 
 
+def run_name(path: str) -> str:
+    """A log's legend label: its run folder (OUT/log.jsonl), or its file name (results/default/RUN_log.jsonl)."""
+    name = os.path.basename(path)
+    if name == "log.jsonl":
+        return os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return name.removesuffix(".jsonl").removesuffix("_log")
+
+
 def plot(logs: list[str], out: str) -> str:
     """Training curves of train_rl.py logs side by side: reward, accuracy, latent rate, attention share."""
     try:
@@ -218,7 +226,7 @@ def plot(logs: list[str], out: str) -> str:
             y = np.array([r[k] for r in rows], dtype=float)
             w = max(1, len(y) // 20)  # light smoothing: moving average over ~5% of the run
             ax.plot([r["step"] for r in rows][w - 1:], np.convolve(y, np.ones(w) / w, "valid"),
-                    label=os.path.basename(os.path.dirname(os.path.abspath(path))))
+                    label=run_name(path))
     for ax, (_, title) in zip(axes, keys):
         ax.set_title(title)
         ax.set_xlabel("step")
