@@ -39,6 +39,8 @@ import time
 
 import torch
 
+import parallel as P
+
 SHAPES = {"small-vl": dict(B=8, H=4, Hkv=2, d=32), "qwen2.5-vl-3b": dict(B=4, H=16, Hkv=2, d=128)}
 
 
@@ -124,10 +126,16 @@ def tokens_until_eos(seqs: torch.Tensor, eos: list[int]) -> int:
 
 
 def rollout_table(device, model_dir, G=8, prompts=8, new_tokens=32, repeats=7):
+    """model_dir: a checkpoint, or "3b" / "7b": a Qwen2.5-VL-shaped model with random weights (bf16 on CUDA)."""
     import data
     import lvr
     import model as M
-    model, tok = M.load_model(model_dir, device=device) if model_dir else M.build_small_vl()
+    if model_dir in QWEN:
+        model, tok = qwen_model(model_dir, device=device), qwen_tok()
+        model.to(torch.bfloat16 if device == "cuda" else torch.float32)
+        model.image_processor = M.image_processor(model.config.vision_config)
+    else:
+        model, tok = M.load_model(model_dir, device=device)
     model.to(device).eval()
     samples = data.make_split("test", prompts)
     prompt = {k: v.to(device) for k, v in M.encode(model, tok, samples).items()}
@@ -220,6 +228,21 @@ VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, 
 GB = 1e9
 
 
+def qwen_tok():
+    """The released Qwen tokenizer layout (real special ids, LVR tokens, chat template), as the tests build it."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
+    from conftest import QWEN_TEMPLATE, qwen_tokenizer
+    tok = qwen_tokenizer(lvr=True)
+    tok.chat_template = QWEN_TEMPLATE
+    return tok
+
+
+def default_model() -> str:
+    """small-vl's LVR SFT checkpoint: the one trained here, else the shipped one."""
+    here = os.path.join("runs", "small-vl-sft", "checkpoint")
+    return here if os.path.isdir(here) else os.path.join("checkpoints", "small-vl-sft")
+
+
 def qwen_model(shape: str, layers: int | None = None, vision_depth: int | None = None, meta: bool = False, device="cpu"):
     """A Qwen2.5-VL model of this shape with random weights (`layers` / `vision_depth` decoder layers /
     vision blocks instead of the real ones) and the LVR token ids; meta: no storage (parameter counts)."""
@@ -272,7 +295,7 @@ def memory_cell(shape, layers, vision_depth, prompts, group, image_px, new_token
                 device, freeze_embeddings=False) -> dict:
     """Runs in its own process: one GRPO step (train_rl.grpo_step: rollout, scoring, backward, AdamW) of a
     random model at this shape, fp32 or bf16 weights, bf16 autocast, completions forced to `new_tokens`.
-    The step starts in the steady state of training: AdamW's state and the last step's gradients alive.
+    The step starts in the steady state of training: AdamW's state alive, no gradients.
     Returns per phase (rollout, scoring, update) the peak above the memory held just before the step
     (CPU: peak RSS, reset per phase via /proc/self/clear_refs) or, on CUDA, the absolute peak allocated."""
     import data
@@ -280,14 +303,11 @@ def memory_cell(shape, layers, vision_depth, prompts, group, image_px, new_token
     import reward
     import train_rl
     import model as M
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
-    from conftest import QWEN_TEMPLATE, qwen_tokenizer  # the released Qwen tokenizer layout (real special ids)
     args = train_rl.parse_args(["--model", "bench", "--prompts", str(prompts), "--group", str(group), "--lr", "1e-6",
                                 "--max-new-tokens", str(new_tokens), "--micro-batch", str(micro_batch), "--dtype", "bf16",
                                 "--param-dtype", param_dtype, "--device", device] + ["--grad-ckpt"] * grad_ckpt)
     torch.manual_seed(0)
-    tok = qwen_tokenizer(lvr=True)
-    tok.chat_template = QWEN_TEMPLATE
+    tok = qwen_tok()
     model = qwen_model(shape, layers, vision_depth, device=device).to(M.DTYPES[param_dtype])
     model.image_processor = M.image_processor(model.config.vision_config)
     model.requires_grad_(True)
@@ -298,10 +318,11 @@ def memory_cell(shape, layers, vision_depth, prompts, group, image_px, new_token
     if grad_ckpt:
         model.activation_checkpointing_enable({"use_reentrant": False})
     trained = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.0)
-    for p in trained:  # steady state: the previous step's gradients and AdamW's state
+    opt = P.make_optimizer(trained, args.lr)  # as the trainers make it (fused on CUDA)
+    for p in trained:  # steady state: AdamW's state (the trainers free the gradients after each step)
         p.grad = torch.zeros_like(p)
     opt.step()
+    opt.zero_grad(set_to_none=True)
     lvr.eos_ids = lambda model, tok: []  # no EOS: every completion runs to new_tokens (this process only)
     samples = data.make_split("test", prompts, size=image_px)
     peaks, base = {}, 0 if device == "cuda" else rss_bytes()
@@ -506,7 +527,8 @@ def main():
     p.add_argument("--part", default="all", choices=["all", "reward", "rollout", "vlpo", "memory", "dtype"],
                    help="which table (vlpo: what VLPO changes against masked latents; needs --model or an SFT run)")
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048], help="sequence lengths for (a)")
-    p.add_argument("--model", help="checkpoint for (b) (default: runs/small-vl-sft/checkpoint if present)")
+    p.add_argument("--model", help="checkpoint for rollout / vlpo / dtype (default: runs/small-vl-sft/checkpoint, else the "
+                                   "shipped checkpoints/small-vl-sft); rollout also takes 3b or 7b (random Qwen2.5-VL weights)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--compile", action="store_true", help="torch.compile the fused reward (CUDA)")
     p.add_argument("--cell", nargs=3, metavar=("METHOD", "SHAPE", "L"), help=argparse.SUPPRESS)
@@ -527,15 +549,13 @@ def main():
     if a.part in ("all", "reward"):
         reward_table(a.lengths, a.device, a.compile)
     if a.part in ("all", "rollout"):
-        default = os.path.join("runs", "small-vl-sft", "checkpoint")
-        rollout_table(a.device, a.model or (default if os.path.isdir(default) else None))
+        rollout_table(a.device, a.model or default_model())
     if a.part == "memory":
         memory_table(a.device, a.shapes, a.micro_batches, cache=a.cells)
     if a.part == "dtype":
-        default = os.path.join("runs", "small-vl-sft", "checkpoint")  # else the shipped LVR SFT checkpoint
-        dtype_table(a.device, a.model or (default if os.path.isdir(default) else os.path.join("checkpoints", "small-vl-sft")))
+        dtype_table(a.device, a.model or default_model())
     if a.part == "vlpo":
-        vlpo_table(a.device, a.model or os.path.join("runs", "small-vl-sft", "checkpoint"))
+        vlpo_table(a.device, a.model or default_model())
 
 
 if __name__ == "__main__":
