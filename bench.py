@@ -178,35 +178,47 @@ def rollout_table(device, model_dir, G=8, prompts=8, new_tokens=32, repeats=7):
     print(f"ratio per repeat: median {statistics.median(ratios):.2f}x, range {min(ratios):.2f}x-{max(ratios):.2f}x")
 
 
+def grpo_steps(model_dir, argv, device, steps=1, bf16_start=False):
+    """`steps` GRPO steps (train_rl.grpo_step with train_rl's options `argv`, data and seeds as in a run)
+    from `model_dir`, vision tower frozen: (the trained parameters by name, their start values, the last
+    log row). bf16_start: the weights first rounded to bf16, so fp32 and bf16 runs start alike."""
+    import reward
+    import train_rl
+    import train_sft
+    import model as M
+    args = train_rl.parse_args(argv + ["--device", device])
+    model, tok = M.load_model(model_dir, torch.float32, device)
+    if bf16_start:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.bfloat16().float())
+    model.to(M.DTYPES[args.param_dtype]).requires_grad_(True)
+    model.model.visual.requires_grad_(False)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    start = {n: p.detach().clone() for n, p in named}
+    opt = torch.optim.AdamW([p for _, p in named], lr=args.lr, weight_decay=0.0)
+    torch.manual_seed(0)
+    stream, penalty = train_sft.Stream(args), reward.LengthPenalty()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+        row = train_rl.grpo_step(args, model, tok, None, opt, [stream[(1 << 30) + step * args.prompts + i]
+                                                                for i in range(args.prompts)], step, penalty)
+    return named, start, row
+
+
 def vlpo_table(device, model_dir, epochs=(1, 2, 4), steps=1):
     """What VLPO changes against masking the latent slots: the same GRPO step (same rollouts: the same
     start, seeds and data) with --latent-logp vlpo and mask. The last epoch's gradients compared by norm
     (dapo's normaliser counts the latent slots under vlpo only) and by direction (1 - cosine: what the
     Gaussian log-densities add), and the parameter updates (Adam divides the scale out)."""
-    import train_rl
-    import train_sft
-    import model as M
-    import reward
     print(f"\n(c) VLPO vs masked latent slots: {steps} GRPO step(s) from {model_dir}, {device}, defaults otherwise")
     print("| PPO epochs | latent rate | grad norm vlpo / mask | 1 - cos(grad vlpo, grad mask) | update diff / update |")
     print("|---|---|---|---|---|")
     for e in epochs:
         out = {}
         for mode in ("vlpo", "mask"):
-            args = train_rl.parse_args(["--latent-logp", mode, "--ppo-epochs", str(e), "--device", device])
-            torch.manual_seed(0)
-            model, tok = M.load_model(model_dir, device=device)
-            start = {n: p.detach().clone() for n, p in model.named_parameters()}
-            for p in model.model.visual.parameters():
-                p.requires_grad_(False)
-            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-            stream, penalty = train_sft.Stream(args), reward.LengthPenalty()
-            for step in range(steps):
-                for g in opt.param_groups:
-                    g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
-                row = train_rl.grpo_step(args, model, tok, None, opt, [stream[(1 << 30) + step * args.prompts + i]
-                                                                        for i in range(args.prompts)], step, penalty)
-            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            named, start, row = grpo_steps(model_dir, ["--latent-logp", mode, "--ppo-epochs", str(e)], device, steps)
             out[mode] = (torch.cat([p.grad.flatten() for _, p in named]),
                          torch.cat([(p.detach() - start[n]).flatten() for n, p in named]), row["latent_rate"])
         (gv, uv, rate), (gm, um, _) = out["vlpo"], out["mask"]
@@ -487,30 +499,14 @@ def dtype_table(device, model_dir, lrs=(1e-6, 5e-5)):
     weights are first rounded to bf16 so that both runs start from the same values and compute the same
     forward: --param-dtype fp32 (fp32 master weights and AdamW state) against bf16 (weights, gradients and
     AdamW state in bf16). Share of the trained weights that changed; update norm relative to fp32's."""
-    import reward
-    import train_rl
-    import train_sft
-    import model as M
     print(f"\n(e) fp32 master weights vs bf16 weights: one GRPO step from {model_dir}, bf16 autocast, {device}")
     print("| lr | param dtype | weights changed | update norm / fp32's | (update - fp32's) norm / fp32's |")
     print("|---|---|---|---|---|")
     for lr in lrs:
         out = {}
         for pd in ("fp32", "bf16"):
-            args = train_rl.parse_args(["--lr", str(lr), "--param-dtype", pd, "--dtype", "bf16", "--device", device])
-            model, tok = M.load_model(model_dir, torch.float32, device)
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.copy_(p.bfloat16().float())
-            model.to(M.DTYPES[pd]).requires_grad_(True)
-            model.model.visual.requires_grad_(False)
-            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-            start = {n: p.detach().clone() for n, p in named}
-            opt = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=0.0)
-            torch.manual_seed(0)
-            stream = train_sft.Stream(args)
-            train_rl.grpo_step(args, model, tok, None, opt, [stream[(1 << 30) + i] for i in range(args.prompts)], 0,
-                               reward.LengthPenalty())
+            named, start, _ = grpo_steps(model_dir, ["--lr", str(lr), "--warmup", "1", "--param-dtype", pd, "--dtype", "bf16"],
+                                         device, bf16_start=True)
             out[pd] = torch.cat([(p.detach().float() - start[n].float()).flatten() for n, p in named])
             changed = sum(int((p.detach() != start[n]).sum()) for n, p in named) / sum(p.numel() for _, p in named)
             ref = out["fp32"].norm()

@@ -19,6 +19,14 @@ def tiny():
 
 
 @pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, tiny):
+    """The tiny model saved as a checkpoint directory (read-only for the tests that start from it)."""
+    path = str(tmp_path_factory.mktemp("tiny") / "checkpoint")
+    M.save_checkpoint(*tiny, path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def samples():
     """Questions of every type, with different prompt lengths (so batches carry left padding)."""
     return [data.make_sample(0, "val", i) for i in range(5)]

@@ -45,25 +45,18 @@ def max_diff(a, b):
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, tiny):
-    path = str(tmp_path_factory.mktemp("dist") / "checkpoint")
-    M.save_checkpoint(*tiny, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def one_rl(ckpt, tmp_path_factory):
+def one_rl(tiny_ckpt, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("one") / "rl")
-    train_rl.main(["--model", ckpt, "--steps", "1", "--out", out] + RL)
+    train_rl.main(["--model", tiny_ckpt, "--steps", "1", "--out", out] + RL)
     return out
 
 
 @pytest.mark.parametrize("mode", [[], ["--zero"], ["--fsdp"]], ids=["ddp", "zero", "fsdp"])
-def test_grpo_step_under_torchrun_equals_one_process(ckpt, one_rl, tmp_path, mode):
+def test_grpo_step_under_torchrun_equals_one_process(tiny_ckpt, one_rl, tmp_path, mode):
     """2 ranks x 2 questions = 1 process x 4 questions: the same rollouts (logged rewards, lengths, latent
     rate equal exactly), loss and weights equal to float rounding (seen: 4e-7 after the step, lr 1e-4)."""
     out = str(tmp_path / "two")
-    torchrun("train_rl.py", ["--model", ckpt, "--steps", "1", "--out", out] + RL + mode)
+    torchrun("train_rl.py", ["--model", tiny_ckpt, "--steps", "1", "--out", out] + RL + mode)
     a, b = rows(one_rl)[0], rows(out)[0]
     for key in ("reward", "acc", "format", "length", "latent_rate", "zero_spread", "kept_groups"):
         assert a[key] == b[key], key
@@ -74,20 +67,20 @@ def test_grpo_step_under_torchrun_equals_one_process(ckpt, one_rl, tmp_path, mod
     assert state["optimizer"]["state"].keys() == plain["optimizer"]["state"].keys()  # whole, plain AdamW layout
 
 
-def test_uneven_split_is_a_one_line_error(ckpt, tmp_path):
+def test_uneven_split_is_a_one_line_error(tiny_ckpt, tmp_path):
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--",
-                          "train_rl.py", "--model", ckpt, "--steps", "1", "--out", str(tmp_path / "x"), *RL,
+                          "train_rl.py", "--model", tiny_ckpt, "--steps", "1", "--out", str(tmp_path / "x"), *RL,
                           "--prompts", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode != 0 and "error: --prompts (3) must be divisible by the number of processes (2)" in res.stderr
 
 
-def test_rank0_refusals_stop_every_rank_with_one_line(ckpt, one_rl, tmp_path):
+def test_rank0_refusals_stop_every_rank_with_one_line(tiny_ckpt, one_rl, tmp_path):
     """What only rank 0 checks (the run lock, --resume against the saved options) stops all ranks, with its
     one line said once, instead of leaving rank 1 waiting in a collective (the 120 s timeout would fire)."""
     def run(out, *extra):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--", "train_rl.py",
-               "--model", ckpt, "--steps", "1", "--out", out, *RL, *extra]
+               "--model", tiny_ckpt, "--steps", "1", "--out", out, *RL, *extra]
         return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
     busy = str(tmp_path / "busy")
@@ -100,11 +93,11 @@ def test_rank0_refusals_stop_every_rank_with_one_line(ckpt, one_rl, tmp_path):
     assert res.stderr.count("error: --resume with --prompts 2 but the run used 4: that changes the data order") == 1
 
 
-def test_killed_torchrun_run_resumes_in_one_process(ckpt, tmp_path):
+def test_killed_torchrun_run_resumes_in_one_process(tiny_ckpt, tmp_path):
     """kill -9 of the whole torchrun process group (--zero: the optimizer state consolidated on rank 0) after a
     checkpoint, then --resume in ONE process: the end state is the uninterrupted single-process run's."""
     steps, out, full = 12, str(tmp_path / "killed"), str(tmp_path / "full")
-    args = ["--model", ckpt, "--steps", str(steps), "--save-every", "1"] + RL
+    args = ["--model", tiny_ckpt, "--steps", str(steps), "--save-every", "1"] + RL
     proc = torchrun("train_rl.py", args + ["--out", out, "--zero"], wait=False)
     deadline = time.time() + 240
     while not os.path.exists(os.path.join(out, rundir.STATE)) and time.time() < deadline and proc.poll() is None:
@@ -152,9 +145,9 @@ def same_tables(a, b) -> bool:
     return a == b
 
 
-def test_eval_under_torchrun_equals_one_process(ckpt, tmp_path, capsys):
+def test_eval_under_torchrun_equals_one_process(tiny_ckpt, tmp_path, capsys):
     """--compare with sampling (T=1) on 10 questions (5 per rank, batches of 4): the same records and table."""
-    args = ["--model", ckpt, "--n", "10", "--batch-size", "4", "--max-new-tokens", "12", "--compare", "--temperature", "1.0"]
+    args = ["--model", tiny_ckpt, "--n", "10", "--batch-size", "4", "--max-new-tokens", "12", "--compare", "--temperature", "1.0"]
     ev.main(args + ["--out", str(tmp_path / "one.json")])
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
     res = torchrun("eval.py", args + ["--out", str(tmp_path / "two.json")])

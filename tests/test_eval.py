@@ -15,13 +15,6 @@ import model as M
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory, tiny):
-    path = str(tmp_path_factory.mktemp("evalmodel") / "checkpoint")
-    M.save_checkpoint(*tiny, path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def questions():
     return [data.make_sample(0, "test", i) for i in range(10)]  # two of each type
 

@@ -39,6 +39,9 @@ def weights(out):
     return load_file(os.path.join(out, "checkpoint", "model.safetensors"))
 
 
+SAME_THREADS = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # bitwise-equal runs need equal thread counts
+
+
 def same_weights(a, b):
     wa, wb = weights(a), weights(b)
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -66,7 +69,7 @@ setattr(m, attr, stop)
 import {script}
 {script}.main({argv!r})
 """
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=SAME_THREADS,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     while not marker.exists():
         if proc.poll() is not None:
@@ -133,7 +136,7 @@ def paused(*a, **k):
 train_rl.grpo_step = paused
 train_rl.main({marker_args!r})
 """
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=SAME_THREADS,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     while not marker.exists():
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]

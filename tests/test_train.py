@@ -87,13 +87,6 @@ def test_sft_bad_data_path_is_one_line_error(tmp_path):
 
 
 # --------------------------------------------------------------------------------------- GRPO
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory, tiny):
-    path = str(tmp_path_factory.mktemp("tiny") / "checkpoint")
-    M.save_checkpoint(*tiny, path)
-    return path
-
-
 TINY_RL = ["--prompts", "2", "--group", "4", "--max-new-tokens", "16", "--latent-steps", "3", "--lr", "1e-3",
            "--temperature", "1.0"]
 
@@ -320,12 +313,19 @@ def test_micro_batches_give_the_full_batch_update(tiny_ckpt, samples, loss):
     ref = dict(runs[0][0].named_parameters())
     for model, row in runs[1:]:
         assert row["loss"] == pytest.approx(runs[0][1]["loss"], abs=1e-6)
+        noisy = moved = 0
         for n, p in model.named_parameters():
-            if p.grad is not None:
-                assert torch.allclose(p.grad, ref[n].grad, rtol=1e-4, atol=1e-8), n
-            # Adam's first step is about lr * sign(g): float noise in gradients near 0 moves a weight by a
-            # small fraction of lr (1e-3 here); seen at most 2e-6
-            assert torch.allclose(p, ref[n], atol=1e-5), n
+            if p.grad is None:
+                assert torch.equal(p, ref[n]), n
+                continue
+            g = ref[n].grad
+            assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-8), n
+            # Adam's first step is lr * g / (|g| + eps): where g is float noise around 0 (e.g. k_proj's bias,
+            # whose gradient is 0 in exact arithmetic) the same noise may move a weight by up to 2 lr
+            noise = g.abs() < 1e-6
+            assert ((p - ref[n]).abs() <= torch.where(noise, 2e-3, 1e-6)).all(), n
+            noisy, moved = noisy + int((noise & (g != 0)).sum()), moved + int((g != 0).sum())
+        assert noisy < 0.02 * moved  # nearly every weight is held to 1e-6
 
 
 def test_grad_ckpt_gives_the_same_gradient(tiny_ckpt, samples):
