@@ -18,7 +18,6 @@ import argparse
 import errno
 import glob
 import json
-import math
 import os
 import shutil
 import sys

@@ -18,7 +18,6 @@ Writes OUT/checkpoint (HF format), OUT/trainer_state.pt, OUT/log.jsonl (rundir.p
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -30,7 +29,6 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import benchmarks
-import data
 import lvr
 import model as M
 import parallel as P

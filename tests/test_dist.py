@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file
 
 import eval as ev
-import model as M
 import rundir
 import train_rl
 import train_sft

@@ -3,7 +3,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import data
 import lvr
 import model as M
 import reward
