@@ -1,4 +1,5 @@
 """The trainers and eval under torchrun (2 processes, gloo on the CPU) against one process."""
+import fcntl
 import json
 import os
 import re
@@ -92,6 +93,21 @@ def test_rank0_refusals_stop_every_rank_with_one_line(tiny_ckpt, one_rl, tmp_pat
     assert res.stderr.count("error: --resume with --prompts 2 but the run used 4: that changes the data order") == 1
 
 
+def lock_free(path: str, deadline: float):
+    """Wait until no process holds the run lock (the kernel drops it once the killed process is fully gone)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fcntl.flock(fd, fcntl.LOCK_UN)
+            except BlockingIOError:
+                assert time.time() < deadline, f"{path} is still held after the kill"
+                time.sleep(0.05)
+    finally:
+        os.close(fd)
+
+
 def test_killed_torchrun_run_resumes_in_one_process(tiny_ckpt, tmp_path):
     """kill -9 of the whole torchrun process group (--zero: the optimizer state consolidated on rank 0) after a
     checkpoint, then --resume in ONE process: the end state is the uninterrupted single-process run's."""
@@ -109,6 +125,7 @@ def test_killed_torchrun_run_resumes_in_one_process(tiny_ckpt, tmp_path):
     while any(os.path.exists(f"/proc/{w}") and open(f"/proc/{w}/stat").read().split()[2] != "Z" for w in workers):
         assert time.time() < deadline, "torchrun's workers outlived it"
         time.sleep(0.05)
+    lock_free(os.path.join(out, rundir.LOCK), deadline)  # a zombie leader's other threads may still hold its files
     done = rundir.saved_step(out)
     assert 1 <= done < steps, "the kill must land mid-run"
     train_rl.main(args + ["--out", out, "--resume"])
