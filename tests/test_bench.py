@@ -35,9 +35,9 @@ def test_memory_table_on_a_tiny_shape(capsys, tmp_path):
     for r in table:
         assert r[2].strip() == "no" and r[3].strip() == "fp32" and "extrapolated" in r[5]
         assert re.fullmatch(r" (fits 80 GB|fits 141 GB|needs \d+ GB) ", r[6])
-    peak = {r[1]: r[4] for r in rows}
-    assert peak[4] >= peak[1] > 0
+    assert all(r[4] > 0 for r in rows)  # (rows of different micro-batches come from different cells: RSS noise)
     cells = json.load(open(cache))  # the estimate from the same cells grows with the micro-batch
     c1, c2 = (next(c for c in cells.values() if c["micro_batch"] == 4 and c["layers"] == d) for d in (1, 2))
-    update = [bench.estimate("tiny", m, c1, c2)["update"] for m in (1, 4, 16)]
-    assert update[0] < update[1] < update[2]
+    est = [bench.estimate("tiny", m, c1, c2) for m in (1, 4, 16)]
+    assert est[0]["update"] < est[1]["update"] < est[2]["update"]
+    assert est[0]["peak"] <= est[1]["peak"] <= est[2]["peak"]
