@@ -188,6 +188,7 @@ def grpo_steps(model_dir, argv, device, steps=1, bf16_start=False):
     import model as M
     args = train_rl.parse_args(argv + ["--device", device])
     model, tok = M.load_model(model_dir, torch.float32, device)
+    train_rl.default_micro_batch(args, model)
     if bf16_start:
         with torch.no_grad():
             for p in model.parameters():

@@ -120,6 +120,7 @@ def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, bat
         roll = P.run(model, lvr.generate, model, tok, prompt, mode=mode if mode in lvr.MODES else "normal",
                      generator=gens, given=given, **kw)
         share = P.run(model, reward.score_rollout, model, roll, att_layers)[1].cpu()
+        fit = latent_fit(model, prompt, chunk, roll, latent_steps) if mode == "normal" else None
         for j, s in enumerate(chunk):
             text = tok.decode(roll.tokens[j][roll.mask[j]], skip_special_tokens=False)
             pred = reward.parse_answer(text) if s.choices or len(s.answer) == 1 else benchmarks.final_text(text)
@@ -127,8 +128,22 @@ def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, bat
             records.append({"id": s.id, "qtype": s.qtype, "answer": s.answer, "pred": pred,
                             "correct": benchmarks.is_correct(text, s),
                             "opened": opened, "att_share": float(share[j]) if opened else None, "text": text,
+                            "latent_fit": fit[j].tolist() if fit is not None and opened else None,
                             "chance": 1 / n_options(s) if s.choices or len(s.answer) == 1 else 0.0})
     return records if whole else [r for rs in P.gather_objects(records) for r in rs]
+
+
+def latent_fit(model, prompt, samples, roll, K: int) -> torch.Tensor | None:
+    """(N, 3): per rollout, how its first span's generated latents z fit the stage-1 targets t of its
+    question's slots (lvr.oracle_latents): mean cosine(z, t) over the K slots, ||z - t||^2, and ||t - m||^2
+    with m the mean target of the batch's questions (summarize turns the last two into an R^2: 0 means no
+    better than that mean). None when K = 0 or a question has no boxes (real benchmarks)."""
+    if K == 0 or any(not s.bboxes for s in samples):
+        return None
+    t = P.run(model, lvr.oracle_latents, model, prompt, samples, K).float()
+    z = first_span_latents(roll, K).float()
+    cos = torch.nn.functional.cosine_similarity(z, t, dim=-1).mean(-1)
+    return torch.stack([cos, (z - t).pow(2).sum((1, 2)), (t - t.mean((0, 1))).pow(2).sum((1, 2))], 1).cpu()
 
 
 def n_options(sample) -> int:
@@ -141,9 +156,12 @@ def summarize(records: list[dict]) -> dict:
     def stats(rs):
         k, n = sum(r["correct"] for r in rs), len(rs)
         shares = [r["att_share"] for r in rs if r.get("att_share") is not None]
+        fit = np.array([r["latent_fit"] for r in rs if r.get("latent_fit") is not None]).reshape(-1, 3)
         return {"acc": k / max(n, 1), "ci95": list(wilson(k, n)), "n": n,
                 "latent_rate": sum(r["opened"] for r in rs) / max(n, 1),
                 "att_share": float(np.mean(shares)) if shares else None,
+                "latent_cos": float(fit[:, 0].mean()) if len(fit) else None,
+                "latent_r2": float(1 - fit[:, 1].sum() / fit[:, 2].sum()) if len(fit) else None,
                 "chance": float(np.mean([r.get("chance", 0.0) for r in rs])) if rs else 0.0}
     types = sorted({r["qtype"] for r in records}, key=lambda t: (data.QTYPES.index(t) if t in data.QTYPES else 99, t))
     out = {"overall": stats(records), "per_type": {t: stats([r for r in records if r["qtype"] == t]) for t in types}}
@@ -184,6 +202,10 @@ def table(summaries: dict) -> str:
     s = next(iter(summaries.values()))
     rows.append("| *chance* | " + " | ".join(f"{v['chance']:.3f}" for v in [s["overall"]] + [s["per_type"][t] for t in types])
                 + " | | |" + (" |" if diff else ""))
+    fit = {m: s["overall"] for m, s in summaries.items() if s["overall"].get("latent_cos") is not None}
+    if fit:
+        rows.append("\nGenerated latents vs their stage-1 targets: "
+                    + ", ".join(f"{m}: cosine {o['latent_cos']:.3f}, R2 {o['latent_r2']:.3f}" for m, o in fit.items()))
     return "\n".join(rows)
 
 

@@ -1,14 +1,17 @@
 """The paper's four findings on small-vl, in one command: text-only SFT, LVR SFT, LVR SFT + plain GRPO and
-LVR SFT + GRPO + attention reward, for several seeds; every model evaluated on the same test questions
-under normal / drop / noise / noise_norm latents, forced and forbidden latents, and task-level routing.
+LVR SFT + GRPO + attention reward, for several seeds; every LVR model evaluated on the same test questions
+under every latent arm of eval.py --compare (normal, drop, noise, noise_norm, zero, repeat, shuffle, oracle,
+a test-time K sweep), with latents forced and forbidden, and with task-level routing.
 
-    python study.py              # 3 seeds (68 min measured on 2 CPU cores once the base model exists)
-    python study.py --quick      # 2 seeds, shorter runs: a first look (19 min measured, earlier recipe)
+    python study.py              # seeds 0, 1, 2 (seeds 1 and 2 train their stage-1 models: README has the time)
+    python study.py --quick      # seed 0 alone: RL from the shipped stage-1 models, the same evaluation
 
-All seeds share small-vl's base model (runs/small-vl-base, trained first if missing: ~15 min), as the
-paper's runs share one pretrained Qwen2.5-VL; a seed sets stage-1 SFT and RL (data order, which replies
-carry latents, rollout sampling). Work units (a training run, a model's evaluation) are kept under
---root; an interrupted study run again continues where it stopped (unfinished training resumes).
+Every seed starts from seed 0's shipped base (checkpoints/small-vl-base), as the paper's runs share one
+pretrained Qwen2.5-VL; a seed sets stage-1 SFT and RL (initialisation of nothing, data order, which replies
+carry latents and how long their spans are, rollout sampling). Seed 0's stage-1 models are the shipped
+checkpoints/small-vl-sft and checkpoints/small-vl-sft-text (what train_sft.py trains for seed 0; README,
+"Repeat runs"), so --quick is the full study's seed 0 and shares its runs. Work units (a training run, a
+model's evaluation) are kept under --root; an interrupted study run again continues where it stopped.
 Writes to --results: one JSON per model and seed (summaries and per-question correctness), study.json
 (mean and spread across seeds, paired differences with 95% intervals), study.md, and PNG plots.
 
@@ -35,32 +38,30 @@ import train_rl
 import train_sft
 
 MODELS = ("text", "lvr", "rl", "rl-att")
-LATENT_MODES = ("normal", "drop", "noise", "noise_norm", "force", "never", "routed")
+LATENT_MODES = ev.ARMS + tuple(f"K={k}" for k in ev.K_SWEEP) + ("force", "never", "routed")  # "normal" first
+SHIPPED = {"lvr": "small-vl-sft", "text": "small-vl-sft-text"}  # seed 0's stage-1 models, in checkpoints/
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="2 seeds, 500 SFT steps, 100 RL steps, 200 test questions")
-    p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick 0,1)")
-    p.add_argument("--sft-steps", type=int, help="stage-1 SFT steps (default 1500; --quick 500)")
-    p.add_argument("--rl-steps", type=int, help="GRPO steps per RL run (default 300; --quick 100)")
-    p.add_argument("--n-test", type=int, help="test questions, the same for every model (default 500; --quick 200)")
+    p.add_argument("--quick", action="store_true", help="seed 0 only: the two RL runs from the shipped stage-1 models")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick 0)")
+    p.add_argument("--sft-steps", type=int, default=1500, help="stage-1 SFT steps of the seeds that train them")
+    p.add_argument("--rl-steps", type=int, default=300, help="GRPO steps per RL run")
+    p.add_argument("--n-test", type=int, default=500, help="test questions, the same for every model")
     p.add_argument("--n-route", type=int, default=200, help="validation questions that choose the routed types")
     p.add_argument("--att-weight", type=float, default=1.0, help="attention reward weight of the rl-att models")
-    p.add_argument("--base", default=os.path.join(train_sft.RUNS, "small-vl-base"), help="the shared base model run")
-    p.add_argument("--sft-args", default="", help="extra train_sft.py arguments for stage 1, e.g. '--lam 1'")
+    p.add_argument("--base", default=os.path.join(train_sft.SHIPPED, "small-vl-base"),
+                   help="the shared base model: a model directory, or a run folder (trained first when unfinished)")
+    p.add_argument("--sft-args", default="", help="extra train_sft.py arguments for stage 1, e.g. '--lam 1' "
+                                                  "(then seed 0 trains its own instead of using the shipped ones)")
     p.add_argument("--rl-args", default="", help="extra train_rl.py arguments, e.g. '--att-variant relative'")
     p.add_argument("--base-steps", type=int, default=2000, help="steps of the base model, if it must be trained")
-    p.add_argument("--root", help="where the study's runs go (default runs/study, --quick runs/study-quick)")
+    p.add_argument("--root", default=os.path.join(train_sft.RUNS, "study"), help="where the study's runs go")
     p.add_argument("--results", help="results folder (default results, --quick results/quick)")
     a = p.parse_args(argv)
-    q = a.quick
-    a.seeds = [int(s) for s in (a.seeds or ("0,1" if q else "0,1,2")).split(",")]
-    a.sft_steps = a.sft_steps or (500 if q else 1500)
-    a.rl_steps = a.rl_steps or (100 if q else 300)
-    a.n_test = a.n_test or (200 if q else 500)
-    a.root = a.root or os.path.join(train_sft.RUNS, "study-quick" if q else "study")
-    a.results = a.results or os.path.join("results", "quick" if q else "")
+    a.seeds = [int(s) for s in (a.seeds or ("0" if a.quick else "0,1,2")).split(",")]
+    a.results = a.results or os.path.join("results", "quick" if a.quick else "")
     return a
 
 
@@ -69,8 +70,19 @@ def finished(run: str, steps: int) -> bool:
     return rundir.saved_step(run) >= steps
 
 
+def shipped(a, name: str, seed: int) -> str | None:
+    """Seed 0's shipped stage-1 model, when the study's stage-1 settings are the ones it was trained with."""
+    path = os.path.join(train_sft.SHIPPED, SHIPPED.get(name, "-"))
+    default = (seed == 0 and a.sft_steps == 1500 and not a.sft_args.strip()
+               and os.path.normpath(a.base) == os.path.join(train_sft.SHIPPED, "small-vl-base"))
+    return path if default and os.path.isfile(os.path.join(path, "config.json")) else None
+
+
 def train(a, name: str, seed: int) -> str:
-    """The checkpoint of model `name` for `seed`, trained (or resumed) if not finished."""
+    """The checkpoint of model `name` for `seed`: shipped, or trained (or resumed) if not finished."""
+    ship = shipped(a, name, seed)
+    if ship:
+        return ship
     run = os.path.join(a.root, f"{name}-s{seed}")
     steps = a.sft_steps if name in ("text", "lvr") else a.rl_steps
     if not finished(run, steps):
@@ -97,16 +109,18 @@ def routed_types(model, tok, a, seed: int) -> list[str]:
 def evaluate(a, name: str, seed: int) -> dict:
     """Every mode of one model on the shared test questions; cached in results/runs/NAME-sSEED.json."""
     path = os.path.join(a.results, "runs", f"{name}-s{seed}.json")
-    if os.path.isfile(path):
-        return json.load(open(path))
     ckpt = train(a, name, seed)
+    modes = ["normal"] if name == "text" else LATENT_MODES
+    if os.path.isfile(path):  # kept unless it is another checkpoint's or lacks a mode (an older version's file)
+        old = json.load(open(path))
+        if old.get("checkpoint") == ckpt and set(modes) <= set(old["summaries"]):
+            return old
     print(f"== evaluating {ckpt}")
     model, tok = M.load_model(ckpt)
     test = data.make_split("test", a.n_test, 0)
     route = routed_types(model, tok, a, seed) if name != "text" else []
-    plan = {"normal": {}} if name == "text" else {
-        "normal": {}, "drop": {"mode": "drop"}, "noise": {"mode": "noise"}, "noise_norm": {"mode": "noise_norm"},
-        "force": {"route": "all"}, "never": {"route": "none"}, "routed": {"route": ",".join(route) or "none"}}
+    routes = {"force": "all", "never": "none", "routed": ",".join(route) or "none"}
+    plan = {m: {"route": routes[m]} if m in routes else {"mode": m} for m in modes}
     records = {m: ev.evaluate(model, tok, test, **kw) for m, kw in plan.items()}
     out = {"model": name, "seed": seed, "checkpoint": ckpt, "routed_types": route,
            "summaries": {m: ev.summarize(r) for m, r in records.items()},
@@ -147,6 +161,7 @@ def aggregate(runs: dict) -> dict:
                 "acc": spread([x["overall"]["acc"] for x in s]),
                 "latent_rate": spread([x["overall"]["latent_rate"] for x in s]),
                 "att_share": spread([x["overall"]["att_share"] for x in s]),
+                "latent_r2": spread([x["overall"].get("latent_r2") for x in s]),
                 "per_type": {t: spread([x["per_type"][t]["acc"] for x in s]) for t in s[0]["per_type"]}}
         out["models"][name]["routed_types"] = [r["routed_types"] for r in rs]
     types = list(data.QTYPES)
@@ -164,15 +179,16 @@ def aggregate(runs: dict) -> dict:
 def markdown(agg: dict, a) -> str:
     f = lambda s: "-" if s["mean"] is None else f"{s['mean']:.3f} ± {s['std']:.3f}"  # noqa: E731
     types = list(data.QTYPES)
-    lines = [f"Seeds {a.seeds}; {a.n_test} test questions; mean ± std across seeds.", "",
-             "| model | mode | overall | " + " | ".join(types) + " | latent rate | att. share |",
-             "|---|---|---|" + "---|" * len(types) + "---|---|"]
+    lines = [f"Seeds {a.seeds}; {a.n_test} test questions; mean ± std across seeds. Latent R²: how the latents of "
+             "normal decoding fit the question's stage-1 targets (eval.latent_fit; 0: no better than the mean target).", "",
+             "| model | mode | overall | " + " | ".join(types) + " | latent rate | att. share | latent R² |",
+             "|---|---|---|" + "---|" * len(types) + "---|---|---|"]
     for name, modes in agg["models"].items():
         for mode, s in modes.items():
             if mode == "routed_types":
                 continue
             lines.append(f"| {name} | {mode} | {f(s['acc'])} | " + " | ".join(f(s["per_type"][t]) for t in types)
-                         + f" | {f(s['latent_rate'])} | {f(s['att_share'])} |")
+                         + f" | {f(s['latent_rate'])} | {f(s['att_share'])} | {f(s['latent_r2'])} |")
     lines += ["", "Paired differences (all seeds pooled, 95% interval):", "",
               "| comparison | overall | " + " | ".join(types) + " |", "|---|---|" + "---|" * len(types)]
     g = lambda d: f"{d['diff']:+.3f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"  # noqa: E731
@@ -191,8 +207,8 @@ def plots(a, agg: dict):
     except ImportError as e:
         print(f"plots skipped: {e}")
         return
-    modes = ("normal", "drop", "noise", "noise_norm", "force", "never", "routed")
-    fig, ax = plt.subplots(figsize=(9, 3.5))
+    modes = ("normal", "drop", "noise", "zero", "shuffle", "oracle", "K=16", "force", "never", "routed")
+    fig, ax = plt.subplots(figsize=(11, 3.5))
     for i, name in enumerate(MODELS):
         for j, mode in enumerate(modes):
             s = agg["models"][name].get(mode)
@@ -202,7 +218,8 @@ def plots(a, agg: dict):
     ax.axhline(np.mean([1 / ev.n_options(x) for x in data.make_split("test", a.n_test, 0)]), color="k", ls=":", lw=1)
     ax.set_xticks([i * (len(modes) + 1) + len(modes) / 2 for i in range(len(MODELS))], MODELS)
     ax.set_ylabel("test accuracy")
-    ax.legend(ncol=4, fontsize=7)
+    ax.set_ylim(0, 1.12)
+    ax.legend(ncol=len(modes), fontsize=7, loc="upper center")
     fig.tight_layout()
     fig.savefig(os.path.join(a.results, "ablation.png"), dpi=120)
     print("wrote", os.path.join(a.results, "ablation.png"))

@@ -83,8 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=rundir.at_least(1), default=50, help="write a checkpoint every N steps (and at the end)")
     p.add_argument("--resume", action="store_true", help="continue from OUT's newest complete checkpoint")
     p.add_argument("--micro-batch", type=rundir.at_least(1),
-                   help="rollouts per scoring forward/backward, gradients accumulated (default: all for small-vl, 4 "
-                        "for other models); any value gives the same update")
+                   help="rollouts per scoring forward/backward, gradients accumulated (default: all of a step's for a "
+                        "model under 100M parameters, as small-vl, else 4); any value gives the same update")
     p.add_argument("--rollout-batch", type=rundir.at_least(1), help="questions decoded together (default: all of a step's)")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of the decoder layers (non-reentrant)")
     p.add_argument("--param-dtype", default="fp32", choices=["fp32", "bf16"],
@@ -94,7 +94,6 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     a.out = a.out or os.path.join(train_sft.RUNS, "small-vl-rl-att" if a.att_weight else "small-vl-rl")
     a.dtype = M.resolve_dtype(a)
-    a.micro_batch = a.micro_batch or (a.prompts * a.group if a.model == "small-vl" else 4)
     a.rollout_batch = a.rollout_batch or a.prompts
     if a.top_p > 1:
         p.error(f"argument --top-p: must be at most 1, got {a.top_p}")
@@ -205,6 +204,13 @@ def rollout(args, model, tok, samples, step, first: int = 0):
                                   generator=gens, all_ranks=args.fsdp))
     model.train()
     return lvr.cat_rollouts(rolls, tok.pad_token_id)
+
+
+def default_micro_batch(args, model):
+    """--micro-batch when not given: a whole step's rollouts for a model under 100M parameters (small-vl,
+    any of its checkpoints), else 4."""
+    if args.micro_batch is None:
+        args.micro_batch = args.prompts * args.group if sum(p.numel() for p in model.parameters()) < 10 ** 8 else 4
 
 
 def micro_batches(args, n: int) -> list[slice]:
@@ -346,6 +352,7 @@ def start(args):
     init = found[0] if found else initial_model(args)
     model, tok = M.load_model(init, M.DTYPES[args.param_dtype], args.device)
     rundir.check_layers(model, args.att_layers)
+    default_micro_batch(args, model)
     for p in model.model.visual.parameters():
         p.requires_grad_(args.train_vision)
     if args.grad_ckpt:

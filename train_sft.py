@@ -6,9 +6,9 @@ helped by dense grounding: a linear probe reads every merged visual token's cell
 the object over it, column, row) from the scene description. It stands in for the pretrained VLM the
 paper starts from. -> runs/small-vl-base (-seedN for other seeds).
 Stage 1, LVR SFT (what this script is for): from the base, vision tower frozen as in LVR. A
---latent-fraction share of the replies carry a latent span whose slots are teacher-forced with the
-question's region tokens (lvr.py, "Stage-1 loss"); the rest answer directly, so the model still chooses
-whether to open a span. --no-latents trains the same stage without spans: the paper's text-only baseline.
+--latent-fraction share of the replies carry a latent span (of 1..16 slots, --span-lengths) whose
+slots are teacher-forced with the question's region tokens (lvr.py, "Stage-1 loss"); the rest answer
+directly, so the model still chooses whether to open a span. --no-latents trains the same stage without spans: the paper's text-only baseline.
 
     python train_sft.py --model small-vl                  # base (if missing), then LVR SFT -> runs/small-vl-sft
     python train_sft.py --model small-vl --no-latents     # baseline from the same base -> runs/small-vl-sft-text
@@ -62,10 +62,10 @@ def parse_args(argv=None):
     p.add_argument("--max-pixels", type=int, help="real checkpoints: override their max_pixels (image resize bound)")
     p.add_argument("--no-latents", action="store_true", help="text-only baseline: no reply carries a latent span")
     p.add_argument("--latent-fraction", type=float, default=0.75, help="share of replies that carry a latent span")
-    p.add_argument("--latent-steps", type=rundir.at_least(1), default=8, help="K: latent slots per span (and decode steps at eval)")
-    p.add_argument("--span-lengths", metavar="LO,HI", type=span_range,
-                   help="pooled targets: each reply's span length drawn from LO..HI (default: always K), so the text "
-                        "after a span is seen at many offsets")
+    p.add_argument("--latent-steps", type=rundir.at_least(1), default=8, help="K: latent steps per span when decoding (evaluation)")
+    p.add_argument("--span-lengths", metavar="LO,HI", type=span_range, default=(1, 16),
+                   help="pooled targets: each training reply's span length, drawn from LO..HI per sample, so the text after "
+                        "a span is seen at many offsets (README: the drop collapse of fixed spans); '8,8' trains K = 8 only")
     p.add_argument("--latent-targets", default="pooled", choices=["pooled", "bbox"],
                    help="pooled: region tokens averaged onto K slots (matches inference); bbox: every token in the boxes")
     p.add_argument("--lam", type=float, default=0.1, help="weight of the latent MSE against the text CE")
@@ -162,9 +162,7 @@ def span_range(s: str) -> tuple[int, int]:
 
 
 def span_length(args, index: int) -> int:
-    """Latent slots of sample `index`'s span: K, or with --span-lengths a seeded draw from LO..HI."""
-    if not args.span_lengths:
-        return args.latent_steps
+    """Latent slots of sample `index`'s span: a seeded draw from --span-lengths LO..HI."""
     return int(np.random.default_rng([args.seed, 2, index]).integers(args.span_lengths[0], args.span_lengths[1] + 1))
 
 

@@ -152,3 +152,30 @@ def test_shuffle_and_oracle_arms_feed_what_they_say(tiny, samples, monkeypatch, 
         assert len(calls) == 2 and torch.allclose(fed, calls[0].latents[:, 1:4].roll(-1, 0))
     else:
         assert torch.allclose(fed, lvr.oracle_latents(m, M.encode(m, tok, samples), samples, 3), atol=1e-6)
+
+
+def test_latent_fit_against_the_stage_1_targets(tiny, samples):
+    """Cosine 1 and error 0 for a rollout fed its own targets (the oracle arm); for generated latents the
+    cosine, squared error and spread written out by hand, and the R^2 summarize makes of them. Normal
+    decoding records the fit on every question that opened a span; other arms do not."""
+    m, tok = tiny
+    prompt = M.encode(m, tok, samples)
+    t = lvr.oracle_latents(m, prompt, samples, 3)
+    force = torch.ones(len(samples), dtype=torch.long)
+    oracle = ev.latent_fit(m, prompt, samples, lvr.generate(m, tok, prompt, max_new_tokens=10, latent_steps=3, given=t,
+                                                            force=force), 3)
+    assert torch.allclose(oracle[:, :2], torch.tensor([[1.0, 0.0]]).expand(len(samples), 2), atol=1e-4)
+    z = ev.first_span_latents(lvr.generate(m, tok, prompt, max_new_tokens=10, latent_steps=3, force=force), 3)
+    mean = sum(t[i, k] for i in range(len(samples)) for k in range(3)) / (3 * len(samples))
+    for i, (cos, err, dev) in enumerate(ev.latent_fit(m, prompt, samples, lvr.generate(m, tok, prompt, max_new_tokens=10,
+                                                                                      latent_steps=3, force=force), 3).tolist()):
+        assert cos == pytest.approx(sum(float(z[i, k] @ t[i, k] / (z[i, k].norm() * t[i, k].norm())) for k in range(3)) / 3, abs=1e-5)
+        assert err == pytest.approx(sum(float((z[i, k] - t[i, k]).pow(2).sum()) for k in range(3)), rel=1e-4)
+        assert dev == pytest.approx(sum(float((t[i, k] - mean).pow(2).sum()) for k in range(3)), rel=1e-4)
+    recs = ev.evaluate(m, tok, samples, route="all", latent_steps=3, max_new_tokens=10, progress=False)
+    fits = [r["latent_fit"] for r in recs]
+    o = ev.summarize(recs)["overall"]
+    assert o["latent_cos"] == pytest.approx(sum(f[0] for f in fits) / len(fits))
+    assert o["latent_r2"] == pytest.approx(1 - sum(f[1] for f in fits) / sum(f[2] for f in fits))
+    assert all(r["latent_fit"] is None for r in ev.evaluate(m, tok, samples, mode="noise", route="all", latent_steps=3,
+                                                            max_new_tokens=10, progress=False))

@@ -283,6 +283,8 @@ def test_variable_span_lengths(tiny, samples):
     args = train_sft.parse_args(["--span-lengths", "2,6", "--latent-steps", "8"])
     lengths = [train_sft.span_length(args, i) for i in range(200)]
     assert set(lengths) == {2, 3, 4, 5, 6} and lengths == [train_sft.span_length(args, i) for i in range(200)]
-    assert train_sft.span_length(train_sft.parse_args([]), 5) == 8
+    assert train_sft.span_length(train_sft.parse_args(["--span-lengths", "8,8"]), 5) == 8  # fixed K
+    default = train_sft.parse_args([])
+    assert {train_sft.span_length(default, i) for i in range(400)} == set(range(1, 17))  # the default: 1..16
     with pytest.raises(SystemExit):
         train_sft.parse_args(["--span-lengths", "0,3"])

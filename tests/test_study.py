@@ -43,5 +43,19 @@ def test_study_rerun_redoes_only_what_is_missing(done):
     runs = root / "results" / "runs"
     kept = os.path.getmtime(runs / "lvr-s0.json")
     os.remove(runs / "rl-s1.json")
+    older = json.load(open(runs / "lvr-s1.json"))  # an older version's file, without a mode of this version
+    del older["summaries"]["oracle"], older["correct"]["oracle"]
+    json.dump(older, open(runs / "lvr-s1.json", "w"))
     study.main(args)
     assert os.path.getmtime(runs / "lvr-s0.json") == kept and (runs / "rl-s1.json").exists()
+    assert "oracle" in json.load(open(runs / "lvr-s1.json"))["summaries"]
+
+
+def test_seed_0_uses_the_shipped_stage_1_models_only_at_their_settings():
+    quick = study.parse_args(["--quick"])
+    assert quick.seeds == [0]
+    assert study.train(quick, "lvr", 0) == os.path.join("checkpoints", "small-vl-sft")
+    assert study.train(quick, "text", 0) == os.path.join("checkpoints", "small-vl-sft-text")
+    assert study.shipped(quick, "lvr", 1) is None and study.shipped(quick, "rl", 0) is None
+    for other in (["--sft-args", "--lam 1"], ["--sft-steps", "500"], ["--base", "runs/other-base"]):
+        assert study.shipped(study.parse_args(["--quick"] + other), "lvr", 0) is None
