@@ -120,7 +120,7 @@ def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, bat
         roll = P.run(model, lvr.generate, model, tok, prompt, mode=mode if mode in lvr.MODES else "normal",
                      generator=gens, given=given, **kw)
         share = P.run(model, reward.score_rollout, model, roll, att_layers)[1].cpu()
-        fit = latent_fit(model, prompt, chunk, roll, latent_steps) if mode == "normal" else None
+        fit = latent_fit(model, prompt, chunk, roll, latent_steps) if mode == "normal" and not blank else None
         for j, s in enumerate(chunk):
             text = tok.decode(roll.tokens[j][roll.mask[j]], skip_special_tokens=False)
             pred = reward.parse_answer(text) if s.choices or len(s.answer) == 1 else benchmarks.final_text(text)
