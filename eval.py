@@ -128,22 +128,36 @@ def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, bat
             records.append({"id": s.id, "qtype": s.qtype, "answer": s.answer, "pred": pred,
                             "correct": benchmarks.is_correct(text, s),
                             "opened": opened, "att_share": float(share[j]) if opened else None, "text": text,
-                            "latent_fit": fit[j].tolist() if fit is not None and opened else None,
+                            "latent_fit": fit[j] if fit is not None and opened else None,
                             "chance": 1 / n_options(s) if s.choices or len(s.answer) == 1 else 0.0})
-    return records if whole else [r for rs in P.gather_objects(records) for r in rs]
+    return finish_fit(records if whole else [r for rs in P.gather_objects(records) for r in rs], latent_steps)
 
 
-def latent_fit(model, prompt, samples, roll, K: int) -> torch.Tensor | None:
-    """(N, 3): per rollout, how its first span's generated latents z fit the stage-1 targets t of its
-    question's slots (lvr.oracle_latents): mean cosine(z, t) over the K slots, ||z - t||^2, and ||t - m||^2
-    with m the mean target of the batch's questions (summarize turns the last two into an R^2: 0 means no
-    better than that mean). None when K = 0 or a question has no boxes (real benchmarks)."""
+def latent_fit(model, prompt, samples, roll, K: int) -> list[list] | None:
+    """Per rollout, how its first span's generated latents z fit the stage-1 targets t of its question's
+    slots (lvr.oracle_latents): [mean cosine(z, t) over the K slots, sum ||z - t||^2, sum ||t||^2, sum t]
+    (finish_fit turns the last two into the spread about the mean target of all questions). None when K = 0
+    or a question has no boxes (real benchmarks)."""
     if K == 0 or any(not s.bboxes for s in samples):
         return None
-    t = P.run(model, lvr.oracle_latents, model, prompt, samples, K).float()
-    z = first_span_latents(roll, K).float()
+    t = P.run(model, lvr.oracle_latents, model, prompt, samples, K).double().cpu()  # float64: the spread about
+    z = first_span_latents(roll, K).double().cpu()  # the mean is a difference of large sums (finish_fit)
     cos = torch.nn.functional.cosine_similarity(z, t, dim=-1).mean(-1)
-    return torch.stack([cos, (z - t).pow(2).sum((1, 2)), (t - t.mean((0, 1))).pow(2).sum((1, 2))], 1).cpu()
+    return [[float(cos[i]), float((z[i] - t[i]).pow(2).sum()), float(t[i].pow(2).sum()), t[i].sum(0).tolist()]
+            for i in range(len(samples))]
+
+
+def finish_fit(records: list[dict], K: int) -> list[dict]:
+    """Each record's latent_fit becomes [cosine, ||z - t||^2, ||t - m||^2] (sums over its K slots), m the
+    mean target over every slot of every question with a fit, so that it depends neither on batching nor
+    on the rank split; summarize turns the last two into an R^2 (0: the latents are no better than m)."""
+    fits = [r for r in records if r.get("latent_fit") is not None]
+    if fits:
+        m = np.sum([r["latent_fit"][3] for r in fits], axis=0) / (K * len(fits))
+        for r in fits:
+            cos, err, sq, tsum = r["latent_fit"]
+            r["latent_fit"] = [cos, err, float(sq - 2 * np.dot(m, tsum) + K * np.dot(m, m))]
+    return records
 
 
 def n_options(sample) -> int:
