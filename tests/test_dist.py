@@ -79,8 +79,10 @@ def test_rank0_refusals_stop_every_rank_with_one_line(tiny_ckpt, one_rl, tmp_pat
     """What only rank 0 checks (the run lock, --resume against the saved options) stops all ranks, with its
     one line said once, instead of leaving rank 1 waiting in a collective (the 120 s timeout would fire)."""
     def run(out, *extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--", "train_rl.py",
-               "--model", tiny_ckpt, "--steps", "1", "--out", out, *RL, *extra]
+        # torchrun looks at its workers every 2 s, not 0.1 s: it would otherwise see rank 0's failure and stop
+        # rank 1 itself before rank 1 has had the moment it needs to exit on its own (seen on a loaded CI)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--monitor-interval=2",
+               "--", "train_rl.py", "--model", tiny_ckpt, "--steps", "1", "--out", out, *RL, *extra]
         return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
     busy = str(tmp_path / "busy")
