@@ -380,3 +380,19 @@ def test_rl_runs_in_bf16_with_a_reference(tiny_ckpt, tmp_path):
     row = rows(out)[0]
     assert not row["skipped"] and math.isfinite(row["loss"]) and row["kl"] >= 0
     assert all(v.dtype == torch.float32 for v in weights(out).values())
+
+
+def test_micro_batch_default_follows_the_model_size(tiny_ckpt):
+    """A small-vl checkpoint given by path scores a whole step at once (as --model small-vl does); a model of
+    100M parameters or more gets micro-batches of 4; an explicit --micro-batch is kept."""
+    args = train_rl.parse_args(["--model", tiny_ckpt])
+    model, _ = M.load_model(tiny_ckpt)
+    train_rl.default_micro_batch(args, model)
+    assert args.micro_batch == args.prompts * args.group == 64
+    big = torch.nn.Linear(10_000, 10_001, device="meta")  # 100M parameters, no memory
+    args = train_rl.parse_args(["--model", tiny_ckpt])
+    train_rl.default_micro_batch(args, big)
+    assert args.micro_batch == 4
+    args = train_rl.parse_args(["--model", tiny_ckpt, "--micro-batch", "3"])
+    train_rl.default_micro_batch(args, big)
+    assert args.micro_batch == 3
