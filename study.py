@@ -21,6 +21,7 @@ forbidden; the types where forcing scored higher are routed to latents on the te
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -70,6 +71,35 @@ def finished(run: str, steps: int) -> bool:
     return rundir.saved_step(run) >= steps
 
 
+COMMAND = "study_command.txt"  # in each run folder: the arguments it was trained with
+
+
+def check_command(run: str, argv: list[str], init: str):
+    """A run folder belongs to one command and one starting model: reusing it with other settings (another
+    --lam, --sft-steps, --base, new weights at the same path ...) would silently mix them, so that is
+    refused; a new run records both."""
+    start = fingerprint(init) if os.path.isfile(os.path.join(init, "model.safetensors")) else init
+    path, want = os.path.join(run, COMMAND), f"{shlex.join(argv)}\nstarts from {start}"
+    if os.path.isfile(path):
+        have = open(path).read().strip()
+        if have != want:
+            raise ValueError(f"{run} was trained by another command or from other weights ({have.replace(chr(10), '; ')}); "
+                             "pass another --root or delete it")
+    elif rundir.saved_step(run) == 0:
+        os.makedirs(run, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(want + "\n")
+
+
+def fingerprint(ckpt: str) -> str:
+    """sha256 of a checkpoint's weights: what the evaluation cache is keyed on (a path can get new weights)."""
+    h = hashlib.sha256()
+    with open(os.path.join(ckpt, "model.safetensors"), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def shipped(a, name: str, seed: int) -> str | None:
     """Seed 0's shipped stage-1 model, when the study's stage-1 settings are the ones it was trained with."""
     path = os.path.join(train_sft.SHIPPED, SHIPPED.get(name, "-"))
@@ -85,16 +115,19 @@ def train(a, name: str, seed: int) -> str:
         return ship
     run = os.path.join(a.root, f"{name}-s{seed}")
     steps = a.sft_steps if name in ("text", "lvr") else a.rl_steps
+    common = ["--seed", str(seed), "--steps", str(steps), "--out", run, "--resume"]
+    if name in ("text", "lvr"):
+        script, init = train_sft, a.base
+        argv = (["--model", "small-vl", "--base", a.base, "--base-steps", str(a.base_steps), "--n-val", "100"] + common
+                + (["--no-latents"] if name == "text" else []) + shlex.split(a.sft_args))
+    else:
+        script, init = train_rl, train(a, "lvr", seed)
+        argv = (["--model", init, "--att-weight", str(a.att_weight if name == "rl-att" else 0)] + common
+                + shlex.split(a.rl_args))
+    check_command(run, argv, init)
     if not finished(run, steps):
         print(f"== training {run}")
-        common = ["--seed", str(seed), "--steps", str(steps), "--out", run, "--resume"]
-        if name in ("text", "lvr"):
-            train_sft.main(["--model", "small-vl", "--base", a.base, "--base-steps", str(a.base_steps), "--n-val", "100"] + common
-                           + (["--no-latents"] if name == "text" else []) + shlex.split(a.sft_args))
-        else:
-            lvr_ckpt = train(a, "lvr", seed)
-            train_rl.main(["--model", lvr_ckpt, "--att-weight", str(a.att_weight if name == "rl-att" else 0)] + common
-                          + shlex.split(a.rl_args))
+        script.main(argv)
     return os.path.join(run, "checkpoint")
 
 
@@ -111,9 +144,10 @@ def evaluate(a, name: str, seed: int) -> dict:
     path = os.path.join(a.results, "runs", f"{name}-s{seed}.json")
     ckpt = train(a, name, seed)
     modes = ["normal"] if name == "text" else LATENT_MODES
-    if os.path.isfile(path):  # kept unless it is another checkpoint's or lacks a mode (an older version's file)
+    weights = fingerprint(ckpt)
+    if os.path.isfile(path):  # kept unless it is other weights' or lacks a mode (an older version's file)
         old = json.load(open(path))
-        if old.get("checkpoint") == ckpt and set(modes) <= set(old["summaries"]):
+        if old.get("weights") == weights and set(modes) <= set(old["summaries"]):
             return old
     print(f"== evaluating {ckpt}")
     model, tok = M.load_model(ckpt)
@@ -122,7 +156,7 @@ def evaluate(a, name: str, seed: int) -> dict:
     routes = {"force": "all", "never": "none", "routed": ",".join(route) or "none"}
     plan = {m: {"route": routes[m]} if m in routes else {"mode": m} for m in modes}
     records = {m: ev.evaluate(model, tok, test, **kw) for m, kw in plan.items()}
-    out = {"model": name, "seed": seed, "checkpoint": ckpt, "routed_types": route,
+    out = {"model": name, "seed": seed, "checkpoint": ckpt, "weights": weights, "routed_types": route,
            "summaries": {m: ev.summarize(r) for m, r in records.items()},
            "correct": {m: [int(x["correct"]) for x in r] for m, r in records.items()},
            "qtypes": [x["qtype"] for x in records["normal"]]}

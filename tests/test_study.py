@@ -2,6 +2,7 @@
 per-run files, and a rerun that only redoes what is missing."""
 import json
 import os
+import shutil
 
 import pytest
 
@@ -59,3 +60,34 @@ def test_seed_0_uses_the_shipped_stage_1_models_only_at_their_settings():
     assert study.shipped(quick, "lvr", 1) is None and study.shipped(quick, "rl", 0) is None
     for other in (["--sft-args", "--lam 1"], ["--sft-steps", "500"], ["--base", "runs/other-base"]):
         assert study.shipped(study.parse_args(["--quick"] + other), "lvr", 0) is None
+
+
+def test_new_weights_at_a_checkpoint_path_are_evaluated_again(done):
+    root, args = done
+    ckpt = root / "runs" / "rl-s1" / "checkpoint" / "model.safetensors"
+    kept = ckpt.read_bytes()
+    try:
+        shutil.copy(root / "runs" / "rl-att-s1" / "checkpoint" / "model.safetensors", ckpt)
+        study.main(args)
+        run = json.load(open(root / "results" / "runs" / "rl-s1.json"))
+        assert run["weights"] == study.fingerprint(str(ckpt.parent)) == study.fingerprint(str(root / "runs" / "rl-att-s1" / "checkpoint"))
+    finally:
+        ckpt.write_bytes(kept)
+
+
+@pytest.mark.parametrize("change", ["settings", "start"])
+def test_a_run_folder_of_another_command_is_refused(done, change):
+    root, args = done
+    lvr = root / "runs" / "lvr-s1" / "checkpoint" / "model.safetensors"
+    kept = lvr.read_bytes()
+    try:
+        if change == "settings":  # another --lam: the stage-1 runs of the first seed are refused
+            argv, refused = args[:args.index("--sft-args") + 1] + ["--batch-size 4 --eval-every 0 --n-val 8 --lam 0.5"] \
+                + args[args.index("--sft-args") + 2:], "text-s0"
+        else:  # LVR SFT got new weights: the RL runs trained from the old ones are refused
+            shutil.copy(root / "runs" / "text-s1" / "checkpoint" / "model.safetensors", lvr)
+            argv, refused = args, "rl-s1"
+        with pytest.raises(SystemExit, match=f"{refused} was trained by another command or from other weights"):
+            study.main(argv)
+    finally:
+        lvr.write_bytes(kept)
