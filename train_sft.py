@@ -26,6 +26,7 @@ latents, blank image, latent rate).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -68,10 +69,15 @@ def parse_args(argv=None):
                         "a span is seen at many offsets (README: the drop collapse of fixed spans); '8,8' trains K = 8 only")
     p.add_argument("--latent-targets", default="pooled", choices=["pooled", "bbox"],
                    help="pooled: region tokens averaged onto K slots (matches inference); bbox: every token in the boxes")
-    p.add_argument("--lam", type=float, default=0.1, help="weight of the latent MSE against the text CE")
+    p.add_argument("--lam", type=float,
+                   help="weight of the latent MSE against the text CE; default 1 for small-vl (README: why LVR SFT "
+                        "trailed text SFT at 0.1), the paper's 0.1 for a real checkpoint")
     p.add_argument("--base-steps", type=rundir.at_least(1), default=2000, help="stage 0 steps (the small-vl base model)")
     p.add_argument("--steps", type=rundir.at_least(1), default=1500, help="stage 1 steps (vision tower frozen)")
     p.add_argument("--ground-weight", type=float, default=1.0, help="weight of the grounding probe's loss in stage 0")
+    p.add_argument("--coord-weight", type=float, default=1.0,
+                   help="stage 0: weight of the coordinate read-out at reply words that name an object (layer 0's "
+                        "output must hold the centre of that object and of the one named before it; 0 = off)")
     p.add_argument("--point-weight", type=float,
                    help="weight of the pointing loss (layer 0, head 0 attends from an object's name to its cells); "
                         "default 1 for small-vl, 0 for a real checkpoint")
@@ -99,6 +105,7 @@ def parse_args(argv=None):
         p.error("--val-fraction must be in (0, 1)")
     a.lr = a.lr if a.lr is not None else 1e-5 if real else 1e-3
     a.point_weight = a.point_weight if a.point_weight is not None else 0.0 if real else 1.0
+    a.lam = a.lam if a.lam is not None else 0.1 if real else 1.0
     if a.out is None:
         name = os.path.basename(os.path.normpath(a.model)) if real else "small-vl"
         a.out = os.path.join(RUNS, f"{name}-sft" + ("-text" if a.no_latents else ""))
@@ -200,6 +207,8 @@ class GroundingProbe(torch.nn.Module):
         self.scale = torch.nn.Parameter(torch.tensor(10.0))
         self.sizes = (4, grid, grid)
         self.head = torch.nn.Linear(dim, sum(self.sizes))
+        self.coord = torch.nn.Linear(dim, 4)  # centres (x, y) of the object a word names and of the one before it
+        torch.nn.init.zeros_(self.coord.weight), torch.nn.init.zeros_(self.coord.bias)  # draws no random numbers
 
     @staticmethod
     def labels(samples, gh: int, gw: int) -> torch.Tensor:
@@ -229,6 +238,56 @@ class GroundingProbe(torch.nn.Module):
         return loss
 
 
+def naming_words(tok, ids, labels, samples):
+    """(row, position, objects it names, objects the previous such word named) for every reply word that
+    names objects: a colour, or the shape an attribute question names."""
+    colours, shapes = {tok.convert_tokens_to_ids(c): c for c in data.COLOURS}, {tok.convert_tokens_to_ids(x): x for x in data.SHAPES}
+    for b, s in enumerate(samples):
+        prev = []
+        for p in (labels[b] != -100).nonzero()[:, 0].tolist():
+            word = ids[b, p].item()
+            named = [o for o in s.objects if colours.get(word) == o.colour or (s.qtype == "attribute" and shapes.get(word) == o.shape)]
+            if named:
+                yield b, p, named, prev
+                prev = named
+
+
+def coord_loss(probe, h0, batch, samples, tok):
+    """At every reply word that names one object: a linear read-out of layer 0's output (RMS-normalised)
+    should give that object's centre and the centre of the one object the previous naming word named, as
+    fractions of the image less 0.5; squared error in units of a uniform coordinate's variance (1/12), so
+    that chance is about 1. Position and distance questions need both centres at the second word ("yellow
+    purple below"), which is the step that failed for most base seeds (README). Returns (loss, terms)."""
+    rows, want, known = [], [], []
+    for b, p, named, prev in naming_words(tok, batch["input_ids"], batch["labels"], samples):
+        if len(named) != 1:
+            continue
+        h, w = samples[b].image.shape[:2]
+        centre = lambda objs: [objs[0].cx / w - 0.5, objs[0].cy / h - 0.5] if len(objs) == 1 else [0.0, 0.0]  # noqa: E731
+        rows.append((b, p))
+        want.append(centre(named) + centre(prev))
+        known.append([1.0, 1.0] + [float(len(prev) == 1)] * 2)
+    if not rows:
+        return h0.new_zeros(()), 0
+    x = h0[tuple(torch.tensor(rows, device=h0.device).T)].float()
+    pred = probe.coord(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    want, known = torch.tensor(want, device=x.device), torch.tensor(known, device=x.device)
+    return 12 * ((pred - want).pow(2) * known).sum() / known.sum(), len(rows)
+
+
+@contextlib.contextmanager
+def layer0_output(model, on: bool):
+    """Within the block, forwards of the language model record decoder layer 0's output in the yielded list."""
+    got = []
+    hook = model.model.language_model.layers[0].register_forward_hook(
+        lambda _m, _i, out: got.append(out[0] if isinstance(out, tuple) else out)) if on else None
+    try:
+        yield got
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
 def point_loss(model, tok, qk, batch, samples, with_count: bool = False):
     """Pointing: at every reply word that names objects (a colour; the shape an attribute question
     names), head 0 of decoder layer 0 should put its attention on those objects' cells, and head 2 on
@@ -239,22 +298,15 @@ def point_loss(model, tok, qk, batch, samples, with_count: bool = False):
     q, k = q.float(), k.float()  # (B, H, L, d), (B, Hkv, L, d)
     group = q.shape[1] // k.shape[1]
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"].bool()
-    colours, shapes = {tok.convert_tokens_to_ids(c): c for c in data.COLOURS}, {tok.convert_tokens_to_ids(x): x for x in data.SHAPES}
     rows = []
-    for b, s in enumerate(samples):
+    for b, p, named, prev in naming_words(tok, ids, labels, samples):
+        s = samples[b]
         cells = (ids[b] == model.config.image_token_id).nonzero()[:, 0]
         gh, gw = M.merged_grid(s.image.shape, model)
-        prev = []
-        for p in (labels[b] != -100).nonzero()[:, 0].tolist():
-            word = ids[b, p].item()
-            named = [o for o in s.objects if colours.get(word) == o.colour or (s.qtype == "attribute" and shapes.get(word) == o.shape)]
-            if not named:
-                continue
-            for head, objs in ((0, named), (POINT_PREV_HEAD, prev)):
-                target = sorted({c for o in objs for c in lvr.region_tokens(o.bbox(s.image.shape[0]), gh, gw)})
-                if target:
-                    rows.append((b, head, p, cells[target]))
-            prev = named
+        for head, objs in ((0, named), (POINT_PREV_HEAD, prev)):
+            target = sorted({c for o in objs for c in lvr.region_tokens(o.bbox(s.image.shape[0]), gh, gw)})
+            if target:
+                rows.append((b, head, p, cells[target]))
     if not rows:
         return (q.new_zeros(()), 0) if with_count else q.new_zeros(())
     losses = []
@@ -307,7 +359,8 @@ def sft_step(args, model, tok, probe, samples, index, stage: int) -> dict:
     batch, W = lvr.sft_batch(model, tok, samples, wants, [span_length(args, i) for i in index], args.latent_targets)
     batch = {k: v.to(args.device) for k, v in batch.items()}
     point = args.point_weight > 0 and args.data is None
-    with reward.capture_qk(model, [0] if point else []) as qk:
+    coord = stage == 0 and args.coord_weight > 0 and args.data is None
+    with reward.capture_qk(model, [0] if point else []) as qk, layer0_output(model, coord) as h0:
         out = lvr.sft_loss(model, batch, W.to(args.device), args.lam)
     out["latent_share"] = sum(wants) / len(samples)
     if point:
@@ -317,11 +370,14 @@ def sft_step(args, model, tok, probe, samples, index, stage: int) -> dict:
         out["ground"] = probe(out["feats"], probe.labels(samples, *M.merged_grid(samples[0].image.shape, model)))
         out["n_ground"] = out["feats"].shape[0]
         out["loss"] = out["loss"] + args.ground_weight * out["ground"]
+    if coord:
+        out["coord"], out["n_coord"] = coord_loss(probe, h0[0], batch, samples, tok)
+        out["loss"] = out["loss"] + args.coord_weight * out["coord"]
     out["n_latent_share"] = len(samples)
     return out
 
 
-TERMS = ("ce", "mse", "point", "ground")
+TERMS = ("ce", "mse", "point", "ground", "coord")
 
 
 def across_ranks(args, out: dict) -> dict:
@@ -329,7 +385,7 @@ def across_ranks(args, out: dict) -> dict:
     the whole batch of every rank (as one process takes it); the logged values are those global means."""
     if P.world() == 1:
         return {k: float(out[k].detach()) if torch.is_tensor(out[k]) else out[k] for k in TERMS + ("loss", "latent_share") if k in out}
-    weight = {"ce": 1.0, "mse": args.lam, "point": args.point_weight, "ground": args.ground_weight}
+    weight = {"ce": 1.0, "mse": args.lam, "point": args.point_weight, "ground": args.ground_weight, "coord": args.coord_weight}
     keys = [k for k in TERMS + ("latent_share",) if k in out]
     n = torch.tensor([float(out[f"n_{k}"]) for k in keys], dtype=torch.float64)
     sums = P.all_sum(torch.stack([n, n * torch.tensor([float(out[k]) for k in keys], dtype=torch.float64)]))
@@ -379,7 +435,7 @@ def _train(args, stage: int, out: str, init: str | None) -> str:
         row = {"step": step + 1, "stage": stage, "lr": lr, "skipped": skipped, "skips": skips, "sec": time.time() - t0,
                **logged}
         rundir.log(log, row)
-        bar.set_postfix({k: f"{row[k]:.3f}" for k in ("ground", "point", "ce", "mse") if k in row})
+        bar.set_postfix({k: f"{row[k]:.3f}" for k in ("ground", "coord", "point", "ce", "mse") if k in row})
         streak = rundir.skip_streak(streak, skipped, step + 1, total)
         if args.eval_every and (step + 1) % args.eval_every == 0:
             quick_eval(args, model, tok, stream, log, step + 1, bar)

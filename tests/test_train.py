@@ -286,6 +286,40 @@ def test_point_loss_matches_eager_attention(tiny):
     assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-5)
 
 
+def test_coord_loss_against_transformers_hidden_states(tiny):
+    """The coordinate read-out against layer 0's output as transformers returns it (hidden_states[1]): at
+    each reply word naming one object, the centres of that object and of the one named before it, squared
+    error over the known centres in units of 1/12, written out by hand."""
+    m, tok = tiny
+    samples = [data.make_sample(0, "val", i) for i in (0, 4, 5)]  # position, distance, position
+    batch = M.encode(m, tok, samples, [data.chat_response(s.answer, s.reason) for s in samples])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    probe = train_sft.GroundingProbe(m, tok)
+    torch.nn.init.normal_(probe.coord.weight, std=0.1)
+    with torch.no_grad(), train_sft.layer0_output(m, True) as h0:
+        m(**inputs)
+        loss, n = train_sft.coord_loss(probe, h0[0], batch, samples, tok)
+    with torch.no_grad():
+        hs = m(**inputs, output_hidden_states=True).hidden_states[1]
+    err, count = 0.0, 0
+    for b, s in enumerate(samples):
+        words = tok.convert_ids_to_tokens(batch["input_ids"][b])
+        prev = None
+        for p in (batch["labels"][b] != -100).nonzero()[:, 0].tolist():
+            obj = next((o for o in s.objects if o.colour == words[p]), None)
+            if obj is None:
+                continue
+            x = hs[b, p] / hs[b, p].pow(2).mean().add(1e-6).sqrt()
+            pred = probe.coord(x)
+            for j, o in ((0, obj), (2, prev)):
+                if o is not None:
+                    err += (pred[j] - (o.cx / data.IMAGE_SIZE - 0.5)) ** 2 + (pred[j + 1] - (o.cy / data.IMAGE_SIZE - 0.5)) ** 2
+                    count += 2
+            prev = obj
+    assert n == 6 and count == 2 * (2 * 6 - 3)
+    assert torch.allclose(loss, 12 * err / count, atol=1e-5)
+
+
 # ------------------------------------------------------------------------- micro-batching, memory
 def one_step(ckpt, extra, samples, micro=None, hook=None):
     """One grpo_step from `ckpt` on `samples`: (the model after it, its log row)."""
