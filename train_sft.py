@@ -75,7 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--base-steps", type=rundir.at_least(1), default=2000, help="stage 0 steps (the small-vl base model)")
     p.add_argument("--steps", type=rundir.at_least(1), default=1500, help="stage 1 steps (vision tower frozen)")
     p.add_argument("--ground-weight", type=float, default=1.0, help="weight of the grounding probe's loss in stage 0")
-    p.add_argument("--coord-weight", type=float, default=1.0,
+    p.add_argument("--coord-weight", type=float, default=0.25,
                    help="stage 0: weight of the coordinate read-out at reply words that name an object (layer 0's "
                         "output must hold the centre of that object and of the one named before it; 0 = off)")
     p.add_argument("--point-weight", type=float,
