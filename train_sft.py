@@ -257,7 +257,8 @@ def coord_loss(probe, h0, batch, samples, tok):
     should give that object's centre and the centre of the one object the previous naming word named, as
     fractions of the image less 0.5; squared error in units of a uniform coordinate's variance (1/12), so
     that chance is about 1. Position and distance questions need both centres at the second word ("yellow
-    purple below"), which is the step that failed for most base seeds (README). Returns (loss, terms)."""
+    purple below"), which is the step that failed for most base seeds (README). Returns (loss, number of
+    coordinates it averages over: the weight of its mean when ranks are combined)."""
     rows, want, known = [], [], []
     for b, p, named, prev in naming_words(tok, batch["input_ids"], batch["labels"], samples):
         if len(named) != 1:
@@ -272,7 +273,7 @@ def coord_loss(probe, h0, batch, samples, tok):
     x = h0[tuple(torch.tensor(rows, device=h0.device).T)].float()
     pred = probe.coord(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
     want, known = torch.tensor(want, device=x.device), torch.tensor(known, device=x.device)
-    return 12 * ((pred - want).pow(2) * known).sum() / known.sum(), len(rows)
+    return 12 * ((pred - want).pow(2) * known).sum() / known.sum(), int(known.sum())  # count: what it averages over
 
 
 @contextlib.contextmanager

@@ -147,7 +147,7 @@ def test_sft_step_under_torchrun_equals_one_process(tmp_path):
     for stage in ("base", "sft"):
         assert max_diff(one / stage, two / stage) < 1e-6
         a, b = rows(one / stage)[0], rows(two / stage)[0]
-        for key in ("loss", "ce", "mse", "point", "ground", "latent_share"):
+        for key in ("loss", "ce", "mse", "point", "ground", "coord", "latent_share"):
             assert (key in a) == (key in b) and (key not in a or b[key] == pytest.approx(a[key], rel=1e-6)), key
     assert same_tables(json.load(open(one / "sft" / "eval_val.json")), json.load(open(two / "sft" / "eval_val.json")))
 

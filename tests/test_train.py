@@ -316,7 +316,7 @@ def test_coord_loss_against_transformers_hidden_states(tiny):
                     err += (pred[j] - (o.cx / data.IMAGE_SIZE - 0.5)) ** 2 + (pred[j + 1] - (o.cy / data.IMAGE_SIZE - 0.5)) ** 2
                     count += 2
             prev = obj
-    assert n == 6 and count == 2 * (2 * 6 - 3)
+    assert n == count == 2 * (2 * 6 - 3)  # six naming words; the first of each reply has no previous object
     assert torch.allclose(loss, 12 * err / count, atol=1e-5)
 
 
