@@ -256,32 +256,43 @@ def test_attention_reward_enters_only_with_its_weight(tiny_ckpt, tmp_path):
     assert reward.parse_answer("<answer>A</answer>") == "A"
 
 
+def pair_replies(m, tok):
+    """Three replies that each name two objects (position, distance, position): samples, batch, inputs."""
+    samples = [data.make_sample(0, "val", i) for i in (0, 4, 5)]
+    batch = M.encode(m, tok, samples, [data.chat_response(s.answer, s.reason) for s in samples])
+    return samples, batch, {k: v for k, v in batch.items() if k != "labels"}
+
+
+def named_objects(tok, batch, samples):
+    """(row, position, object its colour word names, the object named before it or None), written out
+    independently of train_sft.naming_words."""
+    for b, s in enumerate(samples):
+        words = tok.convert_ids_to_tokens(batch["input_ids"][b])
+        prev = None
+        for p in (batch["labels"][b] != -100).nonzero()[:, 0].tolist():
+            obj = next((o for o in s.objects if o.colour == words[p]), None)
+            if obj is not None:
+                yield b, p, obj, prev
+                prev = obj
+
+
 def test_point_loss_matches_eager_attention(tiny):
     """The pointing loss against transformers' own eager attention probabilities of layer 0: head 0 on the
     objects a reply word names, head 2 on those the previous naming word named."""
     m, tok = tiny
-    samples = [data.make_sample(0, "val", i) for i in (0, 4, 5)]  # position, distance, position
-    batch = M.encode(m, tok, samples, [data.chat_response(s.answer, s.reason) for s in samples])
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    samples, batch, inputs = pair_replies(m, tok)
     with torch.no_grad(), reward.capture_qk(m, [0]) as qk:
         m(**inputs)
         loss = train_sft.point_loss(m, tok, qk, batch, samples)
     with torch.no_grad(), reward.eager_attention(m):
         att = m(**inputs, output_attentions=True).attentions[0]  # (B, H, L, L)
     terms = []
-    for b, s in enumerate(samples):
+    for b, p, obj, prev in named_objects(tok, batch, samples):
         cells = (batch["input_ids"][b] == m.config.image_token_id).nonzero()[:, 0]
-        words = tok.convert_ids_to_tokens(batch["input_ids"][b])
-        prev = None
-        for p in (batch["labels"][b] != -100).nonzero()[:, 0].tolist():
-            obj = next((o for o in s.objects if o.colour == words[p]), None)
-            if obj is None:
-                continue
-            for head, o in ((0, obj), (train_sft.POINT_PREV_HEAD, prev)):
-                if o is not None:
-                    target = cells[lvr.region_tokens(o.bbox(data.IMAGE_SIZE), 6, 6)]
-                    terms.append(-att[b, head, p, target].sum().log())
-            prev = obj
+        for head, o in ((0, obj), (train_sft.POINT_PREV_HEAD, prev)):
+            if o is not None:
+                target = cells[lvr.region_tokens(o.bbox(data.IMAGE_SIZE), 6, 6)]
+                terms.append(-att[b, head, p, target].sum().log())
     assert len(terms) == 2 * 6 - 3  # three replies naming two objects each; the first has no previous
     assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-5)
 
@@ -291,9 +302,7 @@ def test_coord_loss_against_transformers_hidden_states(tiny):
     each reply word naming one object, the centres of that object and of the one named before it, squared
     error over the known centres in units of 1/12, written out by hand."""
     m, tok = tiny
-    samples = [data.make_sample(0, "val", i) for i in (0, 4, 5)]  # position, distance, position
-    batch = M.encode(m, tok, samples, [data.chat_response(s.answer, s.reason) for s in samples])
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    samples, batch, inputs = pair_replies(m, tok)
     probe = train_sft.GroundingProbe(m, tok)
     torch.nn.init.normal_(probe.coord.weight, std=0.1)
     with torch.no_grad(), train_sft.layer0_output(m, True) as h0:
@@ -302,20 +311,12 @@ def test_coord_loss_against_transformers_hidden_states(tiny):
     with torch.no_grad():
         hs = m(**inputs, output_hidden_states=True).hidden_states[1]
     err, count = 0.0, 0
-    for b, s in enumerate(samples):
-        words = tok.convert_ids_to_tokens(batch["input_ids"][b])
-        prev = None
-        for p in (batch["labels"][b] != -100).nonzero()[:, 0].tolist():
-            obj = next((o for o in s.objects if o.colour == words[p]), None)
-            if obj is None:
-                continue
-            x = hs[b, p] / hs[b, p].pow(2).mean().add(1e-6).sqrt()
-            pred = probe.coord(x)
-            for j, o in ((0, obj), (2, prev)):
-                if o is not None:
-                    err += (pred[j] - (o.cx / data.IMAGE_SIZE - 0.5)) ** 2 + (pred[j + 1] - (o.cy / data.IMAGE_SIZE - 0.5)) ** 2
-                    count += 2
-            prev = obj
+    for b, p, obj, prev in named_objects(tok, batch, samples):
+        pred = probe.coord(hs[b, p] / hs[b, p].pow(2).mean().add(1e-6).sqrt())
+        for j, o in ((0, obj), (2, prev)):
+            if o is not None:
+                err += (pred[j] - (o.cx / data.IMAGE_SIZE - 0.5)) ** 2 + (pred[j + 1] - (o.cy / data.IMAGE_SIZE - 0.5)) ** 2
+                count += 2
     assert n == count == 2 * (2 * 6 - 3)  # six naming words; the first of each reply has no previous object
     assert torch.allclose(loss, 12 * err / count, atol=1e-5)
 
