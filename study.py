@@ -6,9 +6,11 @@ a test-time K sweep), with latents forced and forbidden, and with task-level rou
     python study.py              # seeds 0, 1, 2 (seeds 1 and 2 train their stage-1 models: README has the time)
     python study.py --quick      # seed 0 alone: RL from the shipped stage-1 models, the same evaluation
 
-Every seed starts from seed 0's shipped base (checkpoints/small-vl-base), as the paper's runs share one
-pretrained Qwen2.5-VL; a seed sets stage-1 SFT and RL (initialisation of nothing, data order, which replies
-carry latents and how long their spans are, rollout sampling). Seed 0's stage-1 models are the shipped
+Each seed has its own base model (stage 0): seed 0 the shipped checkpoints/small-vl-base, seed N the one
+train_sft.py trains with --seed N (under --root as base-sN, trained first), so the spread across seeds
+includes the base's. --base shares one base across seeds instead, as the paper's runs share one pretrained
+Qwen2.5-VL. A seed also sets stage-1 SFT and RL (data order, which replies carry latents and how long
+their spans are, rollout sampling). Seed 0's stage-1 models are the shipped
 checkpoints/small-vl-sft and checkpoints/small-vl-sft-text (what train_sft.py trains for seed 0; README,
 "Repeat runs"), so --quick is the full study's seed 0 and shares its runs. Work units (a training run, a
 model's evaluation) are kept under --root; an interrupted study run again continues where it stopped.
@@ -41,6 +43,7 @@ import train_sft
 MODELS = ("text", "lvr", "rl", "rl-att")
 LATENT_MODES = ev.ARMS + tuple(f"K={k}" for k in ev.K_SWEEP) + ("force", "never", "routed")  # "normal" first
 SHIPPED = {"lvr": "small-vl-sft", "text": "small-vl-sft-text"}  # seed 0's stage-1 models, in checkpoints/
+SHIPPED_BASE = os.path.join(train_sft.SHIPPED, "small-vl-base")
 
 
 def parse_args(argv=None):
@@ -52,12 +55,12 @@ def parse_args(argv=None):
     p.add_argument("--n-test", type=int, default=500, help="test questions, the same for every model")
     p.add_argument("--n-route", type=int, default=200, help="validation questions that choose the routed types")
     p.add_argument("--att-weight", type=float, default=1.0, help="attention reward weight of the rl-att models")
-    p.add_argument("--base", default=os.path.join(train_sft.SHIPPED, "small-vl-base"),
-                   help="the shared base model: a model directory, or a run folder (trained first when unfinished)")
+    p.add_argument("--base", help="one base model for every seed: a model directory, or a run folder (trained first "
+                                  "when unfinished); default: each seed its own (seed 0 the shipped one, seed N ROOT/base-sN)")
     p.add_argument("--sft-args", default="", help="extra train_sft.py arguments for stage 1, e.g. '--lam 1' "
                                                   "(then seed 0 trains its own instead of using the shipped ones)")
     p.add_argument("--rl-args", default="", help="extra train_rl.py arguments, e.g. '--att-variant relative'")
-    p.add_argument("--base-steps", type=int, default=2000, help="steps of the base model, if it must be trained")
+    p.add_argument("--base-steps", type=int, default=2000, help="steps of a base model that must be trained")
     p.add_argument("--root", default=os.path.join(train_sft.RUNS, "study"), help="where the study's runs go")
     p.add_argument("--results", help="results folder (default results, --quick results/quick)")
     a = p.parse_args(argv)
@@ -100,11 +103,29 @@ def fingerprint(ckpt: str) -> str:
     return h.hexdigest()
 
 
+def base_of(a, seed: int) -> str:
+    """Where seed's base model is: --base for every seed, else the shipped one (seed 0) or ROOT/base-sN."""
+    return a.base or (SHIPPED_BASE if seed == 0 else os.path.join(a.root, f"base-s{seed}"))
+
+
+def base_checkpoint(a, seed: int) -> str:
+    """Seed's base model, trained first (stage 0 of train_sft.py) when it is an unfinished run folder."""
+    run = base_of(a, seed)
+    if os.path.isfile(os.path.join(run, "config.json")):
+        return run
+    argv = ["--model", "small-vl", "--seed", str(seed), "--base", run, "--base-steps", str(a.base_steps), "--resume",
+            *shlex.split(a.sft_args)]
+    check_command(run, argv, "small-vl")
+    if not finished(run, a.base_steps):
+        print(f"== training {run}")
+    return train_sft.base_model(train_sft.parse_args(argv))
+
+
 def shipped(a, name: str, seed: int) -> str | None:
     """Seed 0's shipped stage-1 model, when the study's stage-1 settings are the ones it was trained with."""
     path = os.path.join(train_sft.SHIPPED, SHIPPED.get(name, "-"))
     default = (seed == 0 and a.sft_steps == 1500 and not a.sft_args.strip()
-               and os.path.normpath(a.base) == os.path.join(train_sft.SHIPPED, "small-vl-base"))
+               and os.path.normpath(base_of(a, 0)) == SHIPPED_BASE)
     return path if default and os.path.isfile(os.path.join(path, "config.json")) else None
 
 
@@ -117,8 +138,8 @@ def train(a, name: str, seed: int) -> str:
     steps = a.sft_steps if name in ("text", "lvr") else a.rl_steps
     common = ["--seed", str(seed), "--steps", str(steps), "--out", run, "--resume"]
     if name in ("text", "lvr"):
-        script, init = train_sft, a.base
-        argv = (["--model", "small-vl", "--base", a.base, "--base-steps", str(a.base_steps), "--n-val", "100"] + common
+        script, init = train_sft, base_checkpoint(a, seed)
+        argv = (["--model", "small-vl", "--base", init, "--n-val", "100"] + common
                 + (["--no-latents"] if name == "text" else []) + shlex.split(a.sft_args))
     else:
         script, init = train_rl, train(a, "lvr", seed)

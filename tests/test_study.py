@@ -15,7 +15,7 @@ TINY = ["--seeds", "0,1", "--base-steps", "2", "--sft-steps", "2", "--rl-steps",
 @pytest.fixture(scope="module")
 def done(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
-    args = TINY + ["--base", str(root / "base"), "--root", str(root / "runs"), "--results", str(root / "results")]
+    args = TINY + ["--root", str(root / "runs"), "--results", str(root / "results")]
     study.main(args)
     return root, args
 
@@ -37,6 +37,18 @@ def test_study_writes_every_model_mode_and_seed(done):
     d = agg["paired"]["rl-att - rl (normal)"]["overall"]
     assert d["n"] == 20 and d["ci95"][0] <= d["diff"] <= d["ci95"][1]
     assert "| rl-att | routed |" in open(root / "results" / "study.md").read()
+
+
+def test_each_seed_trains_from_its_own_base(done):
+    root, _ = done
+    assert study.base_of(study.parse_args(["--root", "r"]), 0) == study.SHIPPED_BASE
+    assert study.base_of(study.parse_args(["--root", "r", "--base", "b"]), 1) == "b"  # shared on request
+    base1 = root / "runs" / "base-s1"
+    assert "--seed 1 --base " in (base1 / study.COMMAND).read_text()
+    assert json.load(open(base1 / "eval_val.json"))["normal"]["overall"]["n"] == 8
+    starts = {s: (root / "runs" / f"lvr-s{s}" / study.COMMAND).read_text().split("starts from ")[1].strip() for s in (0, 1)}
+    assert starts == {0: study.fingerprint(study.SHIPPED_BASE), 1: study.fingerprint(str(base1 / "checkpoint"))}
+    assert starts[0] != starts[1]
 
 
 def test_study_rerun_redoes_only_what_is_missing(done):
