@@ -3,7 +3,7 @@ LVR SFT + GRPO + attention reward, for several seeds; every LVR model evaluated 
 under every latent arm of eval.py --compare (normal, drop, noise, noise_norm, zero, repeat, shuffle, oracle,
 a test-time K sweep), with latents forced and forbidden, and with task-level routing.
 
-    python study.py              # seeds 0, 1, 2 (seeds 1 and 2 train their stage-1 models: README has the time)
+    python study.py              # seeds 0, 1, 2 (seeds 1 and 2 train their bases and stage-1 models: README has the time)
     python study.py --quick      # seed 0 alone: RL from the shipped stage-1 models, the same evaluation
 
 Each seed has its own base model (stage 0): seed 0 the shipped checkpoints/small-vl-base, seed N the one
