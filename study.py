@@ -109,11 +109,12 @@ def base_of(a, seed: int) -> str:
 
 
 def base_checkpoint(a, seed: int) -> str:
-    """Seed's base model, trained first (stage 0 of train_sft.py) when it is an unfinished run folder."""
+    """Seed's base model, trained first (stage 0 of train_sft.py) when it is an unfinished run folder; a
+    shared --base is one model for every seed, seed 0's."""
     run = base_of(a, seed)
     if os.path.isfile(os.path.join(run, "config.json")):
         return run
-    argv = ["--model", "small-vl", "--seed", str(seed), "--base", run, "--base-steps", str(a.base_steps), "--resume",
+    argv = ["--model", "small-vl", "--seed", str(0 if a.base else seed), "--base", run, "--base-steps", str(a.base_steps), "--resume",
             *shlex.split(a.sft_args)]
     check_command(run, argv, "small-vl")
     if not finished(run, a.base_steps):

@@ -103,3 +103,10 @@ def test_a_run_folder_of_another_command_is_refused(done, change):
             study.main(argv)
     finally:
         lvr.write_bytes(kept)
+
+
+def test_a_shared_base_run_folder_is_trained_once_for_every_seed(tmp_path):
+    a = study.parse_args(TINY + ["--base", str(tmp_path / "base"), "--root", str(tmp_path / "runs")])
+    first = study.base_checkpoint(a, 0)
+    assert study.base_checkpoint(a, 1) == first  # not refused as "another command", not retrained
+    assert "--seed 0 " in (tmp_path / "base" / study.COMMAND).read_text()
