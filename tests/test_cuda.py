@@ -40,7 +40,8 @@ def test_compiled_fused_reward_equals_naive_on_cuda(gpu, samples):
     s = q.float() @ kk.transpose(-1, -2) / q.shape[-1] ** 0.5
     L = s.shape[-1]
     allowed = torch.ones(L, L, dtype=torch.bool, device=s.device).tril() & full_mask.bool()[:, None, None, :]
-    naive = reward.attention_share_naive(torch.softmax(s.masked_fill(~allowed, float("-inf")), -1), pad(queries), pad(keys))
+    s = s.masked_fill(~allowed, torch.finfo(s.dtype).min)  # as eager attention masks: a left-pad row (no key) stays finite
+    naive = reward.attention_share_naive(torch.softmax(s, -1), pad(queries), pad(keys))
     assert (got - naive).abs().max() < 1e-5
 
 
