@@ -3,12 +3,13 @@ LVR SFT + GRPO + attention reward, for several seeds; every LVR model evaluated 
 under every latent arm of eval.py --compare (normal, drop, noise, noise_norm, zero, repeat, shuffle, oracle,
 a test-time K sweep), with latents forced and forbidden, and with task-level routing.
 
-    python study.py              # seeds 0, 1, 2 (seeds 1 and 2 train their bases and stage-1 models: README has the time)
+    python study.py              # seeds 0, 1, 2 (seeds 1 and 2 train their stage-1 models: README has the time)
     python study.py --quick      # seed 0 alone: RL from the shipped stage-1 models, the same evaluation
 
-Each seed has its own base model (stage 0): seed 0 the shipped checkpoints/small-vl-base, seed N the one
-train_sft.py trains with --seed N (under --root as base-sN, trained first), so the spread across seeds
-includes the base's. --base shares one base across seeds instead, as the paper's runs share one pretrained
+Each seed has its own base model (stage 0), so the spread across seeds includes the base's: seeds 0, 1
+and 2 the shipped checkpoints/small-vl-base, -s1 and -s2 (what train_sft.py --seed N trains; README,
+"Shipped starting points"), another seed or --base-steps the one train_sft.py trains with --seed N
+(under --root as base-sN, trained first). --base shares one base across seeds instead, as the paper's runs share one pretrained
 Qwen2.5-VL. A seed also sets stage-1 SFT and RL (data order, which replies carry latents and how long
 their spans are, rollout sampling). Seed 0's stage-1 models are the shipped
 checkpoints/small-vl-sft and checkpoints/small-vl-sft-text (what train_sft.py trains for seed 0; README,
@@ -60,7 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--sft-args", default="", help="extra train_sft.py arguments for stage 1, e.g. '--lam 1' "
                                                   "(then seed 0 trains its own instead of using the shipped ones)")
     p.add_argument("--rl-args", default="", help="extra train_rl.py arguments, e.g. '--att-variant relative'")
-    p.add_argument("--base-steps", type=int, default=2000, help="steps of a base model that must be trained")
+    p.add_argument("--base-steps", type=int, default=train_sft.BASE_STEPS,
+                   help="steps of the base models; another number than the default trains every seed's, seed 0's too")
     p.add_argument("--root", default=os.path.join(train_sft.RUNS, "study"), help="where the study's runs go")
     p.add_argument("--results", help="results folder (default results, --quick results/quick)")
     a = p.parse_args(argv)
@@ -105,7 +107,7 @@ def fingerprint(ckpt: str) -> str:
 
 def base_of(a, seed: int) -> str:
     """Where seed's base model is: --base for every seed, else the shipped one (seed 0) or ROOT/base-sN."""
-    return a.base or (SHIPPED_BASE if seed == 0 else os.path.join(a.root, f"base-s{seed}"))
+    return a.base or train_sft.shipped_base(seed, a.base_steps) or os.path.join(a.root, f"base-s{seed}")
 
 
 def base_checkpoint(a, seed: int) -> str:

@@ -4,7 +4,7 @@ Stage 0, the base model (small-vl only, once per seed, shared by every stage-1 v
 from random weights, so the whole model, vision tower included, learns the task with plain text replies,
 helped by dense grounding: a linear probe reads every merged visual token's cell (colour, shape, size of
 the object over it, column, row) from the scene description. It stands in for the pretrained VLM the
-paper starts from. -> runs/small-vl-base (-seedN for other seeds).
+paper starts from. Seeds 0-2's are shipped in checkpoints/; another seed's -> runs/small-vl-base-seedN.
 Stage 1, LVR SFT (what this script is for): from the base, vision tower frozen as in LVR. A
 --latent-fraction share of the replies carry a latent span (of 1..16 slots, --span-lengths) whose
 slots are teacher-forced with the question's region tokens (lvr.py, "Stage-1 loss"); the rest answer
@@ -47,6 +47,16 @@ import rundir
 
 RUNS = "runs"
 SHIPPED = "checkpoints"  # seed 0's small-vl base and LVR SFT model, committed (README: "Shipped starting points")
+BASE_STEPS = 3000  # stage 0's default length, the one the shipped bases were trained with
+
+
+def shipped_base(seed: int, base_steps: int = BASE_STEPS) -> str | None:
+    """The committed base model of this seed (checkpoints/small-vl-base for seed 0, small-vl-base-sN for the
+    study's seeds 1 and 2), when there is one and the asked-for recipe is the one it was trained with."""
+    path = os.path.join(SHIPPED, "small-vl-base" + (f"-s{seed}" if seed else ""))
+    return path if base_steps == BASE_STEPS and os.path.isfile(os.path.join(path, "config.json")) else None
+
+
 OFFSET = {0: 0, 1: 10 ** 8}  # stream positions of each stage's questions (train_rl.py starts at 2 * 10**8)
 
 
@@ -55,8 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--model", default="small-vl", help="'small-vl' (its base model, made first if missing) or a checkpoint")
     p.add_argument("--out", help="run directory (default runs/small-vl-sft, or runs/small-vl-sft-text with --no-latents)")
     p.add_argument("--base", help="small-vl's base model: a model directory, or a run folder trained first when "
-                                  "unfinished (default: the shipped checkpoints/small-vl-base for seed 0, else "
-                                  "runs/small-vl-base-seedN; --base runs/small-vl-base retrains seed 0's)")
+                                  "unfinished (default: the shipped checkpoints/small-vl-base, -s1, -s2 for seeds 0-2 at the "
+                                  "default --base-steps, else runs/small-vl-base[-seedN]; --base runs/small-vl-base "
+                                  "retrains seed 0's)")
     p.add_argument("--data", help="LVR-format data (JSON array or JSONL) instead of the synthetic generator")
     p.add_argument("--val-fraction", type=float, default=0.05,
                    help="with --data: share of its rows held out for validation (at least 1, at most --n-val)")
@@ -72,7 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--lam", type=float,
                    help="weight of the latent MSE against the text CE; default 1 for small-vl (README: why LVR SFT "
                         "trailed text SFT at 0.1), the paper's 0.1 for a real checkpoint")
-    p.add_argument("--base-steps", type=rundir.at_least(1), default=2000, help="stage 0 steps (the small-vl base model)")
+    p.add_argument("--base-steps", type=rundir.at_least(1), default=BASE_STEPS, help="stage 0 steps (the small-vl base model)")
     p.add_argument("--steps", type=rundir.at_least(1), default=1500, help="stage 1 steps (vision tower frozen)")
     p.add_argument("--ground-weight", type=float, default=1.0, help="weight of the grounding probe's loss in stage 0")
     p.add_argument("--coord-weight", type=float, default=0.25,
@@ -110,9 +121,7 @@ def parse_args(argv=None):
         name = os.path.basename(os.path.normpath(a.model)) if real else "small-vl"
         a.out = os.path.join(RUNS, f"{name}-sft" + ("-text" if a.no_latents else ""))
     if a.base is None:
-        shipped = os.path.join(SHIPPED, "small-vl-base")
-        a.base = shipped if a.seed == 0 and os.path.isdir(shipped) else os.path.join(RUNS, f"small-vl-base-seed{a.seed}"
-                                                                                     if a.seed else "small-vl-base")
+        a.base = shipped_base(a.seed, a.base_steps) or os.path.join(RUNS, "small-vl-base" + (f"-seed{a.seed}" if a.seed else ""))
     if not 0 <= a.latent_fraction <= 1:
         p.error("--latent-fraction must be in [0, 1]")
     return a

@@ -153,7 +153,7 @@ def test_bad_model_paths_give_one_line_errors(tmp_path):
         assert message in text and path in text and "\n" not in text, name
 
 
-@pytest.mark.parametrize("name", ["small-vl-base", "small-vl-sft", "small-vl-sft-text"])
+@pytest.mark.parametrize("name", ["small-vl-base", "small-vl-base-s1", "small-vl-base-s2", "small-vl-sft", "small-vl-sft-text"])
 def test_shipped_checkpoints_load_and_match_the_code(name):
     """The committed starting points load, hold finite weights, and are what the code builds: small-vl's
     config (every architecture field) and its tokenizer."""

@@ -41,13 +41,18 @@ def test_study_writes_every_model_mode_and_seed(done):
 
 def test_each_seed_trains_from_its_own_base(done):
     root, _ = done
-    assert study.base_of(study.parse_args(["--root", "r"]), 0) == study.SHIPPED_BASE
+    default = study.parse_args(["--root", "r"])
+    assert study.base_of(default, 0) == study.SHIPPED_BASE
+    assert study.base_of(default, 1) == os.path.join("checkpoints", "small-vl-base-s1")  # shipped for seeds 0-2
+    assert study.base_of(default, 3) == os.path.join("r", "base-s3")
     assert study.base_of(study.parse_args(["--root", "r", "--base", "b"]), 1) == "b"  # shared on request
-    base1 = root / "runs" / "base-s1"
-    assert "--seed 1 --base " in (base1 / study.COMMAND).read_text()
-    assert json.load(open(base1 / "eval_val.json"))["normal"]["overall"]["n"] == 8
+    # TINY's --base-steps 2 is not the shipped bases' recipe: every seed trains its own, seed 0's too
+    bases = {s: root / "runs" / f"base-s{s}" for s in (0, 1)}
+    for s, base in bases.items():
+        assert f"--seed {s} --base " in (base / study.COMMAND).read_text()
+        assert json.load(open(base / "eval_val.json"))["normal"]["overall"]["n"] == 8
     starts = {s: (root / "runs" / f"lvr-s{s}" / study.COMMAND).read_text().split("starts from ")[1].strip() for s in (0, 1)}
-    assert starts == {0: study.fingerprint(study.SHIPPED_BASE), 1: study.fingerprint(str(base1 / "checkpoint"))}
+    assert starts == {s: study.fingerprint(str(base / "checkpoint")) for s, base in bases.items()}
     assert starts[0] != starts[1]
 
 
@@ -70,7 +75,7 @@ def test_seed_0_uses_the_shipped_stage_1_models_only_at_their_settings():
     assert study.train(quick, "lvr", 0) == os.path.join("checkpoints", "small-vl-sft")
     assert study.train(quick, "text", 0) == os.path.join("checkpoints", "small-vl-sft-text")
     assert study.shipped(quick, "lvr", 1) is None and study.shipped(quick, "rl", 0) is None
-    for other in (["--sft-args", "--lam 1"], ["--sft-steps", "500"], ["--base", "runs/other-base"]):
+    for other in (["--sft-args", "--lam 1"], ["--sft-steps", "500"], ["--base", "runs/other-base"], ["--base-steps", "500"]):
         assert study.shipped(study.parse_args(["--quick"] + other), "lvr", 0) is None
 
 
@@ -93,9 +98,9 @@ def test_a_run_folder_of_another_command_is_refused(done, change):
     lvr = root / "runs" / "lvr-s1" / "checkpoint" / "model.safetensors"
     kept = lvr.read_bytes()
     try:
-        if change == "settings":  # another --lam: the stage-1 runs of the first seed are refused
+        if change == "settings":  # another --lam: the first seed's runs, its base first (it gets --sft-args too), are refused
             argv, refused = args[:args.index("--sft-args") + 1] + ["--batch-size 4 --eval-every 0 --n-val 8 --lam 0.5"] \
-                + args[args.index("--sft-args") + 2:], "text-s0"
+                + args[args.index("--sft-args") + 2:], "base-s0"
         else:  # LVR SFT got new weights: the RL runs trained from the old ones are refused
             shutil.copy(root / "runs" / "text-s1" / "checkpoint" / "model.safetensors", lvr)
             argv, refused = args, "rl-s1"

@@ -431,3 +431,11 @@ def test_micro_batch_default_follows_the_model_size(tiny_ckpt):
     args = train_rl.parse_args(["--model", tiny_ckpt, "--micro-batch", "3"])
     train_rl.default_micro_batch(args, big)
     assert args.micro_batch == 3
+
+
+def test_default_base_is_the_shipped_one_of_its_seed_at_the_shipped_recipe():
+    base = lambda *argv: train_sft.parse_args(list(argv)).base  # noqa: E731
+    assert base() == os.path.join("checkpoints", "small-vl-base")
+    assert base("--seed", "2") == os.path.join("checkpoints", "small-vl-base-s2")
+    assert base("--seed", "3") == os.path.join("runs", "small-vl-base-seed3")  # not shipped: trained first
+    assert base("--base-steps", "500") == os.path.join("runs", "small-vl-base")  # another recipe than the shipped one
