@@ -9,8 +9,8 @@ a test-time K sweep), with latents forced and forbidden, and with task-level rou
 Each seed has its own base model (stage 0), so the spread across seeds includes the base's: seeds 0, 1
 and 2 the shipped checkpoints/small-vl-base, -s1 and -s2 (what train_sft.py --seed N trains; README,
 "Shipped starting points"), another seed or --base-steps the one train_sft.py trains with --seed N
-(under --root as base-sN, trained first). --base shares one base across seeds instead, as the paper's runs share one pretrained
-Qwen2.5-VL. A seed also sets stage-1 SFT and RL (data order, which replies carry latents and how long
+(under --root as base-sN, trained first). --base shares one base across seeds instead, as the paper's
+runs share one pretrained Qwen2.5-VL. A seed also sets stage-1 SFT and RL (data order, which replies carry latents and how long
 their spans are, rollout sampling). Seed 0's stage-1 models are the shipped
 checkpoints/small-vl-sft and checkpoints/small-vl-sft-text (what train_sft.py trains for seed 0; README,
 "Repeat runs"), so --quick is the full study's seed 0 and shares its runs. Work units (a training run, a
@@ -106,7 +106,8 @@ def fingerprint(ckpt: str) -> str:
 
 
 def base_of(a, seed: int) -> str:
-    """Where seed's base model is: --base for every seed, else the shipped one (seed 0) or ROOT/base-sN."""
+    """Where seed's base model is: --base for every seed, else the seed's shipped one (seeds 0-2 at the
+    default --base-steps) or ROOT/base-sN."""
     return a.base or train_sft.shipped_base(seed, a.base_steps) or os.path.join(a.root, f"base-s{seed}")
 
 

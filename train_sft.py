@@ -46,7 +46,7 @@ import reward
 import rundir
 
 RUNS = "runs"
-SHIPPED = "checkpoints"  # seed 0's small-vl base and LVR SFT model, committed (README: "Shipped starting points")
+SHIPPED = "checkpoints"  # small-vl's committed models: bases of seeds 0-2, seed 0's SFT (README: "Shipped starting points")
 BASE_STEPS = 3000  # stage 0's default length, the one the shipped bases were trained with
 
 
