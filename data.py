@@ -529,3 +529,28 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+class Stream:
+    """The training questions in a fixed order given the seed: sample i of step s is index s*B+i."""
+
+    def __init__(self, args):
+        self.seed, self.rows, self.held = args.seed, None, None
+        if args.data and getattr(args, "val_fraction", None) is None:  # train_rl.py: every row trains
+            self.rows = load_jsonl(args.data)
+        elif args.data:  # a seeded share of the rows is held out: validation never sees a training row
+            rows = load_jsonl(args.data)
+            if len(rows) < 2:
+                raise ValueError(f"{args.data}: need at least 2 rows (one is held out for validation)")
+            order = np.random.default_rng([args.seed, 7]).permutation(len(rows))
+            n_held = min(args.n_val, max(1, round(args.val_fraction * len(rows))), len(rows) - 1)
+            self.held, self.rows = [rows[i] for i in order[:n_held]], [rows[i] for i in order[n_held:]]
+
+    def __getitem__(self, index: int) -> Sample:
+        if self.rows is None:
+            return make_sample(self.seed, "train", index)
+        epoch, i = divmod(index, len(self.rows))
+        return self.rows[np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))[i]]
+
+    def val(self, n: int) -> list[Sample]:
+        return self.held[:n] if self.held is not None else make_split("val", n, self.seed)

@@ -234,3 +234,17 @@ def on_main(fn, *args, **kw):
     if said[1] is not None:
         raise RankZeroError(said[1])
     return said[0]
+
+
+def add_parallel_args(p):
+    """--zero / --fsdp (torchrun with 2+ processes), the same in train_rl.py."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--zero", action="store_true", help="under torchrun: shard AdamW's state over the processes "
+                                                       "(ZeroRedundancyOptimizer); weights and gradients stay whole")
+    g.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2, weights, gradients and optimizer state "
+                                                       "sharded (decoder layers, vision blocks, embeddings + lm_head)")
+
+
+def check_parallel(args):
+    if (args.zero or args.fsdp) and world() < 2:
+        raise ValueError("--zero and --fsdp shard over processes: run under torchrun --nproc-per-node N (N >= 2)")

@@ -33,6 +33,18 @@ import parallel as P
 CKPT, STATE, LOG, LOCK = "checkpoint", "trainer_state.pt", "log.jsonl", "run.lock"
 MAX_SKIPS = 10  # a run stops after this many skipped steps in a row (or when all its steps were skipped)
 
+RUNS = "runs"
+SHIPPED = "checkpoints"  # small-vl's committed models: bases of seeds 0-2, seed 0's SFT (README: "Shipped starting points")
+BASE_STEPS = 3000  # stage 0's default length, the one the shipped bases were trained with
+
+
+def shipped_base(seed: int, base_steps: int = BASE_STEPS) -> str | None:
+    """The committed base model of this seed (checkpoints/small-vl-base for seed 0, small-vl-base-sN for the
+    study's seeds 1 and 2), when there is one and the asked-for recipe is the one it was trained with."""
+    path = os.path.join(SHIPPED, "small-vl-base" + (f"-s{seed}" if seed else ""))
+    return path if base_steps == BASE_STEPS and os.path.isfile(os.path.join(path, "config.json")) else None
+
+
 
 class RunError(RuntimeError):
     """A run that cannot go on; the message is one line naming the folder or file."""

@@ -44,7 +44,7 @@ import train_sft
 MODELS = ("text", "lvr", "rl", "rl-att")
 LATENT_MODES = ev.ARMS + tuple(f"K={k}" for k in ev.K_SWEEP) + ("force", "never", "routed")  # "normal" first
 SHIPPED = {"lvr": "small-vl-sft", "text": "small-vl-sft-text"}  # seed 0's stage-1 models, in checkpoints/
-SHIPPED_BASE = os.path.join(train_sft.SHIPPED, "small-vl-base")
+SHIPPED_BASE = os.path.join(rundir.SHIPPED, "small-vl-base")
 
 
 def parse_args(argv=None):
@@ -61,9 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--sft-args", default="", help="extra train_sft.py arguments for stage 1, e.g. '--lam 1' "
                                                   "(then seed 0 trains its own instead of using the shipped ones)")
     p.add_argument("--rl-args", default="", help="extra train_rl.py arguments, e.g. '--att-variant relative'")
-    p.add_argument("--base-steps", type=int, default=train_sft.BASE_STEPS,
+    p.add_argument("--base-steps", type=int, default=rundir.BASE_STEPS,
                    help="steps of the base models; another number than the default trains every seed's, seed 0's too")
-    p.add_argument("--root", default=os.path.join(train_sft.RUNS, "study"), help="where the study's runs go")
+    p.add_argument("--root", default=os.path.join(rundir.RUNS, "study"), help="where the study's runs go")
     p.add_argument("--results", help="results folder (default results, --quick results/quick)")
     a = p.parse_args(argv)
     a.seeds = [int(s) for s in (a.seeds or ("0" if a.quick else "0,1,2")).split(",")]
@@ -108,7 +108,7 @@ def fingerprint(ckpt: str) -> str:
 def base_of(a, seed: int) -> str:
     """Where seed's base model is: --base for every seed, else the seed's shipped one (seeds 0-2 at the
     default --base-steps) or ROOT/base-sN."""
-    return a.base or train_sft.shipped_base(seed, a.base_steps) or os.path.join(a.root, f"base-s{seed}")
+    return a.base or rundir.shipped_base(seed, a.base_steps) or os.path.join(a.root, f"base-s{seed}")
 
 
 def base_checkpoint(a, seed: int) -> str:
@@ -127,7 +127,7 @@ def base_checkpoint(a, seed: int) -> str:
 
 def shipped(a, name: str, seed: int) -> str | None:
     """Seed 0's shipped stage-1 model, when the study's stage-1 settings are the ones it was trained with."""
-    path = os.path.join(train_sft.SHIPPED, SHIPPED.get(name, "-"))
+    path = os.path.join(rundir.SHIPPED, SHIPPED.get(name, "-"))
     default = (seed == 0 and a.sft_steps == 1500 and not a.sft_args.strip()
                and os.path.normpath(base_of(a, 0)) == SHIPPED_BASE)
     return path if default and os.path.isfile(os.path.join(path, "config.json")) else None

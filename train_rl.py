@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 import warnings
@@ -34,7 +35,6 @@ import model as M
 import parallel as P
 import reward
 import rundir
-import train_sft
 
 LOSSES = ("dapo", "grpo", "dr_grpo")
 
@@ -89,10 +89,10 @@ def parse_args(argv=None):
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of the decoder layers (non-reentrant)")
     p.add_argument("--param-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="dtype of the trained weights, their gradients and AdamW's state (README: what bf16 loses)")
-    train_sft.add_parallel_args(p)
+    P.add_parallel_args(p)
     M.add_device_args(p)
     a = p.parse_args(argv)
-    a.out = a.out or os.path.join(train_sft.RUNS, "small-vl-rl-att" if a.att_weight else "small-vl-rl")
+    a.out = a.out or os.path.join(rundir.RUNS, "small-vl-rl-att" if a.att_weight else "small-vl-rl")
     a.dtype = M.resolve_dtype(a)
     a.rollout_batch = a.rollout_batch or a.prompts
     if a.top_p > 1:
@@ -105,13 +105,14 @@ def initial_model(args) -> str:
     the shipped LVR SFT model, else one trained first."""
     if args.model != "small-vl":
         return args.model
-    ckpt = os.path.join(train_sft.RUNS, "small-vl-sft", "checkpoint")
-    shipped = os.path.join(train_sft.SHIPPED, "small-vl-sft")
+    ckpt = os.path.join(rundir.RUNS, "small-vl-sft", "checkpoint")
+    shipped = os.path.join(rundir.SHIPPED, "small-vl-sft")
     if not os.path.isdir(ckpt) and os.path.isdir(shipped):
         return shipped
     if not os.path.isdir(ckpt):
         print(f"no small-vl SFT checkpoint at {ckpt}: training it first (python train_sft.py --model small-vl)")
-        train_sft.main(["--model", "small-vl", "--device", args.device, "--dtype", args.dtype])
+        cmd = [sys.executable, "train_sft.py", "--model", "small-vl", "--device", args.device, "--dtype", args.dtype]
+        subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     return ckpt
 
 
@@ -381,11 +382,11 @@ def train(args) -> str:
     """The GRPO run; under torchrun each rank takes an equal contiguous share of every step's questions and
     rank 0 alone logs, shows the bar and writes checkpoints."""
     args.device = P.init_dist(args.device)
-    train_sft.check_parallel(args)
+    P.check_parallel(args)
     mine = P.share(args.prompts, "--prompts")
     torch.manual_seed(args.seed)
     with rundir.locked(args.out):
-        stream = train_sft.Stream(args)
+        stream = data.Stream(args)
         model, tok, ref, opt, state, dtype = start(args)
         step, skips, streak = state["step"], state.get("skips", 0), 0
         penalty = reward.LengthPenalty()

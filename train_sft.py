@@ -45,18 +45,6 @@ import parallel as P
 import reward
 import rundir
 
-RUNS = "runs"
-SHIPPED = "checkpoints"  # small-vl's committed models: bases of seeds 0-2, seed 0's SFT (README: "Shipped starting points")
-BASE_STEPS = 3000  # stage 0's default length, the one the shipped bases were trained with
-
-
-def shipped_base(seed: int, base_steps: int = BASE_STEPS) -> str | None:
-    """The committed base model of this seed (checkpoints/small-vl-base for seed 0, small-vl-base-sN for the
-    study's seeds 1 and 2), when there is one and the asked-for recipe is the one it was trained with."""
-    path = os.path.join(SHIPPED, "small-vl-base" + (f"-s{seed}" if seed else ""))
-    return path if base_steps == BASE_STEPS and os.path.isfile(os.path.join(path, "config.json")) else None
-
-
 OFFSET = {0: 0, 1: 10 ** 8}  # stream positions of each stage's questions (train_rl.py starts at 2 * 10**8)
 
 
@@ -83,7 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--lam", type=float,
                    help="weight of the latent MSE against the text CE; default 1 for small-vl (README: why LVR SFT "
                         "trailed text SFT at 0.1), the paper's 0.1 for a real checkpoint")
-    p.add_argument("--base-steps", type=rundir.at_least(1), default=BASE_STEPS, help="stage 0 steps (the small-vl base model)")
+    p.add_argument("--base-steps", type=rundir.at_least(1), default=rundir.BASE_STEPS, help="stage 0 steps (the small-vl base model)")
     p.add_argument("--steps", type=rundir.at_least(1), default=1500, help="stage 1 steps (vision tower frozen)")
     p.add_argument("--ground-weight", type=float, default=1.0, help="weight of the grounding probe's loss in stage 0")
     p.add_argument("--coord-weight", type=float, default=0.25,
@@ -105,7 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of the decoder layers (non-reentrant)")
     p.add_argument("--param-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="dtype of the trained weights, their gradients and AdamW's state")
-    add_parallel_args(p)
+    P.add_parallel_args(p)
     M.add_device_args(p)
     a = p.parse_args(argv)
     a.dtype = M.resolve_dtype(a)
@@ -119,51 +107,12 @@ def parse_args(argv=None):
     a.lam = a.lam if a.lam is not None else 0.1 if real else 1.0
     if a.out is None:
         name = os.path.basename(os.path.normpath(a.model)) if real else "small-vl"
-        a.out = os.path.join(RUNS, f"{name}-sft" + ("-text" if a.no_latents else ""))
+        a.out = os.path.join(rundir.RUNS, f"{name}-sft" + ("-text" if a.no_latents else ""))
     if a.base is None:
-        a.base = shipped_base(a.seed, a.base_steps) or os.path.join(RUNS, "small-vl-base" + (f"-seed{a.seed}" if a.seed else ""))
+        a.base = rundir.shipped_base(a.seed, a.base_steps) or os.path.join(rundir.RUNS, "small-vl-base" + (f"-seed{a.seed}" if a.seed else ""))
     if not 0 <= a.latent_fraction <= 1:
         p.error("--latent-fraction must be in [0, 1]")
     return a
-
-
-def add_parallel_args(p):
-    """--zero / --fsdp (torchrun with 2+ processes), the same in train_rl.py."""
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--zero", action="store_true", help="under torchrun: shard AdamW's state over the processes "
-                                                       "(ZeroRedundancyOptimizer); weights and gradients stay whole")
-    g.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2, weights, gradients and optimizer state "
-                                                       "sharded (decoder layers, vision blocks, embeddings + lm_head)")
-
-
-def check_parallel(args):
-    if (args.zero or args.fsdp) and P.world() < 2:
-        raise ValueError("--zero and --fsdp shard over processes: run under torchrun --nproc-per-node N (N >= 2)")
-
-
-class Stream:
-    """The training questions in a fixed order given the seed: sample i of step s is index s*B+i."""
-
-    def __init__(self, args):
-        self.seed, self.rows, self.held = args.seed, None, None
-        if args.data and getattr(args, "val_fraction", None) is None:  # train_rl.py: every row trains
-            self.rows = data.load_jsonl(args.data)
-        elif args.data:  # a seeded share of the rows is held out: validation never sees a training row
-            rows = data.load_jsonl(args.data)
-            if len(rows) < 2:
-                raise ValueError(f"{args.data}: need at least 2 rows (one is held out for validation)")
-            order = np.random.default_rng([args.seed, 7]).permutation(len(rows))
-            n_held = min(args.n_val, max(1, round(args.val_fraction * len(rows))), len(rows) - 1)
-            self.held, self.rows = [rows[i] for i in order[:n_held]], [rows[i] for i in order[n_held:]]
-
-    def __getitem__(self, index: int) -> data.Sample:
-        if self.rows is None:
-            return data.make_sample(self.seed, "train", index)
-        epoch, i = divmod(index, len(self.rows))
-        return self.rows[np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))[i]]
-
-    def val(self, n: int) -> list[data.Sample]:
-        return self.held[:n] if self.held is not None else data.make_split("val", n, self.seed)
 
 
 def span_range(s: str) -> tuple[int, int]:
@@ -415,7 +364,7 @@ def train(args, stage: int, out: str, init: str | None) -> str:
 
 
 def _train(args, stage: int, out: str, init: str | None) -> str:
-    stream = Stream(args)
+    stream = data.Stream(args)
     model, tok, probe, opt, state = start(args, stage, out, init)
     step, skips, streak = state["step"], state["skips"], 0
     total = args.base_steps if stage == 0 else args.steps
@@ -492,7 +441,7 @@ def final_eval(args, ckpt: str, out: str, modes=None) -> dict:
     Under torchrun the questions are split over the ranks; rank 0 prints and writes."""
     with rundir.locked(out):
         model, tok = M.load_model(ckpt, M.DTYPES[args.dtype], args.device)
-        val = Stream(args).val(args.n_val)
+        val = data.Stream(args).val(args.n_val)
         table = {"normal": {}, "drop": {"mode": "drop"}, "noise": {"mode": "noise"}, "noise_norm": {"mode": "noise_norm"},
                  "blank image": {"blank": True}, "sampled T=1": {"temperature": 1.0}}
         res = {name: ev.summarize(ev.evaluate(model, tok, val, latent_steps=args.latent_steps, **kw))
@@ -507,7 +456,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         args.device = P.init_dist(args.device)
-        check_parallel(args)
+        P.check_parallel(args)
         if args.data:
             data.load_jsonl(args.data)  # bad rows fail now, not after the base model's training
         init = args.model if args.model != "small-vl" else base_model(args)

@@ -183,7 +183,7 @@ def test_real_model_defaults_and_held_out_validation(lvr_dir, qwen_dir):
     assert a.lr == 1e-5 and a.point_weight == 0.0 and a.out == os.path.join("runs", "lvr-ckpt-sft")
     small = train_sft.parse_args([])
     assert small.lr == 1e-3 and small.point_weight == 1.0 and small.out == os.path.join("runs", "small-vl-sft")
-    stream = train_sft.Stream(a)
+    stream = data.Stream(a)
     val = {s.response for s in stream.val(100)}
     train = {stream[i].response for i in range(200)}
     assert len(val) == 1 and not val & train and len(train) == 19
