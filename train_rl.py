@@ -111,8 +111,8 @@ def initial_model(args) -> str:
         return shipped
     if not os.path.isdir(ckpt):
         print(f"no small-vl SFT checkpoint at {ckpt}: training it first (python train_sft.py --model small-vl)")
-        cmd = [sys.executable, "train_sft.py", "--model", "small-vl", "--device", args.device, "--dtype", args.dtype]
-        subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_sft.py")
+        subprocess.run([sys.executable, script, "--model", "small-vl", "--device", args.device, "--dtype", args.dtype], check=True)
     return ckpt
 
 
