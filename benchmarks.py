@@ -7,12 +7,13 @@ V* (its JSONL) as their authors release them, and any other VLMEvalKit TSV ("tsv
 Every loader returns data.Samples; images stay lazy (paths or encoded bytes) but are checked when read.
 A bad row raises ValueError("<file>:<line or row>: <problem>"); a missing file raises FileNotFoundError.
 
-Scoring (is_correct) follows the rules VLMEvalKit applies when no API judge is configured: for a
-multiple-choice question the option letter (tagged, lone, or leading "B." / "(B)") or else exactly one
-option's text in the reply; free-form answers (MathVista / MathVerse free-form, RL data) are compared as
-numbers (within the row's `precision` decimals, else a relative 1e-4) or as normalised short strings,
-after taking the last <answer>...</answer> or \\boxed{...} of the reply. The paper scored MathVista,
-MathVerse (and MME-RealWorld's extraction) with a GPT judge: expect our numbers there to differ.
+Two protocols for the paper's seven (prompt_text, is_correct, verdicts):
+  vlmeval   VLMEvalKit's own: each dataset's prompt verbatim, its exact-matching verdict and its metrics
+            (vlmeval.py; eval.py --bench's default). Rows it would send to its API judge are counted.
+  lenient   our checker, also the RL accuracy reward: for a multiple-choice question the option letter
+            (tagged, lone, or leading "B." / "(B)") or else exactly one option's text in the reply;
+            free-form answers as numbers (within the row's `precision` decimals, else a relative 1e-4)
+            or as normalised short strings, after taking the last <answer>...</answer> or \\boxed{...}.
 
     python benchmarks.py MMVP data/vlmeval           # load DIR/MMVP.tsv (or the .tsv itself) and report it
     python benchmarks.py all data/vlmeval            # the seven paper benchmarks

@@ -16,6 +16,11 @@ noise_norm (Gaussian noise rescaled to the norm of the latent it replaces); zero
 question of its batch generated); oracle (the question's stage-1 targets: an upper bound); K=n (a
 test-time sweep of the number of latent steps). --compare runs them all. Routing: --force-latents (a
 span is opened first), --no-latents (never opened), --route T1,T2 (forced for those question types only).
+The paper's seven benchmarks are run under --protocol vlmeval by default: VLMEvalKit's prompt per
+dataset, its pixel bounds for a real checkpoint (min/max pixels 1280*28*28 / 8192*28*28), its
+judge-free verdict and metrics (vlmeval.py), with the share of replies its rules decide (the rest
+would go to its API judge and score 0 here) and how many replies the lenient checker judges otherwise;
+--protocol lenient sends our own prompt and scores with the RL reward's checker.
 Accuracy intervals are 95% Wilson intervals; paired differences against normal (same questions) carry a
 95% normal-approximation interval of the mean per-question difference.
 """
