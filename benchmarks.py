@@ -9,7 +9,7 @@ A bad row raises ValueError("<file>:<line or row>: <problem>"); a missing file r
 
 Two protocols for the paper's seven (prompt_text, is_correct, verdicts):
   vlmeval   VLMEvalKit's own: each dataset's prompt verbatim, its exact-matching verdict and its metrics
-            (vlmeval.py; eval.py --bench's default). Rows it would send to its API judge are counted.
+            (vlmeval_rules.py; eval.py --bench's default). Rows it would send to its API judge are counted.
   lenient   our checker, also the RL accuracy reward: for a multiple-choice question the option letter
             (tagged, lone, or leading "B." / "(B)") or else exactly one option's text in the reply;
             free-form answers as numbers (within the row's `precision` decimals, else a relative 1e-4)
@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 
 import data
 import reward
-import vlmeval
+import vlmeval_rules
 
-PAPER = vlmeval.PAPER
+PAPER = vlmeval_rules.PAPER
 PROTOCOLS = ("vlmeval", "lenient")
 
 
@@ -225,10 +225,10 @@ def paper_row(bench: str, row: dict) -> dict:
     VLMEvalKit needs from it: a multiple-choice row without options is an error, never a bare question."""
     row = {k: v for k, v in row.items() if k != "image"}
     if bench == "MME-RealWorld-Lite":  # image_mcq.py MMERealWorld.load_data
-        row["multi-choice options"], texts = vlmeval.mme_options(need(row, "multi-choice options"))
+        row["multi-choice options"], texts = vlmeval_rules.mme_options(need(row, "multi-choice options"))
         row.update(zip(data.OPTION_LETTERS, texts))
-        vlmeval.mme_category(row)
-    elif bench in vlmeval.MCQ and len(vlmeval.options(row)) < 2:
+        vlmeval_rules.mme_category(row)
+    elif bench in vlmeval_rules.MCQ and len(vlmeval_rules.options(row)) < 2:
         raise ValueError("no options: columns A, B, ... hold fewer than 2")
     if bench == "MMBench_V11_MINI":  # multiple_choice.py mcq_circular_eval: g_index = index mod 1e6
         for key in ("index", "g_index"):
@@ -241,7 +241,7 @@ def paper_row(bench: str, row: dict) -> dict:
     elif bench == "MathVista_MINI":
         kind = need(row, "question_type")
         if kind == "multi_choice":
-            choices = list(vlmeval.mathvista_choices({"choices": need(row, "choices")}).values())
+            choices = list(vlmeval_rules.mathvista_choices({"choices": need(row, "choices")}).values())
             if blank(row.get("answer_option")):  # mathvista.py post_check compares with answer_option
                 if row["answer"] not in choices:
                     raise ValueError(f"answer {row['answer']!r} is none of the choices and there is no 'answer_option'")
@@ -287,7 +287,7 @@ def load_vlmevalkit_tsv(path: str, bench: str | None = None) -> list[data.Sample
         if not bench:
             return sample
         return BenchSample(**vars(sample), bench=bench, row=row,
-                           prompts={"lenient": sample.question, "vlmeval": vlmeval.prompt(bench, row)})
+                           prompts={"lenient": sample.question, "vlmeval": vlmeval_rules.prompt(bench, row)})
     return data.parse_rows(path, rows, parse)
 
 
@@ -330,7 +330,7 @@ def load_benchmark(name: str, root: str) -> list[data.Sample]:
         samples = load_vlmevalkit_tsv(paper_file(name, root), name)
         if name == "MMVP":
             try:
-                vlmeval.mmvp_pairs([s.row for s in samples])
+                vlmeval_rules.mmvp_pairs([s.row for s in samples])
             except ValueError as e:
                 raise ValueError(f"{paper_file(name, root)}: {e}") from None
         return samples
@@ -386,7 +386,7 @@ def option_letter(text: str, choices: list[str]) -> str | None:
 def is_correct(text: str, sample, protocol: str = "lenient") -> bool:
     """Does reply `text` answer `sample` correctly? protocol "lenient" (the RL accuracy reward): letters
     for multiple choice (data.Sample.choices, or a letter answer); numbers with tolerance; else normalised
-    strings. "vlmeval": VLMEvalKit's judge-free verdict (vlmeval.verdict; the paper's seven only)."""
+    strings. "vlmeval": VLMEvalKit's judge-free verdict (vlmeval_rules.verdict; the paper's seven only)."""
     if protocol == "vlmeval":
         return vlmeval_verdict(text, sample)["correct"]
     if protocol != "lenient":
@@ -418,9 +418,9 @@ def prompt_text(sample, protocol: str) -> str:
 
 
 def vlmeval_verdict(text: str, sample) -> dict:
-    """vlmeval.verdict on a decoded reply (latent spans and special tokens dropped, as VLMEvalKit decodes)."""
+    """vlmeval_rules.verdict on a decoded reply (latent spans and special tokens dropped, as VLMEvalKit decodes)."""
     check_protocol(sample, "vlmeval")
-    return vlmeval.verdict(sample.bench, reward.SPAN_RE.sub("", text), sample.row)
+    return vlmeval_rules.verdict(sample.bench, reward.SPAN_RE.sub("", text), sample.row)
 
 
 def verdicts(text: str, sample, protocol: str = "lenient") -> dict:
@@ -435,10 +435,10 @@ def verdicts(text: str, sample, protocol: str = "lenient") -> dict:
 
 
 def report(name: str, samples, records) -> dict:
-    """VLMEvalKit's metrics (vlmeval.report) of eval records (benchmarks.verdicts' fields, in the order of
+    """VLMEvalKit's metrics (vlmeval_rules.report) of eval records (benchmarks.verdicts' fields, in the order of
     `samples`), and "disagree": how many replies the two verdicts differ on."""
     rows = [s.row for s in samples]
-    out = vlmeval.report(name, rows, [{"pred": r["vlmeval_pred"], "correct": r["vlmeval"], "judge": r["judge"]}
+    out = vlmeval_rules.report(name, rows, [{"pred": r["vlmeval_pred"], "correct": r["vlmeval"], "judge": r["judge"]}
                                       for r in records])
     out["disagree"] = sum(r["lenient"] != r["vlmeval"] for r in records)
     out["lenient_acc"] = sum(r["lenient"] for r in records) / max(len(records), 1)

@@ -18,7 +18,7 @@ test-time sweep of the number of latent steps). --compare runs them all. Routing
 span is opened first), --no-latents (never opened), --route T1,T2 (forced for those question types only).
 The paper's seven benchmarks are run under --protocol vlmeval by default: VLMEvalKit's prompt per
 dataset, its pixel bounds for a real checkpoint (min/max pixels 1280*28*28 / 8192*28*28), its
-judge-free verdict and metrics (vlmeval.py), with the share of replies its rules decide (the rest
+judge-free verdict and metrics (vlmeval_rules.py), with the share of replies its rules decide (the rest
 would go to its API judge and score 0 here) and how many replies the lenient checker judges otherwise;
 --protocol lenient sends our own prompt and scores with the RL reward's checker.
 Accuracy intervals are 95% Wilson intervals; paired differences against normal (same questions) carry a
@@ -45,7 +45,7 @@ import model as M
 import parallel as P
 import reward
 import rundir
-import vlmeval
+import vlmeval_rules
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -336,7 +336,7 @@ def load_samples(a) -> dict:
         samples = benchmarks.load_benchmark(name, a.bench_root)[:a.n]
         if a.protocol == "vlmeval" and name == "MMVP":
             try:
-                vlmeval.mmvp_pairs([s.row for s in samples])
+                vlmeval_rules.mmvp_pairs([s.row for s in samples])
             except ValueError as e:
                 raise ValueError(f"--n {a.n}: {e}") from None
         sets[name] = [dataclasses.replace(s, question=benchmarks.prompt_text(s, a.protocol)) for s in samples]
@@ -419,8 +419,8 @@ def main(argv=None):
         real = model.config.vision_config.in_channels != 5  # small-vl's tower has 5 channels
         if a.bench and protocol == "vlmeval" and real:  # VLMEvalKit's pixel bounds for Qwen2.5-VL
             model.image_processor = M.image_processor(model.config.vision_config, M.resolve(a.model),
-                                                      max_pixels=a.max_pixels or vlmeval.MAX_PIXELS,
-                                                      min_pixels=vlmeval.MIN_PIXELS)
+                                                      max_pixels=a.max_pixels or vlmeval_rules.MAX_PIXELS,
+                                                      min_pixels=vlmeval_rules.MIN_PIXELS)
         a.max_new_tokens = a.max_new_tokens or (2048 if real else 32)
         rundir.check_layers(model, a.att_layers)
         sets = load_samples(a)

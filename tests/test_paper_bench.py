@@ -13,7 +13,8 @@ from PIL import Image
 
 import benchmarks
 import eval as ev
-import vlmeval
+import model as M
+import vlmeval_rules
 
 WORDS = ["red", "green", "blue", "yellow", "black"]  # the options A..E of every multiple-choice fixture row
 MCQ = ["index", "image", "question", "hint", "A", "B", "C", "D", "E", "answer", "category", "l2-category"]
@@ -172,7 +173,7 @@ def test_rows_without_options_name_file_and_row(tmp_path):
     check_error("MME-RealWorld-Lite", tmp_path, cols, rows, 3, "option B must start '(B) '")
     rows[1] = mme(2, "B", "Perception")
     check_error("MME-RealWorld-Lite", tmp_path, cols, rows, 3, "field 'category' must be 'Perception/<subtask>'")
-    for name in vlmeval.MCQ:
+    for name in vlmeval_rules.MCQ:
         bare = {"index": 1, "image": b64(1), "question": "Q?", "answer": "A", "cycle_category": "c"}
         check_error(name, tmp_path, MCQ + ["cycle_category"], [mcq(2, "A", category="single", cycle_category="c"), bare], 3,
                     "no options: columns A, B, ... hold fewer than 2")
@@ -225,7 +226,6 @@ def test_eval_lenient_protocol_and_pixels(qwen_dir, bench_root, tmp_path, monkey
         seen[kw["protocol"]] = ([s.question for s in samples], M.merged_grid((28, 28, 3), model), kw["max_new_tokens"])
         return [{"id": s.id, "qtype": s.qtype, "correct": False, "opened": False, "lenient": False, "vlmeval": False,
                  "vlmeval_pred": None, "judge": True} for s in samples]
-    import model as M
     monkeypatch.setattr(ev, "evaluate", fake)
     for protocol in benchmarks.PROTOCOLS:
         ev.main(["--model", qwen_dir, "--bench", "VStarBench", "--bench-root", bench_root, "--protocol", protocol,

@@ -55,7 +55,8 @@ def options(row: dict) -> dict:
 def mme_options(cell: str) -> tuple[str, list[str]]:
     """MME-RealWorld's `multi-choice options`: a Python list "['(A) x', ...]" (the Lite TSV, which
     MMERealWorld.load_data turns into a block) or that block already -> (block, option texts without "(A) ")."""
-    text = str(cell).strip()
+    raw = str(cell)
+    text = raw.strip()
     if text.startswith("["):
         try:
             items = ast.literal_eval(text)
@@ -64,14 +65,22 @@ def mme_options(cell: str) -> tuple[str, list[str]]:
         if not isinstance(items, (list, tuple)) or len(items) < 2:
             raise ValueError(f"field 'multi-choice options' is not a list of options: {text[:80]!r}")
         items = [str(x) for x in items]
-    elif text.startswith(MME_CHOICES.strip()):
+    elif text.startswith(MME_CHOICES.strip()):  # kept as it is: build_prompt sends the cell
         items = [x for x in text.split("\n")[1:] if x.strip()]
+        if len(items) < 2:
+            raise ValueError(f"field 'multi-choice options' lists fewer than 2 options: {text[:80]!r}")
+        _check_letters(items)
+        return raw, [x[4:] for x in items]
     else:
         raise ValueError(f"field 'multi-choice options' holds no options: {text[:80]!r}")
+    _check_letters(items)
+    return MME_CHOICES + "\n".join(items), [x[4:] for x in items]  # load_data: A = options[0][4:], ...
+
+
+def _check_letters(items: list[str]):
     for letter, item in zip(string.ascii_uppercase, items):
         if not item.startswith(f"({letter}) "):
             raise ValueError(f"field 'multi-choice options': option {letter} must start '({letter}) ', got {item[:40]!r}")
-    return MME_CHOICES + "\n".join(items), [x[4:] for x in items]  # load_data: A = options[0][4:], ...
 
 
 def prompt(bench: str, row: dict) -> str:

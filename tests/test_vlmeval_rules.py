@@ -1,5 +1,5 @@
-"""VLMEvalKit's judge-free verdicts and metrics (vlmeval.py), pure Python. Every expected verdict below
-was derived by reading VLMEvalKit (open-compass/VLMEvalKit, 2026-08), not by running vlmeval.py:
+"""VLMEvalKit's judge-free verdicts and metrics (vlmeval_rules.py), pure Python. Every expected verdict below
+was derived by reading VLMEvalKit (open-compass/VLMEvalKit, 2026-08), not by running vlmeval_rules.py:
   MCQ: vlmeval/utils/matching_util.py can_infer -> can_infer_option (the letter as a word after
        .()[],:;!*#{} become spaces, exactly one, among the last four words; a refusal or lone Z -> Z;
        else "(correct) answer is X", X in A-D, any case) -> can_infer_text (exactly one option text in
@@ -16,7 +16,7 @@ The "lenient" column is today's checker (benchmarks.is_correct, the RL reward), 
 import pytest
 
 import benchmarks
-import vlmeval
+import vlmeval_rules
 
 T, F = True, False
 
@@ -177,7 +177,7 @@ TABLES = {
 }
 
 
-@pytest.mark.parametrize("bench", vlmeval.PAPER)
+@pytest.mark.parametrize("bench", vlmeval_rules.PAPER)
 def test_verdict_tables(bench):
     table = TABLES[bench]()
     assert len(table) >= 100
@@ -189,33 +189,33 @@ def test_verdict_tables(bench):
 
 def disagreements() -> dict:
     """{benchmark: (replies, replies the two verdicts differ on)} over the tables (the README's figures)."""
-    return {b: (len(t), sum(vk != lenient for _, _, vk, lenient in t)) for b, t in ((b, TABLES[b]()) for b in vlmeval.PAPER)}
+    return {b: (len(t), sum(vk != lenient for _, _, vk, lenient in t)) for b, t in ((b, TABLES[b]()) for b in vlmeval_rules.PAPER)}
 
 
 def test_judge_flags_and_reply_cleaning():
     row = {"question": "Q?", "A": "red", "B": "green", "answer": "B"}
-    assert vlmeval.verdict("VStarBench", "B", row) == {"pred": "B", "correct": True, "judge": False}
-    assert vlmeval.verdict("VStarBench", "A", row)["judge"] is False  # read, wrong: decided by the rules
-    assert vlmeval.verdict("VStarBench", "B or A", row)["judge"] is True  # unread: VLMEvalKit asks its judge
-    assert vlmeval.verdict("VStarBench", "Failed to obtain answer via API", row)["pred"] is None
+    assert vlmeval_rules.verdict("VStarBench", "B", row) == {"pred": "B", "correct": True, "judge": False}
+    assert vlmeval_rules.verdict("VStarBench", "A", row)["judge"] is False  # read, wrong: decided by the rules
+    assert vlmeval_rules.verdict("VStarBench", "B or A", row)["judge"] is True  # unread: VLMEvalKit asks its judge
+    assert vlmeval_rules.verdict("VStarBench", "Failed to obtain answer via API", row)["pred"] is None
     # decoded with skip_special_tokens: a latent span and end tokens leave nothing behind
     s = sample("VStarBench", row, ["red", "green"])
     assert benchmarks.is_correct("<|lvr_start|><|lvr|><|lvr|><|lvr_end|>B<|im_end|>", s, protocol="vlmeval")
     mv = {"question": "Q?", "answer": "12", "question_type": "free_form", "answer_type": "integer"}
-    assert vlmeval.verdict("MathVista_MINI", "<|lvr_start|><|lvr|><|lvr_end|>12", mv)["correct"]
-    assert vlmeval.verdict("MathVista_MINI", "13", mv)["judge"] and not vlmeval.verdict("MathVista_MINI", "12", mv)["judge"]
-    assert vlmeval.verdict("MathVerse_MINI", "12", mv)["judge"]  # every MathVerse reply goes to its extraction judge
-    assert not vlmeval.verdict("MME-RealWorld-Lite", "", {"answer": "B"})["judge"]  # MME-RealWorld never asks one
+    assert vlmeval_rules.verdict("MathVista_MINI", "<|lvr_start|><|lvr|><|lvr_end|>12", mv)["correct"]
+    assert vlmeval_rules.verdict("MathVista_MINI", "13", mv)["judge"] and not vlmeval_rules.verdict("MathVista_MINI", "12", mv)["judge"]
+    assert vlmeval_rules.verdict("MathVerse_MINI", "12", mv)["judge"]  # every MathVerse reply goes to its extraction judge
+    assert not vlmeval_rules.verdict("MME-RealWorld-Lite", "", {"answer": "B"})["judge"]  # MME-RealWorld never asks one
 
 
 def test_pandas_missing_values_and_mme_block():
     """VLMEvalKit reads TSVs with pandas: "None", "NA", "nan" cells are missing (smp/file.py load)."""
     row = {"question": "Q?", "hint": "nan", "A": "yes", "B": "None", "C": "NA", "answer": "A"}
-    assert vlmeval.options(row) == {"A": "yes"}
-    assert vlmeval.prompt("MMVP", row) == "Question: Q?\nOptions:\nA. yes\nPlease select the correct answer from the options above. \n"
-    assert vlmeval.prompt("MMVP", {"question": "Q?", "answer": "x"}) == "Question: Q?\n"  # no options: no option block
+    assert vlmeval_rules.options(row) == {"A": "yes"}
+    assert vlmeval_rules.prompt("MMVP", row) == "Question: Q?\nOptions:\nA. yes\nPlease select the correct answer from the options above. \n"
+    assert vlmeval_rules.prompt("MMVP", {"question": "Q?", "answer": "x"}) == "Question: Q?\n"  # no options: no option block
     block = "The choices are listed below:\n(A) 1\n(B) 2"  # the full MME-RealWorld TSV holds the block already
-    assert vlmeval.mme_options(block) == (block, ["1", "2"]) == vlmeval.mme_options("['(A) 1', '(B) 2']")
+    assert vlmeval_rules.mme_options(block) == (block, ["1", "2"]) == vlmeval_rules.mme_options("['(A) 1', '(B) 2']")
 
 
 # ------------------------------------------------------------------------------------ aggregation
@@ -233,7 +233,7 @@ def test_mmbench_circular():
                 v("C", T), v(None, F, True),     # question 2: a rotation unread -> 0, would go to the judge
                 v("A", T), v("D", F),            # question 3: a rotation read wrong -> 0, decided
                 v("B", T)]                        # question 4: no rotation in this table -> its row alone
-    out = vlmeval.report("MMBench_V11_MINI", rows, verdicts)
+    out = vlmeval_rules.report("MMBench_V11_MINI", rows, verdicts)
     assert out["n"] == 4 and out["judge"] == 1 and out["decided"] == 0.75
     assert out["metrics"] == {"Overall": 0.5, "perception": 0.5, "reasoning": 0.5, "count": 0.5, "ocr": 0.5}
     assert sum(x["correct"] for x in verdicts) / len(verdicts) == 5 / 7  # what plain accuracy would say
@@ -241,41 +241,41 @@ def test_mmbench_circular():
 
 def test_mmvp_pairs_hrbench_cycles_and_report_acc():
     rows = [{"index": i, "question": f"P{(i + 1) // 2}"} for i in (4, 3, 2, 1)]  # pairs by index order, any row order
-    out = vlmeval.report("MMVP", rows, [v("A", T), v("A", T), v("A", F), v("A", T)])
+    out = vlmeval_rules.report("MMVP", rows, [v("A", T), v("A", T), v("A", F), v("A", T)])
     assert out["metrics"] == {"Overall": 0.5, "Average": 0.75}
     with pytest.raises(ValueError, match="got 3 rows"):
-        vlmeval.report("MMVP", rows[:3], [v("A", T)] * 3)
+        vlmeval_rules.report("MMVP", rows[:3], [v("A", T)] * 3)
     rows = [{"cycle_category": c, "category": k} for c, k in
             [("cycle1", "single"), ("cycle1", "single"), ("cycle1", "cross"), ("cycle2", "single"), ("cycle2", "single")]]
-    out = vlmeval.report("HRBench4K", rows, [v("A", x) for x in (T, F, T, T, T)])
+    out = vlmeval_rules.report("HRBench4K", rows, [v("A", x) for x in (T, F, T, T, T)])
     assert out["metrics"] == {"cycle1/all": 2 / 3, "cycle1/cross": 1.0, "cycle1/single": 0.5, "cycle2/all": 1.0,
                               "cycle2/single": 1.0, "Average/all": (2 / 3 + 1) / 2, "Average/cross": 0.5,  # 1.0 / 2 cycles
                               "Average/single": 0.75}
     assert out["headline"] == "Average/all"
     rows = [{"category": c, "split": s} for c, s in [("a", "dev"), ("b", "dev"), ("a", "test")]]
-    assert vlmeval.report("VStarBench", rows, [v("A", T), v("A", F), v("A", F)])["metrics"] == {
+    assert vlmeval_rules.report("VStarBench", rows, [v("A", T), v("A", F), v("A", F)])["metrics"] == {
         "dev/Overall": 0.5, "dev/a": 1.0, "dev/b": 0.0, "test/Overall": 0.0, "test/a": 0.0}
 
 
 def test_mme_mathvista_mathverse_metrics():
     rows = [{"category": c} for c in ["Perception/OCR", "Perception/OCR", "Perception/Remote Sensing", "Reasoning/OCR"]]
-    out = vlmeval.report("MME-RealWorld-Lite", rows, [v("A", x) for x in (T, T, F, T)])
+    out = vlmeval_rules.report("MME-RealWorld-Lite", rows, [v("A", x) for x in (T, T, F, T)])
     assert out["metrics"] == {"Overall": 0.75, "Perception": 2 / 3, "Perception/OCR": 1.0, "Perception/Remote Sensing": 0.0,
                               "Reasoning": 1.0, "Reasoning/OCR": 1.0}
     assert out["judge"] == 0 and out["decided"] == 1.0
     rows = [{"task": "geometry", "skills": "['algebraic', 'geometry']"}, {"task": "geometry", "skills": "['geometry']"},
             {"task": "figure qa", "skills": "statistical"}]  # not a list literal: the cell itself (MathVista_acc)
-    out = vlmeval.report("MathVista_MINI", rows, [v("A", T), v(None, F, True), v("B", F)])
+    out = vlmeval_rules.report("MathVista_MINI", rows, [v("A", T), v(None, F, True), v("B", F)])
     assert out["metrics"] == {"Overall": 1 / 3, "geometry": 0.5, "algebraic": 1.0, "figure qa": 0.0, "statistical": 0.0}
     assert (out["judge"], out["n"]) == (1, 3)
     rows = [{"problem_version": p, "metadata": m} for p, m in [
         ("Vision Only", "{'subject': 'plane geometry', 'subfield': 'angle'}"),
         ("Vision Only", "{'subject': 'plane geometry', 'subfield': 'length'}"),
         ("Text Lite", "{'subject': 'functions', 'subfield': 'angle'}")]]
-    out = vlmeval.report("MathVerse_MINI", rows, [v("x", T, True), v("x", F, True), v("x", F, True)])
+    out = vlmeval_rules.report("MathVerse_MINI", rows, [v("x", T, True), v("x", F, True), v("x", F, True)])
     assert out["metrics"] == {"all versions": 1 / 3, "Text Lite/Overall": 0.0, "Text Lite/functions": 0.0,
                               "Text Lite/angle": 0.0, "Vision Only/Overall": 0.5, "Vision Only/plane geometry": 0.5,
                               "Vision Only/angle": 1.0, "Vision Only/length": 0.0}
     assert out["decided"] == 0.0
     with pytest.raises(ValueError, match="field 'category' must be"):
-        vlmeval.report("MME-RealWorld-Lite", [{"category": "OCR"}], [v("A", T)])
+        vlmeval_rules.report("MME-RealWorld-Lite", [{"category": "OCR"}], [v("A", T)])
