@@ -417,7 +417,7 @@ def main(argv=None):
         protocol = a.protocol = resolve_protocol(a)
         model, tok = M.load_model(a.model, M.DTYPES[M.resolve_dtype(a)], a.device, max_pixels=a.max_pixels)
         real = model.config.vision_config.in_channels != 5  # small-vl's tower has 5 channels
-        if a.bench and protocol == "vlmeval" and real:  # VLMEvalKit's pixel bounds for Qwen2.5-VL
+        if protocol == "vlmeval" and real:  # VLMEvalKit's pixel bounds for Qwen2.5-VL
             model.image_processor = M.image_processor(model.config.vision_config, M.resolve(a.model),
                                                       max_pixels=a.max_pixels or vlmeval_rules.MAX_PIXELS,
                                                       min_pixels=vlmeval_rules.MIN_PIXELS)

@@ -102,6 +102,8 @@ SPECIAL_RE = re.compile(r"<\|[^<>|]*\|>")
 REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
             "I'm sorry, but without the image provided", "Cannot determine the answer")
 PUNCT = ".()[],:;!*#{}"
+# "(correct) answer is X", any case, X in A-D: in can_infer_option since 2026-06 (VLMEvalKit PR #1552); the
+# releases before it lack this rule. Its VERBOSE-only "A might be a quantifier" branch is off by default.
 VERBOSE_RE = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
 
 
