@@ -7,12 +7,13 @@ V* (its JSONL) as their authors release them, and any other VLMEvalKit TSV ("tsv
 Every loader returns data.Samples; images stay lazy (paths or encoded bytes) but are checked when read.
 A bad row raises ValueError("<file>:<line or row>: <problem>"); a missing file raises FileNotFoundError.
 
-Scoring (is_correct) follows the rules VLMEvalKit applies when no API judge is configured: for a
-multiple-choice question the option letter (tagged, lone, or leading "B." / "(B)") or else exactly one
-option's text in the reply; free-form answers (MathVista / MathVerse free-form, RL data) are compared as
-numbers (within the row's `precision` decimals, else a relative 1e-4) or as normalised short strings,
-after taking the last <answer>...</answer> or \\boxed{...} of the reply. The paper scored MathVista,
-MathVerse (and MME-RealWorld's extraction) with a GPT judge: expect our numbers there to differ.
+Two protocols for the paper's seven (prompt_text, is_correct, verdicts):
+  vlmeval   VLMEvalKit's own: each dataset's prompt verbatim, its exact-matching verdict and its metrics
+            (vlmeval_rules.py; eval.py --bench's default). Rows it would send to its API judge are counted.
+  lenient   our checker, also the RL accuracy reward: for a multiple-choice question the option letter
+            (tagged, lone, or leading "B." / "(B)") or else exactly one option's text in the reply;
+            free-form answers as numbers (within the row's `precision` decimals, else a relative 1e-4)
+            or as normalised short strings, after taking the last <answer>...</answer> or \\boxed{...}.
 
     python benchmarks.py MMVP data/vlmeval           # load DIR/MMVP.tsv (or the .tsv itself) and report it
     python benchmarks.py all data/vlmeval            # the seven paper benchmarks
@@ -30,11 +31,23 @@ import math
 import os
 import re
 import sys
+from dataclasses import dataclass, field
 
 import data
 import reward
+import vlmeval_rules
 
-PAPER = ("MathVista_MINI", "MathVerse_MINI", "MMVP", "MMBench_V11_MINI", "VStarBench", "MME-RealWorld-Lite", "HRBench4K")
+PAPER = vlmeval_rules.PAPER
+PROTOCOLS = ("vlmeval", "lenient")
+
+
+@dataclass
+class BenchSample(data.Sample):
+    """A row of one of the paper's seven: `row` is the TSV row as VLMEvalKit reads it (image left out,
+    MME-RealWorld's options and MMBench's g_index filled in), `prompts` the text each protocol sends."""
+    bench: str = ""
+    row: dict = field(default_factory=dict)
+    prompts: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -86,14 +99,18 @@ def split_options(text: str, field: str) -> tuple[str, list[str]]:
 
 
 def csv_rows(path: str, columns: tuple, delimiter: str = ",") -> list[tuple[int, dict]]:
-    """(line number, row) for each record of a CSV/TSV file whose header must name `columns`."""
+    """(line number where it starts, row) for each record of a CSV/TSV file whose header must name `columns`."""
     csv.field_size_limit(2**31 - 1)  # VLMEvalKit TSVs hold whole base64 images in one field
     with open(data.benchmark_file(path), newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"{path}:1: missing column {missing[0]!r}")
-        return [(reader.line_num, row) for row in reader]
+        out, start = [], reader.line_num + 1
+        for row in reader:  # a quoted field may span lines: a record is named by its first line
+            out.append((start, row))
+            start = reader.line_num + 1
+        return out
 
 
 def load_blink(root: str, split: str = "val") -> list[data.Sample]:
@@ -203,16 +220,55 @@ def tsv_choices(row: dict) -> list[str]:
     return [str(c).strip() for c in choices]
 
 
-def load_vlmevalkit_tsv(path: str) -> list[data.Sample]:
+def paper_row(bench: str, row: dict) -> dict:
+    """A row of one of the paper's seven as VLMEvalKit reads it (its image left out), checked for what
+    VLMEvalKit needs from it: a multiple-choice row without options is an error, never a bare question."""
+    row = {k: v for k, v in row.items() if k != "image"}
+    if bench == "MME-RealWorld-Lite":  # image_mcq.py MMERealWorld.load_data
+        row["multi-choice options"], texts = vlmeval_rules.mme_options(need(row, "multi-choice options"))
+        row.update(zip(data.OPTION_LETTERS, texts))
+        vlmeval_rules.mme_category(row)
+    elif bench in vlmeval_rules.MCQ and len(vlmeval_rules.options(row)) < 2:
+        raise ValueError("no options: columns A, B, ... hold fewer than 2")
+    if bench == "MMBench_V11_MINI":  # multiple_choice.py mcq_circular_eval: g_index = index mod 1e6
+        for key in ("index", "g_index"):
+            if not blank(row.get(key)) and not re.fullmatch(r"\d+", str(row[key]).strip()):
+                raise ValueError(f"field {key!r} must be an integer, got {row[key]!r}")
+        row["g_index"] = int(row["g_index"]) if not blank(row.get("g_index")) else int(row["index"]) % 1_000_000
+    elif bench == "HRBench4K":
+        need(row, "cycle_category")
+        need(row, "category")
+    elif bench == "MathVista_MINI":
+        kind = need(row, "question_type")
+        if kind == "multi_choice":
+            choices = list(vlmeval_rules.mathvista_choices({"choices": need(row, "choices")}).values())
+            if blank(row.get("answer_option")):  # mathvista.py post_check compares with answer_option
+                if row["answer"] not in choices:
+                    raise ValueError(f"answer {row['answer']!r} is none of the choices and there is no 'answer_option'")
+                row["answer_option"] = data.OPTION_LETTERS[choices.index(row["answer"])]
+        elif kind == "free_form":
+            need(row, "answer_type")
+        else:
+            raise ValueError(f"field 'question_type' must be multi_choice or free_form, got {kind!r}")
+    elif bench == "MathVerse_MINI":
+        need(row, "problem_version")
+    return row
+
+
+def load_vlmevalkit_tsv(path: str, bench: str | None = None) -> list[data.Sample]:
     """A VLMEvalKit TSV: base64 `image` (or another row's index: that row's image), `question`, options
-    in columns A, B, ... (or a `choices` list), `answer` (a letter, an option's text, or free-form),
-    optional `hint`, `category`, `precision`. The sample id is <file name>-<index>."""
+    in columns A, B, ... (or a `choices` list; MME-RealWorld: the `multi-choice options` list), `answer`
+    (a letter, an option's text, or free-form), optional `hint`, `category`, `precision`. The sample id
+    is <file name>-<index>. `bench`, one of the paper's seven, also keeps each row as VLMEvalKit reads it
+    and the prompt of each protocol (BenchSample)."""
     rows = csv_rows(path, ("index", "image", "question", "answer"), delimiter="\t")
     name = os.path.splitext(os.path.basename(path))[0]
     by_index = {row["index"]: row["image"] for _, row in rows if len(row.get("image") or "") > 64}
 
-    def parse(row):
-        image, options = tsv_image(row, by_index), tsv_choices(row)
+    def parse(raw):
+        image = tsv_image(raw, by_index)
+        row = paper_row(bench, raw) if bench else raw
+        options = tsv_choices(row)
         question, answer = str(need(row, "question")).strip(), str(need(row, "answer")).strip()
         if not blank(row.get("hint")):
             question = f"Hint: {row['hint'].strip()}\n{question}"
@@ -220,13 +276,18 @@ def load_vlmevalkit_tsv(path: str) -> list[data.Sample]:
         if options:
             if answer in options and not (len(answer) == 1 and answer in data.OPTION_LETTERS[:len(options)]):
                 answer = data.OPTION_LETTERS[options.index(answer)]  # MathVista gives the option's text
-            return mc_sample(sid, qtype, question, options, answer, [image])
-        letters = data.OPTION_LINE_RE.findall(question)
-        if len(answer) == 1 and answer in data.OPTION_LETTERS and letters:
-            data.check_letter(question, answer)  # MathVerse: options inside the question, answer a letter
-        precision = None if blank(row.get("precision")) else int(float(row["precision"]))
-        return data.Sample(question=question, answer=answer, reason="", qtype=str(qtype), bboxes=[], image_path=image,
-                           id=sid, precision=precision)
+            sample = mc_sample(sid, qtype, question, options, answer, [image])
+        else:
+            letters = data.OPTION_LINE_RE.findall(question)
+            if len(answer) == 1 and answer in data.OPTION_LETTERS and letters:
+                data.check_letter(question, answer)  # MathVerse: options inside the question, answer a letter
+            precision = None if blank(row.get("precision")) else int(float(row["precision"]))
+            sample = data.Sample(question=question, answer=answer, reason="", qtype=str(qtype), bboxes=[],
+                                 image_path=image, id=sid, precision=precision)
+        if not bench:
+            return sample
+        return BenchSample(**vars(sample), bench=bench, row=row,
+                           prompts={"lenient": sample.question, "vlmeval": vlmeval_rules.prompt(bench, row)})
     return data.parse_rows(path, rows, parse)
 
 
@@ -266,7 +327,13 @@ def load_benchmark(name: str, root: str) -> list[data.Sample]:
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; expected one of {list(BENCHMARKS)}")
     if name in PAPER:
-        return load_vlmevalkit_tsv(paper_file(name, root))
+        samples = load_vlmevalkit_tsv(paper_file(name, root), name)
+        if name == "MMVP":
+            try:
+                vlmeval_rules.mmvp_pairs([s.row for s in samples])
+            except ValueError as e:
+                raise ValueError(f"{paper_file(name, root)}: {e}") from None
+        return samples
     return BENCHMARKS[name](root)
 
 
@@ -316,9 +383,14 @@ def option_letter(text: str, choices: list[str]) -> str | None:
     return data.OPTION_LETTERS[hits[0]] if len(hits) == 1 else None
 
 
-def is_correct(text: str, sample) -> bool:
-    """Does reply `text` answer `sample` correctly? Letters for multiple choice (data.Sample.choices, or
-    a letter answer); numbers with tolerance; else normalised strings."""
+def is_correct(text: str, sample, protocol: str = "lenient") -> bool:
+    """Does reply `text` answer `sample` correctly? protocol "lenient" (the RL accuracy reward): letters
+    for multiple choice (data.Sample.choices, or a letter answer); numbers with tolerance; else normalised
+    strings. "vlmeval": VLMEvalKit's judge-free verdict (vlmeval_rules.verdict; the paper's seven only)."""
+    if protocol == "vlmeval":
+        return vlmeval_verdict(text, sample)["correct"]
+    if protocol != "lenient":
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
     answer = str(sample.answer).strip()
     if sample.choices:
         return option_letter(text, sample.choices) == answer
@@ -329,6 +401,48 @@ def is_correct(text: str, sample) -> bool:
         got = numbers(final)
         return bool(got) and same_number(got[-1], want[0], getattr(sample, "precision", None))
     return normalise(final) == normalise(answer)
+
+
+def check_protocol(sample, protocol: str):
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+    if protocol == "vlmeval" and getattr(sample, "bench", None) not in PAPER:
+        raise ValueError(f"protocol vlmeval is for the paper's seven benchmarks ({', '.join(PAPER)}), "
+                         f"not {sample.id or 'this sample'}")
+
+
+def prompt_text(sample, protocol: str) -> str:
+    """The text the model is sent for `sample` under `protocol` (its images go before it)."""
+    check_protocol(sample, protocol)
+    return sample.prompts[protocol] if isinstance(sample, BenchSample) else sample.question
+
+
+def vlmeval_verdict(text: str, sample) -> dict:
+    """vlmeval_rules.verdict on a decoded reply (latent spans and special tokens dropped, as VLMEvalKit decodes)."""
+    check_protocol(sample, "vlmeval")
+    return vlmeval_rules.verdict(sample.bench, reward.SPAN_RE.sub("", text), sample.row)
+
+
+def verdicts(text: str, sample, protocol: str = "lenient") -> dict:
+    """An eval record's verdict fields: "correct" under `protocol`; for the paper's seven also both
+    verdicts ("lenient", "vlmeval"), what VLMEvalKit's rules read ("vlmeval_pred") and "judge" (VLMEvalKit
+    would ask its API judge)."""
+    if getattr(sample, "bench", None) not in PAPER:
+        return {"correct": is_correct(text, sample, protocol)}
+    v, lenient = vlmeval_verdict(text, sample), is_correct(text, sample)
+    return {"correct": v["correct"] if protocol == "vlmeval" else lenient, "lenient": lenient,
+            "vlmeval": v["correct"], "vlmeval_pred": v["pred"], "judge": v["judge"]}
+
+
+def report(name: str, samples, records) -> dict:
+    """VLMEvalKit's metrics (vlmeval_rules.report) of eval records (benchmarks.verdicts' fields, in the order of
+    `samples`), and "disagree": how many replies the two verdicts differ on."""
+    rows = [s.row for s in samples]
+    out = vlmeval_rules.report(name, rows, [{"pred": r["vlmeval_pred"], "correct": r["vlmeval"], "judge": r["judge"]}
+                                      for r in records])
+    out["disagree"] = sum(r["lenient"] != r["vlmeval"] for r in records)
+    out["lenient_acc"] = sum(r["lenient"] for r in records) / max(len(records), 1)
+    return out
 
 
 # -------------------------------------------------------------------------------------------- CLI

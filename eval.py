@@ -16,12 +16,18 @@ noise_norm (Gaussian noise rescaled to the norm of the latent it replaces); zero
 question of its batch generated); oracle (the question's stage-1 targets: an upper bound); K=n (a
 test-time sweep of the number of latent steps). --compare runs them all. Routing: --force-latents (a
 span is opened first), --no-latents (never opened), --route T1,T2 (forced for those question types only).
+The paper's seven benchmarks are run under --protocol vlmeval by default: VLMEvalKit's prompt per
+dataset, its pixel bounds for a real checkpoint (min/max pixels 1280*28*28 / 8192*28*28), its
+judge-free verdict and metrics (vlmeval_rules.py), with the share of replies its rules decide (the rest
+would go to its API judge and score 0 here) and how many replies the lenient checker judges otherwise;
+--protocol lenient sends our own prompt and scores with the RL reward's checker.
 Accuracy intervals are 95% Wilson intervals; paired differences against normal (same questions) carry a
 95% normal-approximation interval of the mean per-question difference.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import math
@@ -39,7 +45,7 @@ import model as M
 import parallel as P
 import reward
 import rundir
-
+import vlmeval_rules
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -83,10 +89,12 @@ def first_span_latents(roll, K: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, batch_size=64, temperature=0.0,
-             top_p=1.0, seed=0, max_new_tokens=32, blank=False, progress=True, att_layers=(0,)) -> list[dict]:
+             top_p=1.0, seed=0, max_new_tokens=32, blank=False, progress=True, att_layers=(0,),
+             protocol="lenient") -> list[dict]:
     """Batched decoding (greedy, or sampling with one generator per question seeded by (`seed`, its
     index)); one record per question, with the rollout's attention share on its latents (reward.py's
-    r_attn, None without a span).
+    r_attn, None without a span). `protocol` decides "correct" (benchmarks.verdicts; the paper's seven also
+    get both verdicts and VLMEvalKit's judge flag).
 
     mode: one of lvr.MODES; "shuffle" (each question is fed the latents the next question of its batch
     generated); "oracle" (its own stage-1 targets: the visual tokens of its boxes, pooled onto K slots);
@@ -126,7 +134,7 @@ def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, bat
             pred = reward.parse_answer(text) if s.choices or len(s.answer) == 1 else benchmarks.final_text(text)
             opened = bool(roll.opened[j])
             records.append({"id": s.id, "qtype": s.qtype, "answer": s.answer, "pred": pred,
-                            "correct": benchmarks.is_correct(text, s),
+                            **benchmarks.verdicts(text, s, protocol),
                             "opened": opened, "att_share": float(share[j]) if opened else None, "text": text,
                             "latent_fit": fit[j] if fit is not None and opened else None,
                             "chance": 1 / n_options(s) if s.choices or len(s.answer) == 1 else 0.0})
@@ -285,7 +293,13 @@ def parse_args(argv=None):
                                         "holding NAME.tsv, as VLMEvalKit stores them)")
     p.add_argument("--latent-steps", type=rundir.at_least(0), default=8, help="K, latent steps per span")
     p.add_argument("--batch-size", type=rundir.at_least(1), default=64, help="questions decoded together")
-    p.add_argument("--max-new-tokens", type=rundir.at_least(1), default=32, help="reply length cap (latent steps included)")
+    p.add_argument("--max-new-tokens", type=rundir.at_least(1),
+                   help="reply length cap, latent steps included (default: 32 for small-vl, 2048 for real checkpoints, "
+                        "VLMEvalKit's room for a reasoning reply)")
+    p.add_argument("--protocol", choices=benchmarks.PROTOCOLS,
+                   help="the paper's seven benchmarks: vlmeval (default: VLMEvalKit's prompt, pixel bounds for real "
+                        "checkpoints, judge-free verdict and metrics) or lenient (our checker, the RL reward's; the "
+                        "default for the other benchmarks and the synthetic split)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; else sampling (seeded by --seed)")
     p.add_argument("--top-p", type=rundir.at_least(0.0, float), default=1.0, help="nucleus sampling when sampling")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling and of the noise latents")
@@ -317,17 +331,47 @@ def load_samples(a) -> dict:
     if not a.bench_root:
         raise ValueError("--bench needs --bench-root (the benchmark's directory or .tsv file)")
     names = benchmarks.PAPER if a.bench == "all" else [a.bench]
-    return {name: benchmarks.load_benchmark(name, a.bench_root)[:a.n] for name in names}
+    sets = {}
+    for name in names:
+        samples = benchmarks.load_benchmark(name, a.bench_root)[:a.n]
+        if a.protocol == "vlmeval" and name == "MMVP":
+            try:
+                vlmeval_rules.mmvp_pairs([s.row for s in samples])
+            except ValueError as e:
+                raise ValueError(f"--n {a.n}: {e}") from None
+        sets[name] = [dataclasses.replace(s, question=benchmarks.prompt_text(s, a.protocol)) for s in samples]
+    return sets
+
+
+def resolve_protocol(a):
+    """--protocol: vlmeval for the paper's seven, lenient otherwise (vlmeval only fits the seven)."""
+    paper = a.bench == "all" or a.bench in benchmarks.PAPER
+    if a.protocol == "vlmeval" and not paper:
+        raise ValueError(f"--protocol vlmeval is for the paper's seven benchmarks (--bench all or one of "
+                         f"{', '.join(benchmarks.PAPER)}), not {a.bench or 'the synthetic split'}")
+    return a.protocol or ("vlmeval" if paper else "lenient")
 
 
 def bench_table(summaries: dict) -> str:
-    """Markdown: a row per benchmark, accuracy [95% CI], n, latent rate, MMVP's pair accuracy."""
-    rows = ["| benchmark | accuracy [95% CI] | n | latent rate | pair acc. |", "|---|---|---|---|---|"]
+    """Markdown: a row per benchmark, accuracy [95% CI], n, latent rate, MMVP's pair accuracy; for the
+    paper's seven also VLMEvalKit's headline metric, its rule-decided share (the rest would go to its API
+    judge and scores 0 here) and how many replies the lenient and VLMEvalKit verdicts disagree on."""
+    rows = ["| benchmark | accuracy [95% CI] | n | latent rate | pair acc. | VLMEvalKit metric | rule-decided | "
+            "lenient acc. | verdicts disagree |", "|---|---|---|---|---|---|---|---|---|"]
     for name, s in summaries.items():
-        o = s["overall"]
+        o, v = s["overall"], s.get("vlmeval")
         pair = f"{o['pair_acc']:.3f}" if "pair_acc" in o else "-"
-        rows.append(f"| {name} | {o['acc']:.3f} [{o['ci95'][0]:.2f}, {o['ci95'][1]:.2f}] | {o['n']} | {o['latent_rate']:.2f} | {pair} |")
+        vk = (f"{v['headline']} {v['metrics'][v['headline']]:.3f} | {v['decided']:.3f} ({v['n'] - v['judge']}/{v['n']}) | "
+              f"{v['lenient_acc']:.3f} | {v['disagree']}/{o['n']}") if v else "- | - | - | -"
+        rows.append(f"| {name} | {o['acc']:.3f} [{o['ci95'][0]:.2f}, {o['ci95'][1]:.2f}] | {o['n']} | {o['latent_rate']:.2f} "
+                    f"| {pair} | {vk} |")
     return "\n".join(rows)
+
+
+def vlmeval_lines(name: str, report: dict) -> str:
+    """VLMEvalKit's metrics of one benchmark, one line."""
+    cells = ", ".join(f"{k} {v:.3f}" for k, v in report["metrics"].items())
+    return f"{name} (VLMEvalKit, judge-free; {report['judge']} of {report['n']} would need its API judge): {cells}"
 
 
 def write_json(path: str, obj):
@@ -370,7 +414,14 @@ def main(argv=None):
         a.device = P.init_dist(a.device)  # under torchrun: questions split over the ranks, rank 0 reports
         a.model = a.model or newest_checkpoint()
         out = output_path(a)
+        protocol = a.protocol = resolve_protocol(a)
         model, tok = M.load_model(a.model, M.DTYPES[M.resolve_dtype(a)], a.device, max_pixels=a.max_pixels)
+        real = model.config.vision_config.in_channels != 5  # small-vl's tower has 5 channels
+        if protocol == "vlmeval" and real:  # VLMEvalKit's pixel bounds for Qwen2.5-VL
+            model.image_processor = M.image_processor(model.config.vision_config, M.resolve(a.model),
+                                                      max_pixels=a.max_pixels or vlmeval_rules.MAX_PIXELS,
+                                                      min_pixels=vlmeval_rules.MIN_PIXELS)
+        a.max_new_tokens = a.max_new_tokens or (2048 if real else 32)
         rundir.check_layers(model, a.att_layers)
         sets = load_samples(a)
         for samples in sets.values():
@@ -379,23 +430,28 @@ def main(argv=None):
         chosen = ["drop"] if a.drop_latents else ["noise"] if a.noise_latents else ["noise_norm"] if a.noise_norm_latents else ["normal"]
         modes = list(ARMS) + [f"K={k}" for k in K_SWEEP if k != a.latent_steps] if a.compare else chosen
         kw = dict(latent_steps=a.latent_steps, route=route, batch_size=a.batch_size, temperature=a.temperature,
-                  top_p=a.top_p, seed=a.seed, max_new_tokens=a.max_new_tokens, att_layers=a.att_layers)
+                  top_p=a.top_p, seed=a.seed, max_new_tokens=a.max_new_tokens, att_layers=a.att_layers, protocol=protocol)
         report = {}
         for name, samples in sets.items():
             results = {}
             for mode in modes:  # the results file is rewritten after each mode: a late failure keeps the rest
                 results[mode] = evaluate(model, tok, samples, mode=mode, **kw)
                 summaries = compare(results) if a.compare else {m: summarize(r) for m, r in results.items()}
+                if samples and isinstance(samples[0], benchmarks.BenchSample):
+                    for m, recs in results.items():
+                        summaries[m]["vlmeval"] = benchmarks.report(name, samples, recs)
                 report[name] = {"summaries": summaries, "records": results}
-                P.on_main(write_json, out, {"model": a.model, "route": route,
+                P.on_main(write_json, out, {"model": a.model, "route": route, "protocol": protocol,
                                             **(report[name] if len(sets) == 1 else {"benchmarks": report})})
             if P.is_main():
                 print(f"{name}:\n{table(summaries)}" if len(sets) > 1 else table(summaries))
+                if "vlmeval" in summaries[modes[0]]:
+                    print(vlmeval_lines(name, summaries[modes[0]]["vlmeval"]))
     except (M.ModelLoadError, P.RankZeroError, OSError, ValueError, ImportError) as e:
         sys.exit(f"error: {rundir.oneline(e)}" if P.is_main() else 1)  # rank 0 says it, once
     if not P.is_main():
         return
-    if len(sets) > 1:
+    if len(sets) > 1 or a.bench in benchmarks.PAPER:
         print(bench_table({name: r["summaries"][modes[0]] for name, r in report.items()}))
     print("wrote", out)
 

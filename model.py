@@ -89,19 +89,20 @@ def build_small_vl(seed: int = 0, **sizes):
 SMALL_VL_PIXELS = (56 * 56, 1024 * 28 * 28)  # small-vl's min / max pixels (its images are 96 x 96: no resize)
 
 
-def image_processor(vcfg, path: str | None = None, max_pixels: int | None = None):
+def image_processor(vcfg, path: str | None = None, max_pixels: int | None = None, min_pixels: int | None = None):
     """The checkpoint's own Qwen2-VL image processor (its preprocessor_config.json: patch sizes, min/max
-    pixels), else one built from the vision config with small-vl's pixel bounds; `max_pixels` overrides."""
+    pixels), else one built from the vision config with small-vl's pixel bounds; `max_pixels` and
+    `min_pixels` override."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     cfg_file = os.path.join(path, "preprocessor_config.json") if path else None
-    override = {"max_pixels": int(max_pixels)} if max_pixels is not None else {}
+    override = {k: int(v) for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
     if cfg_file and os.path.isfile(cfg_file):
         try:
             return Qwen2VLImageProcessorPil.from_pretrained(path, **override)
         except Exception as e:  # noqa: BLE001 - a broken preprocessor_config.json
             raise ModelLoadError(f"{cfg_file}: cannot build the image processor ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return Qwen2VLImageProcessorPil(patch_size=vcfg.patch_size, temporal_patch_size=vcfg.temporal_patch_size,
-                                    merge_size=vcfg.spatial_merge_size, min_pixels=SMALL_VL_PIXELS[0],
+                                    merge_size=vcfg.spatial_merge_size, min_pixels=override.get("min_pixels", SMALL_VL_PIXELS[0]),
                                     max_pixels=override.get("max_pixels", SMALL_VL_PIXELS[1]))
 
 
