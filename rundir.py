@@ -3,15 +3,16 @@
     OUT/checkpoint/        the newest weights: a clean Hugging Face model directory (config, safetensors, tokenizer)
     OUT/trainer_state.pt   what --resume needs besides the weights: step, optimizer, RNG, probe, length penalty,
                            the run's options, fp32 master weights when checkpoint/ holds a narrower dtype, and
-                           `files`, the sha256 of every file of the checkpoint it was saved with
+                           `files`, the sha256 of each file the checkpoint was saved with
     OUT/log.jsonl          one JSON row per step
     OUT/run.lock           the PID of the run holding the folder (an flock: the kernel drops it when that process dies)
 
 A save writes checkpoint.tmp/ and fsyncs it, then trainer_state.pt.partial, renamed to trainer_state.pt.tmp
 once complete, fsynced and read back: it marks checkpoint.tmp/ as complete, and its `files` prove which
 folder it belongs to. Then checkpoint.tmp/ -> checkpoint/ and trainer_state.pt.tmp -> trainer_state.pt.
-`find` takes the newest trainer state that loads and whose `files` match a folder beside it, whatever
-moment a kill struck; `recover` finishes the renames of a save cut short and drops the rest. A run
+`find` takes a mark that loads and whose `files` match a folder beside it, else trainer_state.pt with
+checkpoint/, whatever moment a kill struck; `recover` finishes the renames of a save cut short and drops
+the rest (a damaged or stale mark is said in one line; a damaged trainer_state.pt refuses --resume). A run
 without --resume refuses a folder that holds a save or a save's leftovers (--overwrite removes them).
 Every file is written through `writing`: a full disk is one line naming the file, the temporary removed.
 
@@ -123,8 +124,8 @@ def add_run_args(p):
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue from OUT's newest complete checkpoint, same data order")
     g.add_argument("--overwrite", action="store_true",
-                   help="start over in an OUT that holds a run: its checkpoints, trainer state, log and leftovers are "
-                        "removed (without --resume or --overwrite such a folder is refused)")
+                   help="start over in a run folder that holds a run: its checkpoints, trainer state, log, table and "
+                        "leftovers are removed first (without --resume or --overwrite such a folder is refused)")
 
 
 # ---------------------------------------------------------------------------------------- lock
@@ -189,6 +190,7 @@ def _lock(out: str, args=None):
 
 @contextlib.contextmanager
 def _file_lock(path: str):
+    """Hold PATH.lock for this process (see locked_file)."""
     lock = path + ".lock"
     while True:
         fd = _flock(lock, f"{path} is being written by another process")
@@ -198,7 +200,8 @@ def _file_lock(path: str):
     try:
         yield
     finally:
-        os.remove(lock)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(lock)
         os.close(fd)
 
 
@@ -291,10 +294,11 @@ def read_state(path: str, mmap: bool = False) -> dict:
 
 def find(out: str, ignored: list | None = None) -> tuple[str, str] | None:
     """(weights folder, trainer state file) of the newest complete save in OUT, or None. Reads only.
-    A state counts when it loads and its `files` match a folder beside it: checkpoint.tmp/ (a save whose
-    renames a kill cut short), checkpoint/ or checkpoint.old/; each other state is said in `ignored`,
-    one line. States of older versions (no `files`) pair as they were written (the .tmp with
-    checkpoint.tmp/ when there is one); older layouts kept trainer_state.pt inside checkpoint/."""
+    A mark (trainer_state.pt.tmp: a save whose renames a kill cut short) counts when it loads and its
+    `files` are those of a folder beside it: checkpoint.tmp/, checkpoint/ or checkpoint.old/ (older
+    versions' marks, without `files`: checkpoint.tmp/ when there is one). trainer_state.pt, renamed into
+    place only after its folder, pairs with checkpoint/ when it loads. Each state that does not count is
+    said in `ignored`, one line. Older layouts kept trainer_state.pt inside checkpoint/."""
     ck, st = os.path.join(out, CKPT), os.path.join(out, STATE)
     ignored = [] if ignored is None else ignored
     for path in (st + ".tmp", st):
@@ -305,15 +309,15 @@ def find(out: str, ignored: list | None = None) -> tuple[str, str] | None:
         except RunError as e:
             ignored.append(str(e))
             continue
-        if files is None:  # saved by an older version
-            d = ck + ".tmp" if path.endswith(".tmp") and os.path.isdir(ck + ".tmp") else ck
+        if path != st and files:  # a mark: the folder whose files it recorded
+            for d in (ck + ".tmp", ck, ck + ".old"):
+                if os.path.isdir(d) and all(sha256(os.path.join(d, n)) == h for n, h in files.items()):
+                    return d, path
+        else:  # trainer_state.pt (renamed into place after its folder), or an older version's mark
+            d = ck + ".tmp" if path != st and os.path.isdir(ck + ".tmp") else ck
             if os.path.isdir(d):
                 return d, path
-            continue
-        for d in (ck + ".tmp", ck, ck + ".old"):
-            if os.path.isdir(d) and all(sha256(os.path.join(d, n)) == h for n, h in files.items()):
-                return d, path
-        ignored.append(f"{path} belongs to no checkpoint folder beside it (another save's, or a half-written one's)")
+        ignored.append(f"{path} belongs to no checkpoint folder beside it (another save's, or a half-written one)")
     for d in (ck + ".tmp", ck, ck + ".old"):  # the older layout, newest first
         if os.path.isfile(os.path.join(d, STATE)):
             return d, os.path.join(d, STATE)
