@@ -470,7 +470,7 @@ def load_jsonl(path: str) -> list[Sample]:
     """Read LVR's SFT data (a JSON array or JSONL; LLaVA-style records) or RL rows (question, image,
     answer); a bad row raises ValueError naming the file and line (or row)."""
     base = os.path.dirname(os.path.abspath(path))
-    return parse_rows(path, records(path), lambda row: from_record(row if isinstance(row, dict) else json_object(row), base))
+    return parse_rows(path, records(path), lambda row: from_record(json_object(row), base))
 
 
 def parse_rows(path: str, rows, parse) -> list[Sample]:
@@ -493,10 +493,9 @@ def benchmark_file(path: str) -> str:
 
 
 def json_object(line) -> dict:
-    if isinstance(line, dict):
-        return line
+    """A JSONL line, or a JSON array's element, as a record (a dict); anything else is a ValueError."""
     try:
-        row = json.loads(line)
+        row = json.loads(line) if isinstance(line, (str, bytes)) else line
     except json.JSONDecodeError as e:
         raise ValueError(f"malformed JSON: {e}") from None
     if not isinstance(row, dict):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import contextlib
 import glob
 import json
 import math
@@ -283,7 +284,7 @@ def plot(logs: list[str], out: str) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint directory or cached hub id (default: the newest small-vl RL, else SFT)")
-    p.add_argument("--max-pixels", type=int, help="override the checkpoint's max_pixels (image resize bound)")
+    p.add_argument("--max-pixels", type=rundir.at_least(1), help="override the checkpoint's max_pixels (image resize bound)")
     p.add_argument("--split", default="test", choices=["val", "test"], help="synthetic split to evaluate")
     p.add_argument("--n", type=rundir.at_least(1), help="number of questions (default: 500 synthetic, all of a benchmark)")
     p.add_argument("--data-seed", type=int, default=0, help="synthetic data seed (the one training used)")
@@ -300,8 +301,8 @@ def parse_args(argv=None):
                    help="the paper's seven benchmarks: vlmeval (default: VLMEvalKit's prompt, pixel bounds for real "
                         "checkpoints, judge-free verdict and metrics) or lenient (our checker, the RL reward's; the "
                         "default for the other benchmarks and the synthetic split)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; else sampling (seeded by --seed)")
-    p.add_argument("--top-p", type=rundir.at_least(0.0, float), default=1.0, help="nucleus sampling when sampling")
+    p.add_argument("--temperature", type=rundir.at_least(0.0, float), default=0.0, help="0 = greedy; else sampling (seeded by --seed)")
+    p.add_argument("--top-p", type=rundir.positive(), default=1.0, help="nucleus sampling when sampling")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling and of the noise latents")
     m = p.add_mutually_exclusive_group()
     m.add_argument("--drop-latents", action="store_true", help="no latent embedding enters the context")
@@ -375,16 +376,17 @@ def vlmeval_lines(name: str, report: dict) -> str:
 
 
 def write_json(path: str, obj):
-    """Write JSON through a temporary file and a rename: a kill or a full disk never leaves half a file."""
-    with open(path + ".tmp", "w") as f:
+    """Write JSON whole or not at all (rundir.writing): a kill or a full disk never leaves half a file."""
+    with rundir.writing(path) as f:
         json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def output_path(a) -> str:
     """--out (its folder must exist), else eval_<split or bench>.json beside the model if that folder is
     writable, else in the current folder (said in one line)."""
     if a.out:
+        if os.path.isdir(a.out):
+            raise ValueError(f"--out {a.out} is a folder: give the results file's name")
         folder = os.path.dirname(os.path.abspath(a.out))
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"--out {a.out}: folder {folder} does not exist")
@@ -407,6 +409,7 @@ def check_route(route: str | None, samples):
 
 def main(argv=None):
     a = parse_args(argv)
+    held = contextlib.ExitStack()  # the results file's lock
     try:
         if a.plot:
             print("wrote", plot(a.plot, a.plot_out))
@@ -415,6 +418,7 @@ def main(argv=None):
         a.model = a.model or newest_checkpoint()
         out = output_path(a)
         protocol = a.protocol = resolve_protocol(a)
+        held.enter_context(rundir.locked_file(out))  # a second eval writing it is refused, before any work
         model, tok = M.load_model(a.model, M.DTYPES[M.resolve_dtype(a)], a.device, max_pixels=a.max_pixels)
         real = model.config.vision_config.in_channels != 5  # small-vl's tower has 5 channels
         if protocol == "vlmeval" and real:  # VLMEvalKit's pixel bounds for Qwen2.5-VL
@@ -447,8 +451,10 @@ def main(argv=None):
                 print(f"{name}:\n{table(summaries)}" if len(sets) > 1 else table(summaries))
                 if "vlmeval" in summaries[modes[0]]:
                     print(vlmeval_lines(name, summaries[modes[0]]["vlmeval"]))
-    except (M.ModelLoadError, P.RankZeroError, OSError, ValueError, ImportError) as e:
+    except (M.ModelLoadError, rundir.RunError, P.RankZeroError, OSError, ValueError, ImportError) as e:
         sys.exit(f"error: {rundir.oneline(e)}" if P.is_main() else 1)  # rank 0 says it, once
+    finally:
+        held.close()
     if not P.is_main():
         return
     if len(sets) > 1 or a.bench in benchmarks.PAPER:

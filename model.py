@@ -209,10 +209,24 @@ def encode(model, tok, samples, responses=None, images=None):
 # ------------------------------------------------------------------------------ device / dtype
 def add_device_args(p):
     """--device and --dtype, the same on every script."""
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda if present)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="compute dtype: auto = bf16 on CUDA, fp32 on CPU (training keeps fp32 weights and runs "
                         "bf16 under autocast unless --param-dtype bf16; eval loads the weights in it)")
+
+
+def device_arg(s: str) -> str:
+    """argparse type of --device: cpu, cuda or cuda:N, a GPU only where there is one (one line naming the option)."""
+    try:
+        d = torch.device(s)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a device: cpu, cuda or cuda:N") from None
+    if d.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{s!r} is not a device: cpu, cuda or cuda:N")
+    if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{s}: no such CUDA GPU here ({torch.cuda.device_count()} found); use cpu")
+    return s
 
 
 def resolve_dtype(args) -> str:
@@ -354,21 +368,21 @@ def write_model(model, tok, path: str, dtype=None, weights: dict | None = None):
         model.save_pretrained(path, safe_serialization=True, state_dict=sd)
         tok.save_pretrained(path)
         processor_of(model).save_pretrained(path)  # preprocessor_config.json: AutoProcessor, vLLM, VLMEvalKit load it
-    except OSError:
-        raise
+        if cast:  # config.json says which dtype the weights are in
+            cfg_path = os.path.join(path, "config.json")
+            with open(cfg_path) as f:
+                cfg = json.load(f)
+            cfg["dtype"] = str(dtype).split(".")[1]
+            with open(cfg_path, "w") as f:
+                json.dump(cfg, f, indent=2)
+        for name in os.listdir(path):
+            with open(os.path.join(path, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(path)
+    except OSError as e:
+        raise e if e.filename else OSError(e.errno, e.strerror, path) from None
     except Exception as e:  # noqa: BLE001 - safetensors reports a full disk as its own error type
         raise OSError(errno.EIO, f"cannot write ({type(e).__name__}: {str(e).splitlines()[0]})", path) from None
-    if cast:  # config.json says which dtype the weights are in
-        cfg_path = os.path.join(path, "config.json")
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-        cfg["dtype"] = str(dtype).split(".")[1]
-        with open(cfg_path, "w") as f:
-            json.dump(cfg, f, indent=2)
-    for name in os.listdir(path):
-        with open(os.path.join(path, name), "rb") as f:
-            os.fsync(f.fileno())
-    fsync_dir(path)
 
 
 def replace_dir(src: str, dst: str):

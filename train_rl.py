@@ -50,13 +50,13 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=rundir.at_least(1), default=300, help="GRPO steps")
     p.add_argument("--prompts", type=rundir.at_least(1), default=8, help="questions per step")
     p.add_argument("--group", type=rundir.at_least(2), default=8, help="G: rollouts per question (at least 2)")
-    p.add_argument("--temperature", type=rundir.at_least(0.0, float), default=0.5, help="rollout sampling temperature")
-    p.add_argument("--top-p", type=rundir.at_least(0.0, float), default=0.99, help="rollout nucleus sampling")
+    p.add_argument("--temperature", type=rundir.positive(), default=0.5, help="rollout sampling temperature")
+    p.add_argument("--top-p", type=rundir.positive(), default=0.99, help="rollout nucleus sampling")
     p.add_argument("--max-new-tokens", type=rundir.at_least(1), default=32, help="rollout length cap (latent steps included)")
     p.add_argument("--latent-steps", type=rundir.at_least(0), default=8, help="K: latent steps per span")
-    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (AdamW; the paper: 1e-6 for the 7B)")
-    p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps")
-    p.add_argument("--clip-grad", type=float, default=1.0, help="gradient norm clip")
+    p.add_argument("--lr", type=rundir.positive(), default=5e-5, help="peak learning rate (AdamW; the paper: 1e-6 for the 7B)")
+    p.add_argument("--warmup", type=rundir.at_least(0), default=10, help="linear warm-up steps")
+    p.add_argument("--clip-grad", type=rundir.positive(), default=1.0, help="gradient norm clip")
     p.add_argument("--loss", default="dapo", choices=LOSSES,
                    help="dapo: token mean over the batch; grpo: mean per sequence, then over sequences; "
                         "dr_grpo: token sum / (rollouts * max-new-tokens), advantages without std")
@@ -65,9 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--clip-high", type=float, default=0.3, help="PPO ratio clip above 1")
     p.add_argument("--dual-clip", type=float, default=3.0, help="dual clip for negative advantages (0 = off)")
     p.add_argument("--ppo-epochs", type=rundir.at_least(1), default=1, help="updates per rollout batch")
-    p.add_argument("--beta", type=float, default=0.0, help="KL (k3) to a frozen reference; 0 builds no reference")
+    p.add_argument("--beta", type=rundir.at_least(0.0, float), default=0.0, help="KL (k3) to a frozen reference; 0 builds no reference")
     p.add_argument("--latent-logp", default="vlpo", choices=["vlpo", "mask"], help="how latent slots enter the loss")
-    p.add_argument("--sigma", type=rundir.at_least(0.0, float), default=10.0, help="VLPO's sigma")
+    p.add_argument("--sigma", type=rundir.positive(), default=10.0, help="VLPO's sigma")
     p.add_argument("--acc-weight", type=float, default=0.9, help="reward weight of answer accuracy")
     p.add_argument("--format-weight", type=float, default=0.1, help="reward weight of the answer format")
     p.add_argument("--len-weight", type=float, default=0.001, help="penalty per token beyond the shortest correct reply")
@@ -82,7 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--train-vision", action="store_true", help="also train the vision tower")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and the sampling")
     p.add_argument("--save-every", type=rundir.at_least(1), default=50, help="write a checkpoint every N steps (and at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT's newest complete checkpoint")
+    rundir.add_run_args(p)
     p.add_argument("--micro-batch", type=rundir.at_least(1),
                    help="rollouts per scoring forward/backward, gradients accumulated (default: all of a step's for a "
                         "model under 100M parameters, as small-vl, else 4); any value gives the same update")
@@ -113,7 +113,9 @@ def initial_model(args) -> str:
     if not os.path.isdir(ckpt):
         print(f"no small-vl SFT checkpoint at {ckpt}: training it first (python train_sft.py --model small-vl)")
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_sft.py")
-        subprocess.run([sys.executable, script, "--model", "small-vl", "--device", args.device, "--dtype", args.dtype], check=True)
+        cmd = [sys.executable, script, "--model", "small-vl", "--device", args.device, "--dtype", args.dtype, "--resume"]
+        if subprocess.run(cmd).returncode:  # it said why
+            raise rundir.RunError(f"training the SFT model failed: {' '.join(cmd[1:])}")
     return ckpt
 
 
@@ -386,7 +388,7 @@ def train(args) -> str:
     P.check_parallel(args)
     mine = P.share(args.prompts, "--prompts")
     torch.manual_seed(args.seed)
-    with rundir.locked(args.out):
+    with rundir.locked(args.out, args):
         stream = data.Stream(args)
         model, tok, ref, opt, state, dtype = start(args)
         step, skips, streak = state["step"], state.get("skips", 0), 0

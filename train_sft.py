@@ -59,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--data", help="LVR-format data (JSON array or JSONL) instead of the synthetic generator")
     p.add_argument("--val-fraction", type=float, default=0.05,
                    help="with --data: share of its rows held out for validation (at least 1, at most --n-val)")
-    p.add_argument("--max-pixels", type=int, help="real checkpoints: override their max_pixels (image resize bound)")
+    p.add_argument("--max-pixels", type=rundir.at_least(1), help="real checkpoints: override their max_pixels (image resize bound)")
     p.add_argument("--no-latents", action="store_true", help="text-only baseline: no reply carries a latent span")
     p.add_argument("--latent-fraction", type=float, default=0.75, help="share of replies that carry a latent span")
     p.add_argument("--latent-steps", type=rundir.at_least(1), default=8, help="K: latent steps per span when decoding (evaluation)")
@@ -81,15 +81,15 @@ def parse_args(argv=None):
                    help="weight of the pointing loss (layer 0, head 0 attends from an object's name to its cells); "
                         "default 1 for small-vl, 0 for a real checkpoint")
     p.add_argument("--batch-size", type=rundir.at_least(1), default=32, help="questions per step")
-    p.add_argument("--lr", type=float,
+    p.add_argument("--lr", type=rundir.positive(),
                    help="peak learning rate (AdamW, warm-up then cosine to 10%%); default 1e-3 small-vl, 1e-5 a real checkpoint")
-    p.add_argument("--warmup", type=int, default=30, help="warm-up steps")
+    p.add_argument("--warmup", type=rundir.at_least(0), default=30, help="warm-up steps")
     p.add_argument("--min-lr", type=float, default=0.1, help="cosine decay ends at this fraction of --lr (1 = constant)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, the data and the latent choice")
-    p.add_argument("--n-val", type=int, default=500, help="validation questions for the final table")
-    p.add_argument("--eval-every", type=int, default=250, help="quick greedy validation every N steps (0 = never)")
+    p.add_argument("--n-val", type=rundir.at_least(1), default=500, help="validation questions for the final table")
+    p.add_argument("--eval-every", type=rundir.at_least(0), default=250, help="quick greedy validation every N steps (0 = never)")
     p.add_argument("--save-every", type=rundir.at_least(1), default=250, help="write a checkpoint every N steps (and at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT's newest complete checkpoint, same data order")
+    rundir.add_run_args(p)
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of the decoder layers (non-reentrant)")
     p.add_argument("--param-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="dtype of the trained weights, their gradients and AdamW's state")
@@ -110,6 +110,8 @@ def parse_args(argv=None):
         a.out = os.path.join(rundir.RUNS, f"{name}-sft" + ("-text" if a.no_latents else ""))
     if a.base is None:
         a.base = rundir.shipped_base(a.seed, a.base_steps) or os.path.join(rundir.RUNS, "small-vl-base" + (f"-seed{a.seed}" if a.seed else ""))
+    elif os.path.exists(a.base) and not os.path.isdir(a.base):
+        p.error(f"argument --base: {a.base} is a file, not a model folder or a run folder")
     if not 0 <= a.latent_fraction <= 1:
         p.error("--latent-fraction must be in [0, 1]")
     return a
@@ -359,7 +361,7 @@ def train(args, stage: int, out: str, init: str | None) -> str:
     """One stage into run directory `out`; returns its checkpoint. Under torchrun each rank takes an equal
     contiguous share of every batch; rank 0 alone logs, shows the bar and writes checkpoints."""
     torch.manual_seed(args.seed + stage)
-    with rundir.locked(out):
+    with rundir.locked(out, args):
         return _train(args, stage, out, init)
 
 
@@ -459,6 +461,7 @@ def main(argv=None):
         P.check_parallel(args)
         if args.data:
             data.load_jsonl(args.data)  # bad rows fail now, not after the base model's training
+        rundir.claim(args.out, args, remove=False)  # a folder holding a run fails now too (removed under its lock)
         init = args.model if args.model != "small-vl" else base_model(args)
         t0 = time.time()
         ckpt = train(args, 1, args.out, init)

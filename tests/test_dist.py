@@ -93,6 +93,8 @@ def test_rank0_refusals_stop_every_rank_with_one_line(tiny_ckpt, one_rl, tmp_pat
     res = run(one_rl, "--resume", "--prompts", "2")
     assert res.returncode != 0
     assert res.stderr.count("error: --resume with --prompts 2 but the run used 4: that changes the data order") == 1
+    res = run(one_rl)  # without --resume in a folder that holds a save (issue 25)
+    assert res.returncode != 0 and res.stderr.count(f"error: {one_rl} holds a run (checkpoint, ") == 1
 
 
 def lock_free(path: str, deadline: float):

@@ -1,8 +1,10 @@
-"""Faults and bad input (issue 13; issue 11 part 7): kills at named moments (a real kill -9 of a subprocess),
-NaN, two runs on one folder, I/O errors, bad arguments: each ends in a resumable run or one clear line."""
+"""Faults and bad input (issue 13; issue 11 part 7; issue 25: test_13-17): kills at named moments (a real
+kill -9 of a subprocess), NaN, two runs on one folder, reruns, damaged trainer state, full disks, I/O errors,
+bad arguments: each ends in a resumable run or one clear line."""
 import errno
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -260,10 +262,14 @@ def test_8_io_errors_are_one_line_and_eval_writes_as_it_goes(init, tmp_path, mon
     assert list(json.load(open(tmp_path / "e.json"))["summaries"]) == ["normal"]  # the first mode was kept
 
 
+NO_GPU = [] if torch.cuda.is_available() else [["--device", "cuda"]]
+BAD_ANY = [["--device", "foo"], ["--device", "cuda:99"]] + NO_GPU  # issue 25
 BAD_RL = [["--group", "1"], ["--sigma", "0"], ["--temperature", "0"], ["--save-every", "0"], ["--ppo-epochs", "0"],
-          ["--max-new-tokens", "0"], ["--att-layers", "a"], ["--top-p", "0"], ["--prompts", "0"], ["--steps", "0"]]
-BAD_SFT = [["--latent-steps", "0"], ["--save-every", "0"], ["--batch-size", "0"], ["--steps", "0"]]
-BAD_EVAL = [["--n", "0"]]
+          ["--max-new-tokens", "0"], ["--att-layers", "a"], ["--top-p", "0"], ["--prompts", "0"], ["--steps", "0"],
+          ["--lr", "-1"], ["--clip-grad", "-1"], ["--warmup", "-5"], ["--beta", "-1"]] + BAD_ANY
+BAD_SFT = [["--latent-steps", "0"], ["--save-every", "0"], ["--batch-size", "0"], ["--steps", "0"],
+           ["--lr", "-1"], ["--warmup", "-5"], ["--n-val", "0"], ["--n-val", "-5"], ["--max-pixels", "-1"]] + BAD_ANY
+BAD_EVAL = [["--n", "0"], ["--temperature", "-1"], ["--max-pixels", "-1"]] + BAD_ANY
 
 
 @pytest.mark.parametrize("main,bad", [(train_rl.main, b) for b in BAD_RL] + [(train_sft.main, b) for b in BAD_SFT]
@@ -314,3 +320,176 @@ def test_checkpoint_is_a_clean_release_in_the_loaded_dtype_and_resume_stays_exac
     assert a["master"].keys() == b["master"].keys() and all(torch.equal(a["master"][k], b["master"][k]) for k in a["master"])
     assert a["master"][next(iter(a["master"]))].dtype == torch.float32
     assert same_weights(full, part) and rows(full)[1]["loss"] == rows(part)[1]["loss"]
+
+
+# ----------------------------------------------------------------------------------- issue 25
+def listing(out):
+    """Every file under OUT with its bytes."""
+    return {os.path.relpath(os.path.join(d, n), out): open(os.path.join(d, n), "rb").read()
+            for d, _, names in os.walk(out) for n in names if n != "run.lock"}
+
+
+def killed_after_a_mark(tmp_path, args, out):
+    """Run `args` into OUT, killed -9 once its second save's trainer_state.pt.tmp is complete, before any
+    rename: checkpoint/ + trainer_state.pt of step 3, checkpoint.tmp/ + trainer_state.pt.tmp of step 6."""
+    kill_at(tmp_path, "train_rl", args + ["--out", out], "os.replace", ["trainer_state.pt.partial"], n=2, after=True)
+    assert {"checkpoint", "checkpoint.tmp", "trainer_state.pt", "trainer_state.pt.tmp"} <= set(os.listdir(out))
+
+
+def test_13_rerun_without_resume_is_refused_and_a_stale_mark_never_takes_a_folder(init, tmp_path, capsys):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    args = ["--model", init, "--steps", "6", "--save-every", "3"] + RL
+    train_rl.main(args + ["--out", full])
+    killed_after_a_mark(tmp_path, args, part)
+    before = listing(part)
+    # the same command again, without --resume: one line naming the folder, nothing touched
+    with pytest.raises(SystemExit) as e:
+        train_rl.main(args + ["--out", part])
+    msg = str(e.value)
+    assert part in msg and "--resume" in msg and "--overwrite" in msg and len(msg.splitlines()) == 1
+    assert listing(part) == before
+    # what that rerun did before the fix, killed inside its first save: a half-written checkpoint.tmp/ of
+    # other weights beside the stale trainer_state.pt.tmp, which --resume then renamed over checkpoint/
+    tmp = os.path.join(part, "checkpoint.tmp")
+    for name in os.listdir(tmp):
+        if name != "config.json":
+            os.remove(os.path.join(tmp, name))
+    save_file(weights(part), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    capsys.readouterr()
+    train_rl.main(args + ["--out", part, "--resume"])
+    said = capsys.readouterr().out
+    assert said.count("trainer_state.pt.tmp belongs to no checkpoint folder") == 1 and "at step 3" in said
+    assert [r["step"] for r in rows(part)] == [1, 2, 3, 4, 5, 6] and same_weights(full, part)
+    assert sorted(os.listdir(part)) == ["checkpoint", "log.jsonl", "run.lock", "trainer_state.pt"]
+    # --overwrite starts over: the old files go, the new run is the uninterrupted one
+    with open(os.path.join(part, "log.jsonl"), "a") as f:
+        f.write('{"step": 99}\n')
+    train_rl.main(args + ["--out", part, "--overwrite"])
+    assert [r["step"] for r in rows(part)] == [1, 2, 3, 4, 5, 6] and same_weights(full, part)
+    # train_sft refuses such a folder before it trains anything (here: the base model first)
+    base, out = tmp_path / "base", tmp_path / "sft"
+    out.mkdir()
+    (out / "log.jsonl").write_text("")
+    with pytest.raises(SystemExit) as e:
+        train_sft.main(["--base-steps", "1", "--steps", "1", "--base", str(base), "--out", str(out)] + SFT)
+    assert str(out) in str(e.value) and "--overwrite" in str(e.value) and not base.exists()
+
+
+def test_14_damaged_trainer_state_is_one_line_and_the_previous_pair_is_used(init, tmp_path, capsys):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    args = ["--model", init, "--steps", "6", "--save-every", "3"] + RL
+    train_rl.main(args + ["--out", full])
+    killed_after_a_mark(tmp_path, args, part)
+    mark = os.path.join(part, "trainer_state.pt.tmp")
+    os.truncate(mark, os.path.getsize(mark) // 2)  # a damaged mark must not be renamed over the good pair
+    capsys.readouterr()
+    train_rl.main(args + ["--out", part, "--resume"])
+    said = [line for line in capsys.readouterr().out.splitlines() if " is damaged" in line]
+    assert len(said) == 1 and mark in said[0] and "resuming from" in said[0]
+    assert [r["step"] for r in rows(part)] == [1, 2, 3, 4, 5, 6] and same_weights(full, part)
+    # the only trainer state damaged: one line naming it, and the folder is left as it was
+    state = os.path.join(part, "trainer_state.pt")
+    os.truncate(state, os.path.getsize(state) // 2)
+    before = listing(part)
+    with pytest.raises(SystemExit) as e:
+        train_rl.main(args + ["--out", part, "--steps", "9", "--resume"])
+    assert state in str(e.value) and " is damaged" in str(e.value) and len(str(e.value).splitlines()) == 1
+    assert listing(part) == before
+
+
+def limited(script, argv, limit):
+    """script.main(argv) in a subprocess whose files cannot grow past `limit` bytes (RLIMIT_FSIZE: a write
+    beyond it fails as on a full disk, through the same code paths; no mount, no root needed)."""
+    code = f"import sys; sys.path.insert(0, {ROOT!r}); import {script}; {script}.main({argv!r})"
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=SAME_THREADS, capture_output=True, text=True,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+
+
+@pytest.mark.parametrize("full_at", ["trainer_state.pt", "checkpoint", "log.jsonl", "eval"])
+def test_15_full_disk_is_one_line_naming_the_file_and_keeps_the_previous_save(init, tmp_path, full_at):
+    out = str(tmp_path / "r")
+    args = ["--model", init, "--out", out, "--save-every", "1"] + RL
+    train_rl.main(args + ["--steps", "1"])
+    size = {n: os.path.getsize(os.path.join(out, n)) for n in ("trainer_state.pt", "log.jsonl")}
+    size["checkpoint"] = os.path.getsize(os.path.join(out, "checkpoint", "model.safetensors"))
+    if full_at == "eval":
+        res_file = tmp_path / "e.json"
+        res_file.write_text('{"earlier": "results"}')
+        res = limited("eval", ["--model", init, "--n", "2", "--max-new-tokens", "4", "--out", str(res_file)], 100)
+        named, before, folder = str(res_file), {"e.json": res_file.read_bytes()}, str(tmp_path)
+    else:
+        before = listing(out)
+        limit = {"trainer_state.pt": (size["checkpoint"] + size["trainer_state.pt"]) // 2,  # the weights fit, the state not
+                 "checkpoint": size["checkpoint"] // 2, "log.jsonl": size["log.jsonl"] // 2}[full_at]
+        res = limited("train_rl", args + ["--steps", "2", "--resume"], limit)
+        named, folder = os.path.join(out, full_at), out
+    err = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert err[-1].startswith("error: " + named), err[-1]
+    left = [n for _, dirs, names in os.walk(folder) for n in dirs + names if n.endswith((".tmp", ".partial", ".json.lock"))]
+    assert left == []
+    if full_at == "eval":
+        assert res_file.read_bytes() == before["e.json"]
+        return
+    after = listing(out)
+    assert {k: v for k, v in after.items() if k != "log.jsonl"} == {k: v for k, v in before.items() if k != "log.jsonl"}
+    train_rl.main(args + ["--steps", "2", "--resume"])  # room again: it goes on from the kept save
+    assert [r["step"] for r in rows(out)] == [1, 2]
+
+
+def test_16_a_data_file_of_numbers_is_one_line_naming_it(init, tmp_path):
+    numbers = tmp_path / "numbers.json"
+    numbers.write_text("[1, 2, 3]")
+    for main, argv in ((train_sft.main, ["--model", init]), (train_rl.main, ["--model", init, "--steps", "1"] + RL)):
+        with pytest.raises(SystemExit) as e:
+            main(argv + ["--data", str(numbers), "--out", str(tmp_path / "r")])
+        assert str(numbers) in str(e.value) and "row 0" in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
+def test_16_base_a_file_is_one_line_naming_base(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(SystemExit):
+        train_sft.main(["--base", str(afile), "--out", str(tmp_path / "sft")] + SFT)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "argument --base" in err[-1] and str(afile) in err[-1]
+
+
+def test_16_eval_out_a_folder_is_one_line_before_evaluating(init, tmp_path, monkeypatch):
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking --out"))
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--model", init, "--n", "2", "--out", str(tmp_path)])
+    assert "--out" in str(e.value) and str(tmp_path) in str(e.value) and len(str(e.value).splitlines()) == 1
+    assert not os.path.exists(str(tmp_path) + ".tmp")
+
+
+def test_17_two_evals_on_one_results_file_the_second_is_refused(init, tmp_path):
+    res_file, marker = str(tmp_path / "e.json"), tmp_path / "evaluating"
+    argv = ["--model", init, "--n", "2", "--max-new-tokens", "4", "--out", res_file]
+    code = f"""
+import sys, time
+sys.path.insert(0, {ROOT!r})
+import eval as ev
+def paused(*a, **k):
+    open({str(marker)!r}, 'w').close()
+    time.sleep(600)
+ev.evaluate = paused
+ev.main({argv!r})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=SAME_THREADS,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    try:
+        with pytest.raises(SystemExit) as e:
+            ev.main(argv)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    msg = str(e.value)
+    assert res_file in msg and str(proc.pid) in msg and len(msg.splitlines()) == 1
+    assert not os.path.exists(res_file)
+    ev.main(argv)  # the killed one's lock does not block; the lock file goes at the end
+    assert json.load(open(res_file))["summaries"]["normal"]["overall"]["n"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["e.json", "evaluating"]
