@@ -27,8 +27,8 @@ Accuracy intervals are 95% Wilson intervals; paired differences against normal (
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import contextlib
+import dataclasses
 import glob
 import json
 import math
