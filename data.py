@@ -27,6 +27,7 @@ then built around it (so each value is exactly equally likely per type, whatever
              clutter's size) among 5-9 of other colours or shapes (V*-like search)
 
     python data.py --show 5                              # print a few training samples
+    python data.py --show 8 --task hard                  # the hard task's
     python data.py --export out/ --split val --n 200     # write out/val.jsonl + out/images/*.png
     python data.py --check lvr_sft.json                  # read LVR's SFT data (or RL rows) and report
 

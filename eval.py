@@ -4,6 +4,7 @@ share on latents, routing; on the synthetic test split or a real benchmark in it
     python eval.py --drop-latents                     # newest small-vl checkpoint (RL, else SFT), test split
     python eval.py --model DIR --compare              # every mode on the same questions, paired differences
     python eval.py --model DIR --route count,size     # latents forced for these types, forbidden for the rest
+    python eval.py --model DIR --task hard            # another question mix than the model's own (data.py)
     python eval.py --model DIR --bench mmvp --bench-root data/MMVP     # blink | cvbench | mmvp | vstar | tsv
     python eval.py --model Qwen/Qwen2.5-VL-3B-Instruct --bench MMVP --bench-root data/vlmeval   # DIR/MMVP.tsv
     python eval.py --model DIR --bench all --bench-root data/vlmeval  # the paper's seven: one table row each

@@ -5,6 +5,7 @@ a test-time K sweep), with latents forced and forbidden, and with task-level rou
 
     python study.py              # seeds 0, 1, 2 (seeds 1 and 2 train their stage-1 models: README has the time)
     python study.py --quick      # seed 0 alone: RL from the shipped stage-1 models, the same evaluation
+    python study.py --task hard  # the hard question mix: stage 1 trained from the shipped bases (runs/study-hard)
 
 Each seed has its own base model (stage 0), so the spread across seeds includes the base's: seeds 0, 1
 and 2 the shipped checkpoints/small-vl-base, -s1 and -s2 (what train_sft.py --seed N trains; README,

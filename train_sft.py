@@ -13,6 +13,7 @@ directly, so the model still chooses whether to open a span. --no-latents trains
     python train_sft.py --model small-vl                  # base (if missing), then LVR SFT -> runs/small-vl-sft
     python train_sft.py --model small-vl --no-latents     # baseline from the same base -> runs/small-vl-sft-text
     python train_sft.py --model small-vl --resume         # continue killed runs (the base's too)
+    python train_sft.py --model small-vl --task hard      # stage 1 on the hard question mix, from the shipped base
     python train_sft.py --model DIR --data lvr_sft.json   # stage 1 only, from a Qwen2.5-VL checkpoint (or hub id)
 
 A real checkpoint (--model DIR or a cached hub id) needs --data (LVR's SFT format, data.py) and gets its
