@@ -14,7 +14,20 @@ Question types (each answer value and each letter equally likely, so the text al
   distance   which of two named objects is closer to X (CV-Bench's relative distance; one within NEAR
              of X, the other beyond FAR)
 
+Those five are the `easy` task (`--task easy`, the default; the shipped checkpoints learnt it). The `hard`
+task (`--task hard`) gives the latents and RL room: clutter (6-12 smaller objects, colours repeat) and
+questions that need more than one look. Each answer value is drawn first, uniformly, and the scene is
+then built around it (so each value is exactly equally likely per type, whatever the retries):
+  count      how many <colour> objects (1-8), among 6-12 objects; options: the answer and 3 other counts
+  nearest    what colour / shape is the object nearest to the <colour> <shape> (two hops: find the named
+             object, then its nearest neighbour, at most 0.75 of the next one's distance)
+  relation   what colour / shape is the object left of / right of / above / below the <colour> <shape>
+             (two hops; the only object clearly on that side, none other even roughly there)
+  search     what shape is the <colour> object / what colour is the <shape>: one small object (half the
+             clutter's size) among 5-9 of other colours or shapes (V*-like search)
+
     python data.py --show 5                              # print a few training samples
+    python data.py --show 8 --task hard                  # the hard task's
     python data.py --export out/ --split val --n 200     # write out/val.jsonl + out/images/*.png
     python data.py --check lvr_sft.json                  # read LVR's SFT data (or RL rows) and report
 
@@ -48,6 +61,8 @@ SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 BACKGROUND = 25
 IMAGE_SIZE = 96
 RADIUS = (5.0, 13.0)  # object half-size range in pixels at IMAGE_SIZE
+HARD_RADIUS, SMALL_RADIUS = (3.5, 7.5), (2.5, 3.5)  # the hard task's clutter and its search targets
+COUNTS = tuple(str(n) for n in range(1, 9))  # the hard task's count answers (easy: 1-4)
 NEAR, FAR = 0.3, 0.6  # distance questions: centre distances, in image widths, of the near and the far candidate
 
 
@@ -237,7 +252,139 @@ def q_distance(rng, size):
 GENERATORS = {"position": q_position, "count": q_count, "attribute": q_attribute, "size": q_size, "distance": q_distance}
 
 
-CANONICAL = {v: i for i, v in enumerate(RELATIONS + ("1", "2", "3", "4") + SHAPES + tuple(COLOURS))}
+# ---------------------------------------------------------------------------------- the hard task
+# Each generator draws its answer first (uniformly), then retries scenes until one fits that answer, so
+# retries never skew the answers. Reasons name the objects in the order the question visits them: the
+# named object's colour and shape, then the answer ("red cross blue"); the boxes follow the same order.
+def scatter(rng, radii: list[float], size: int) -> list[Obj]:
+    """Objects of these radii at non-overlapping random spots (attributes set by the caller)."""
+    while (objs := place(rng, [("red", "circle", r) for r in radii], size)) is None:
+        pass
+    return objs
+
+
+def clutter_radius(rng, size, lo_hi=HARD_RADIUS):
+    return float(rng.uniform(*lo_hi)) * size / IMAGE_SIZE
+
+
+def paint(rng, o: Obj, avoid: tuple[str, str] | None = None, colour: str | None = None, shape: str | None = None):
+    """Give o a colour and a shape (the given ones, else random), never the pair `avoid`: the named object
+    stays the only one of its kind."""
+    o.colour = colour or str(rng.choice(list(COLOURS)))
+    o.shape = shape or str(rng.choice(SHAPES))
+    if avoid and (o.colour, o.shape) == avoid:
+        if shape is None:
+            o.shape = str(rng.choice([s for s in SHAPES if s != avoid[1]]))
+        else:
+            o.colour = str(rng.choice([c for c in COLOURS if c != avoid[0]]))
+
+
+def h_count(rng, size):
+    n = int(rng.integers(1, len(COUNTS) + 1))
+    colours = [str(c) for c in rng.permutation(list(COLOURS))]
+    target, others = colours[0], colours[1:]
+    objs = scatter(rng, [clutter_radius(rng, size) for _ in range(int(rng.integers(max(6, n), 13)))], size)
+    counted = set(rng.permutation(len(objs))[:n].tolist())
+    for i, o in enumerate(objs):
+        paint(rng, o, colour=target if i in counted else str(rng.choice(others)))
+    about = sorted((o for i, o in enumerate(objs) if i in counted), key=lambda o: (o.cy, o.cx))  # raster order
+    return objs, f"How many {target} objects are there?", list(COUNTS), str(n), about, f"{target} {n}"
+
+
+def ask_attribute(rng):
+    """('colour' | 'shape', the answer value), the value uniform over its set."""
+    ask = "colour" if rng.random() < 0.5 else "shape"
+    values = list(COLOURS) if ask == "colour" else list(SHAPES)
+    return ask, values[rng.integers(len(values))], values
+
+
+def two_hop(rng, size, find) -> tuple:
+    """Scenes of 6-10 objects until `find(objs)` gives (reference, target); then the reference gets a
+    random colour and shape that no other object shares, the target the drawn answer."""
+    ask, value, values = ask_attribute(rng)
+    ref_kind = (str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)))
+    n = int(rng.integers(6, 11))
+    while (found := find(objs := scatter(rng, [clutter_radius(rng, size) for _ in range(n)], size))) is None:
+        pass
+    ref, target = found
+    for o in objs:
+        if o is ref:
+            o.colour, o.shape = ref_kind
+        else:
+            paint(rng, o, ref_kind, **({ask: value} if o is target else {}))
+    return objs, ask, value, values, ref, target
+
+
+def attribute_question(ask: str, phrase: str) -> str:
+    return f"What {ask} is the object {phrase}?"
+
+
+def h_nearest(rng, size):
+    def find(objs):
+        refs = []
+        for ref in objs:
+            d = sorted((math.hypot(o.cx - ref.cx, o.cy - ref.cy), o.r, id(o), o) for o in objs if o is not ref)
+            (d0, r0, _, near), (d1, r1, _, _) = d[0], d[1]
+            if d0 <= 0.75 * d1 and d0 - r0 < d1 - r1:  # nearest by centres and by edges, with a margin
+                refs.append((ref, near))
+        return refs[rng.integers(len(refs))] if refs else None
+    objs, ask, value, values, ref, target = two_hop(rng, size, find)
+    question = attribute_question(ask, f"nearest to {ref.name}")
+    return objs, question, values, value, [ref, target], f"{ref.colour} {ref.shape} {value}"
+
+
+def roughly(a: Obj, b: Obj, rel: str) -> bool:
+    """a lies on the `rel` side of b within 45 degrees (a looser test than relation())."""
+    along, across = {"left": (b.cx - a.cx, a.cy - b.cy), "right": (a.cx - b.cx, a.cy - b.cy),
+                     "above": (b.cy - a.cy, a.cx - b.cx), "below": (a.cy - b.cy, a.cx - b.cx)}[rel]
+    return along > 0 and along >= abs(across)
+
+
+def h_relation(rng, size):
+    rel = RELATIONS[rng.integers(4)]
+
+    def find(objs):
+        refs = []
+        for ref in objs:
+            side = [o for o in objs if o is not ref and roughly(o, ref, rel)]
+            if len(side) == 1 and relation(side[0], ref) == rel:  # the only one there, and clearly there
+                refs.append((ref, side[0]))
+        return refs[rng.integers(len(refs))] if refs else None
+    objs, ask, value, values, ref, target = two_hop(rng, size, find)
+    question = attribute_question(ask, f"{rel}{' of' if rel in ('left', 'right') else ''} {ref.name}")
+    return objs, question, values, value, [ref, target], f"{ref.colour} {ref.shape} {value}"
+
+
+def h_search(rng, size):
+    ask, value, values = ask_attribute(rng)
+    key = str(rng.choice(SHAPES if ask == "colour" else list(COLOURS)))  # what the question names
+    small = Obj("", "", 0, 0, clutter_radius(rng, size, SMALL_RADIUS))
+    objs = scatter(rng, [small.r] + [clutter_radius(rng, size) for _ in range(int(rng.integers(5, 10)))], size)
+    target = objs[0]
+    for o in objs[1:]:  # the others never match what the question names
+        if ask == "shape":
+            paint(rng, o, colour=str(rng.choice([c for c in COLOURS if c != key])))
+        else:
+            paint(rng, o, shape=str(rng.choice([s for s in SHAPES if s != key])))
+    if ask == "shape":
+        target.colour, target.shape = key, value
+        return objs, f"What shape is the {key} object?", values, value, [target], f"{key} {value}"
+    target.colour, target.shape = value, key
+    return objs, f"What colour is the {key}?", values, value, [target], f"{key} {value}"
+
+
+HARD_GENERATORS = {"count": h_count, "nearest": h_nearest, "relation": h_relation, "search": h_search}
+TASKS = {"easy": GENERATORS, "hard": HARD_GENERATORS}
+ALL_QTYPES = QTYPES + tuple(t for t in HARD_GENERATORS if t not in QTYPES)  # the order tables list types in
+
+
+def qtypes_of(task: str) -> tuple[str, ...]:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
+    return tuple(TASKS[task])
+
+
+CANONICAL = {v: i for i, v in enumerate(RELATIONS + ("1", "2", "3", "4") + SHAPES + tuple(COLOURS) + COUNTS[4:])}
 
 
 def option_rank(option: str) -> int:
@@ -252,13 +399,14 @@ def format_question(question: str, options: list[str]) -> str:
     return "\n".join(lines + ["Answer with the option's letter."])
 
 
-def make_sample(seed: int, split: str, index: int, qtypes=QTYPES, size: int = IMAGE_SIZE) -> Sample:
-    """The sample at `index` of `split`: a pure function of its arguments."""
+def make_sample(seed: int, split: str, index: int, qtypes=None, size: int = IMAGE_SIZE, task: str = "easy") -> Sample:
+    """The sample at `index` of `split` of `task`: a pure function of its arguments."""
     if split not in SPLIT_IDS:
         raise ValueError(f"unknown split {split!r}; expected one of {list(SPLIT_IDS)}")
+    qtypes = qtypes or qtypes_of(task)
     rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
     qtype = qtypes[index % len(qtypes)]
-    while (made := GENERATORS[qtype](rng, size)) is None:
+    while (made := TASKS[task][qtype](rng, size)) is None:
         pass
     objs, question, options, answer, about, reason = made
     if len(options) > 4:  # keep the answer and three random distractors
@@ -268,11 +416,11 @@ def make_sample(seed: int, split: str, index: int, qtypes=QTYPES, size: int = IM
     return Sample(question=format_question(question, options), answer=LETTERS[options.index(answer)], reason=reason,
                   qtype=qtype,
                   bboxes=[o.bbox(size) for o in about], image=render(objs, size),
-                  id=f"{split}-{seed}-{index}", objects=objs)
+                  id=f"{'' if task == 'easy' else task + '-'}{split}-{seed}-{index}", objects=objs)
 
 
-def make_split(split: str, n: int, seed: int = 0, size: int = IMAGE_SIZE) -> list[Sample]:
-    return [make_sample(seed, split, i, size=size) for i in range(n)]
+def make_split(split: str, n: int, seed: int = 0, size: int = IMAGE_SIZE, task: str = "easy") -> list[Sample]:
+    return [make_sample(seed, split, i, size=size, task=task) for i in range(n)]
 
 
 # ------------------------------------------------------------------------------------ chat format
@@ -309,12 +457,17 @@ def chat_response(answer: str, reason: str = "", latent_slots: int = 0, response
     return f"{span}{reason + ' ' if reason else ''}<answer>{answer}</answer>{IM_END}"
 
 
-def vocabulary() -> list[str]:
-    """Every word the generator can write (the small-vl tokenizer's vocabulary)."""
+HARD_WORDS = [*COUNTS[4:], "nearest", "of"]  # the hard task's words beyond the easy task's
+
+
+def vocabulary(task: str = "easy") -> list[str]:
+    """Every word the generator can write (the small-vl tokenizer's vocabulary). The hard task's extra
+    words come last, so an easy-task tokenizer is a prefix of the hard one (same ids)."""
     words = set(LETTERS) | set(COLOURS) | set(SHAPES) | set(RELATIONS) | {"1", "2", "3", "4"}
     words |= set("Where is the relative to How many objects are there What shape object colour Which "
                  "largest smallest closer to or near far Answer with option s letter user assistant".split())
-    return sorted(words) + [".", "?", "'", ",", ":"]
+    qtypes_of(task)  # an unknown task is an error
+    return sorted(words) + [".", "?", "'", ",", ":"] + (HARD_WORDS if task == "hard" else [])
 
 
 # ----------------------------------------------------------------------------- LLaVA-style JSONL
@@ -508,6 +661,7 @@ def main():
     p.add_argument("--split", default="train", choices=list(SPLIT_IDS), help="which split to draw from")
     p.add_argument("--n", type=int, default=100, help="number of samples")
     p.add_argument("--seed", type=int, default=0, help="data seed")
+    p.add_argument("--task", default="easy", choices=list(TASKS), help="question mix (module docstring)")
     p.add_argument("--show", type=int, default=0, help="print this many samples and exit")
     p.add_argument("--export", metavar="DIR", help="write DIR/<split>.jsonl and DIR/images/")
     p.add_argument("--check", metavar="FILE", help="read LVR-format data (JSON array or JSONL) and report what it holds")
@@ -520,10 +674,10 @@ def main():
         boxed = sum(bool(s.bboxes) for s in rows)
         print(f"{a.check}: {len(rows)} samples, {boxed} with boxes, {sum(bool(s.response) for s in rows)} free-form replies")
     if a.show:
-        for s in make_split(a.split, a.show, a.seed):
+        for s in make_split(a.split, a.show, a.seed, task=a.task):
             print(f"[{s.qtype}] {s.question}\n  -> {s.answer}   bboxes={s.bboxes}\n")
     if a.export:
-        print("wrote", export_jsonl(make_split(a.split, a.n, a.seed), a.export, a.split))
+        print("wrote", export_jsonl(make_split(a.split, a.n, a.seed, task=a.task), a.export, a.split))
 
 
 if __name__ == "__main__":
@@ -534,7 +688,7 @@ class Stream:
     """The training questions in a fixed order given the seed: sample i of step s is index s*B+i."""
 
     def __init__(self, args):
-        self.seed, self.rows, self.held = args.seed, None, None
+        self.seed, self.rows, self.held, self.task = args.seed, None, None, getattr(args, "task", None) or "easy"
         if args.data and getattr(args, "val_fraction", None) is None:  # train_rl.py: every row trains
             self.rows = load_jsonl(args.data)
         elif args.data:  # a seeded share of the rows is held out: validation never sees a training row
@@ -547,9 +701,9 @@ class Stream:
 
     def __getitem__(self, index: int) -> Sample:
         if self.rows is None:
-            return make_sample(self.seed, "train", index)
+            return make_sample(self.seed, "train", index, task=self.task)
         epoch, i = divmod(index, len(self.rows))
         return self.rows[np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))[i]]
 
     def val(self, n: int) -> list[Sample]:
-        return self.held[:n] if self.held is not None else make_split("val", n, self.seed)
+        return self.held[:n] if self.held is not None else make_split("val", n, self.seed, task=self.task)

@@ -4,6 +4,7 @@ share on latents, routing; on the synthetic test split or a real benchmark in it
     python eval.py --drop-latents                     # newest small-vl checkpoint (RL, else SFT), test split
     python eval.py --model DIR --compare              # every mode on the same questions, paired differences
     python eval.py --model DIR --route count,size     # latents forced for these types, forbidden for the rest
+    python eval.py --model DIR --task hard            # another question mix than the model's own (data.py)
     python eval.py --model DIR --bench mmvp --bench-root data/MMVP     # blink | cvbench | mmvp | vstar | tsv
     python eval.py --model Qwen/Qwen2.5-VL-3B-Instruct --bench MMVP --bench-root data/vlmeval   # DIR/MMVP.tsv
     python eval.py --model DIR --bench all --bench-root data/vlmeval  # the paper's seven: one table row each
@@ -186,7 +187,7 @@ def summarize(records: list[dict]) -> dict:
                 "latent_cos": float(fit[:, 0].mean()) if len(fit) else None,
                 "latent_r2": float(1 - fit[:, 1].sum() / fit[:, 2].sum()) if len(fit) else None,
                 "chance": float(np.mean([r.get("chance", 0.0) for r in rs])) if rs else 0.0}
-    types = sorted({r["qtype"] for r in records}, key=lambda t: (data.QTYPES.index(t) if t in data.QTYPES else 99, t))
+    types = sorted({r["qtype"] for r in records}, key=lambda t: (data.ALL_QTYPES.index(t) if t in data.ALL_QTYPES else 99, t))
     out = {"overall": stats(records), "per_type": {t: stats([r for r in records if r["qtype"] == t]) for t in types}}
     if records and all(r["id"].lower().startswith("mmvp-") for r in records):
         out["overall"]["pair_acc"] = benchmarks.mmvp_pair_accuracy({r["id"]: r["correct"] for r in records})
@@ -288,6 +289,9 @@ def parse_args(argv=None):
     p.add_argument("--split", default="test", choices=["val", "test"], help="synthetic split to evaluate")
     p.add_argument("--n", type=rundir.at_least(1), help="number of questions (default: 500 synthetic, all of a benchmark)")
     p.add_argument("--data-seed", type=int, default=0, help="synthetic data seed (the one training used)")
+    p.add_argument("--task", choices=list(data.TASKS),
+                   help="synthetic question mix (data.py); default: the one the model was trained on (its config.json; "
+                        "easy when it records none)")
     p.add_argument("--bench", choices=list(benchmarks.BENCHMARKS) + ["all"],
                    help="a real benchmark instead of synthetic data; all: the paper's seven, one table row each")
     p.add_argument("--bench-root", help="the benchmark's directory (tsv: the .tsv file; the paper's seven: the folder "
@@ -328,7 +332,7 @@ def parse_args(argv=None):
 def load_samples(a) -> dict:
     """{name: samples}: the synthetic split, one benchmark, or (--bench all) the paper's seven."""
     if not a.bench:
-        return {a.split: data.make_split(a.split, a.n or 500, a.data_seed)}
+        return {a.split: data.make_split(a.split, a.n or 500, a.data_seed, task=a.task)}
     if not a.bench_root:
         raise ValueError("--bench needs --bench-root (the benchmark's directory or .tsv file)")
     names = benchmarks.PAPER if a.bench == "all" else [a.bench]
@@ -427,6 +431,9 @@ def main(argv=None):
                                                       min_pixels=vlmeval_rules.MIN_PIXELS)
         a.max_new_tokens = a.max_new_tokens or (2048 if real else 32)
         rundir.check_layers(model, a.att_layers)
+        a.task = a.task or getattr(model.config, M.TASK_KEY, None) or "easy"
+        if not a.bench:  # an easy-task small-vl model asked hard questions: their words get (untrained) rows
+            tok = M.extend_vocabulary(model, tok, a.task)
         sets = load_samples(a)
         for samples in sets.values():
             check_route(a.route, samples)

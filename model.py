@@ -44,9 +44,10 @@ class ModelLoadError(ValueError):
 
 
 # ------------------------------------------------------------------------------------- small-vl
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(task: str = "easy") -> PreTrainedTokenizerFast:
+    """small-vl's word-level tokenizer over the task's vocabulary (the hard task's extends the easy one's)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + data.vocabulary())}
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + data.vocabulary(task))}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tk.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
@@ -76,13 +77,42 @@ def small_vl_config(tok, text_hidden=128, text_layers=4, vision_hidden=96, visio
     return cfg
 
 
-def build_small_vl(seed: int = 0, **sizes):
-    """A freshly initialised small-vl model and its tokenizer."""
-    tok = build_tokenizer()
+def build_small_vl(seed: int = 0, task: str = "easy", **sizes):
+    """A freshly initialised small-vl model and its tokenizer (over `task`'s words)."""
+    tok = build_tokenizer(task)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(small_vl_config(tok, **sizes)).float().eval()
     model.image_processor = image_processor(model.config.vision_config)
     return model, tok
+
+
+TASK_KEY = "synthetic_task"  # config.json: the synthetic task a small-vl model was trained on (absent: easy)
+
+
+def saved_task(path: str) -> str:
+    """The synthetic task a checkpoint directory records ('easy' when it records none, as the shipped ones)."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f).get(TASK_KEY) or "easy"
+    except (OSError, ValueError, AttributeError):
+        return "easy"
+
+
+def extend_vocabulary(model, tok, task: str):
+    """The tokenizer of `task` for a small-vl model whose word-level vocabulary is a strict prefix of the
+    task's (an easy-task model on the hard task): the new embedding rows start at the mean embedding, as
+    _ensure_lvr_tokens does. Any other tokenizer (the task's own, a real checkpoint's subword one, which
+    spells every word) is returned as it is."""
+    want = build_tokenizer(task)
+    have, new = tok.get_vocab(), want.get_vocab()
+    if len(have) >= len(new) or any(new.get(t) != i for t, i in have.items()):
+        return tok
+    old = model.get_input_embeddings().num_embeddings
+    model.resize_token_embeddings(len(want), mean_resizing=False)
+    with torch.no_grad():
+        for m in (model.get_input_embeddings(), model.get_output_embeddings()):
+            m.weight[old:] = m.weight[:old].mean(0)
+    return want
 
 
 # -------------------------------------------------------------------------------- preprocessing

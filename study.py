@@ -5,6 +5,7 @@ a test-time K sweep), with latents forced and forbidden, and with task-level rou
 
     python study.py              # seeds 0, 1, 2 (seeds 1 and 2 train their stage-1 models: README has the time)
     python study.py --quick      # seed 0 alone: RL from the shipped stage-1 models, the same evaluation
+    python study.py --task hard  # the hard question mix: stage 1 trained from the shipped bases (runs/study-hard)
 
 Each seed has its own base model (stage 0), so the spread across seeds includes the base's: seeds 0, 1
 and 2 the shipped checkpoints/small-vl-base, -s1 and -s2 (what train_sft.py --seed N trains; README,
@@ -50,6 +51,9 @@ SHIPPED_BASE = os.path.join(rundir.SHIPPED, "small-vl-base")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="seed 0 only: the two RL runs from the shipped stage-1 models")
+    p.add_argument("--task", default="easy", choices=list(data.TASKS),
+                   help="synthetic question mix (data.py); the shipped stage-1 models are easy's, so hard trains its own "
+                        "from the shipped bases (default --root runs/study-hard, --results results/hard)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick 0)")
     p.add_argument("--sft-steps", type=int, default=1500, help="stage-1 SFT steps of the seeds that train them")
     p.add_argument("--rl-steps", type=int, default=300, help="GRPO steps per RL run")
@@ -63,11 +67,13 @@ def parse_args(argv=None):
     p.add_argument("--rl-args", default="", help="extra train_rl.py arguments, e.g. '--att-variant relative'")
     p.add_argument("--base-steps", type=int, default=rundir.BASE_STEPS,
                    help="steps of the base models; another number than the default trains every seed's, seed 0's too")
-    p.add_argument("--root", default=os.path.join(rundir.RUNS, "study"), help="where the study's runs go")
+    p.add_argument("--root", help="where the study's runs go (default runs/study, runs/study-hard for --task hard)")
     p.add_argument("--results", help="results folder (default results, --quick results/quick)")
     a = p.parse_args(argv)
     a.seeds = [int(s) for s in (a.seeds or ("0" if a.quick else "0,1,2")).split(",")]
-    a.results = a.results or os.path.join("results", "quick" if a.quick else "")
+    hard = "" if a.task == "easy" else a.task
+    a.root = a.root or os.path.join(rundir.RUNS, "study" + (f"-{hard}" if hard else ""))
+    a.results = a.results or os.path.join("results", hard, "quick" if a.quick else "")
     return a
 
 
@@ -118,17 +124,22 @@ def base_checkpoint(a, seed: int) -> str:
     if os.path.isfile(os.path.join(run, "config.json")):
         return run
     argv = ["--model", "small-vl", "--seed", str(0 if a.base else seed), "--base", run, "--base-steps", str(a.base_steps), "--resume",
-            *shlex.split(a.sft_args)]
+            *task_args(a), *shlex.split(a.sft_args)]
     check_command(run, argv, "small-vl")
     if not finished(run, a.base_steps):
         print(f"== training {run}")
     return train_sft.base_model(train_sft.parse_args(argv))
 
 
+def task_args(a) -> list[str]:
+    """--task for the trainers; none for easy, so the easy study's run folders keep their recorded commands."""
+    return [] if a.task == "easy" else ["--task", a.task]
+
+
 def shipped(a, name: str, seed: int) -> str | None:
     """Seed 0's shipped stage-1 model, when the study's stage-1 settings are the ones it was trained with."""
     path = os.path.join(rundir.SHIPPED, SHIPPED.get(name, "-"))
-    default = (seed == 0 and a.sft_steps == 1500 and not a.sft_args.strip()
+    default = (seed == 0 and a.task == "easy" and a.sft_steps == 1500 and not a.sft_args.strip()
                and os.path.normpath(base_of(a, 0)) == SHIPPED_BASE)
     return path if default and os.path.isfile(os.path.join(path, "config.json")) else None
 
@@ -140,7 +151,7 @@ def train(a, name: str, seed: int) -> str:
         return ship
     run = os.path.join(a.root, f"{name}-s{seed}")
     steps = a.sft_steps if name in ("text", "lvr") else a.rl_steps
-    common = ["--seed", str(seed), "--steps", str(steps), "--out", run, "--resume"]
+    common = ["--seed", str(seed), "--steps", str(steps), "--out", run, "--resume", *task_args(a)]
     if name in ("text", "lvr"):
         script, init = train_sft, base_checkpoint(a, seed)
         argv = (["--model", "small-vl", "--base", init, "--n-val", "100"] + common
@@ -159,7 +170,7 @@ def train(a, name: str, seed: int) -> str:
 # -------------------------------------------------------------------------------- evaluation
 def routed_types(model, tok, a, seed: int) -> list[str]:
     """Question types where forcing latents beat forbidding them on validation questions."""
-    val = data.make_split("val", a.n_route, seed)
+    val = data.make_split("val", a.n_route, seed, task=a.task)
     acc = {r: ev.summarize(ev.evaluate(model, tok, val, route=r, progress=False))["per_type"] for r in ("all", "none")}
     return [t for t in acc["all"] if acc["all"][t]["acc"] > acc["none"][t]["acc"]]
 
@@ -176,7 +187,7 @@ def evaluate(a, name: str, seed: int) -> dict:
             return old
     print(f"== evaluating {ckpt}")
     model, tok = M.load_model(ckpt)
-    test = data.make_split("test", a.n_test, 0)
+    test = data.make_split("test", a.n_test, 0, task=a.task)
     route = routed_types(model, tok, a, seed) if name != "text" else []
     routes = {"force": "all", "never": "none", "routed": ",".join(route) or "none"}
     plan = {m: {"route": routes[m]} if m in routes else {"mode": m} for m in modes}
@@ -210,7 +221,7 @@ def pooled(a_runs: list[dict], b_runs: list[dict], mode_a: str, mode_b: str, qty
     return ev.paired(xa, xb)
 
 
-def aggregate(runs: dict) -> dict:
+def aggregate(runs: dict, task: str = "easy") -> dict:
     out = {"models": {}, "paired": {}}
     for name, rs in runs.items():
         out["models"][name] = {}
@@ -223,7 +234,7 @@ def aggregate(runs: dict) -> dict:
                 "latent_r2": spread([x["overall"].get("latent_r2") for x in s]),
                 "per_type": {t: spread([x["per_type"][t]["acc"] for x in s]) for t in s[0]["per_type"]}}
         out["models"][name]["routed_types"] = [r["routed_types"] for r in rs]
-    types = list(data.QTYPES)
+    types = list(data.qtypes_of(task))
     for name in ("lvr", "rl", "rl-att"):
         for mode in LATENT_MODES[1:]:
             out["paired"][f"{name}: {mode} - normal"] = {
@@ -237,7 +248,7 @@ def aggregate(runs: dict) -> dict:
 
 def markdown(agg: dict, a) -> str:
     f = lambda s: "-" if s["mean"] is None else f"{s['mean']:.3f} ± {s['std']:.3f}"  # noqa: E731
-    types = list(data.QTYPES)
+    types = list(data.qtypes_of(a.task))
     lines = [f"Seeds {a.seeds}; {a.n_test} test questions; mean ± std across seeds. Latent R²: how the latents of "
              "normal decoding fit the question's stage-1 targets (eval.latent_fit; 0: no better than the mean target).", "",
              "| model | mode | overall | " + " | ".join(types) + " | latent rate | att. share | latent R² |",
@@ -274,7 +285,7 @@ def plots(a, agg: dict):
             if s:
                 ax.bar(i * (len(modes) + 1) + j, s["acc"]["mean"], yerr=s["acc"]["std"], color=f"C{j}",
                        label=mode if name == "lvr" else None)
-    ax.axhline(np.mean([1 / ev.n_options(x) for x in data.make_split("test", a.n_test, 0)]), color="k", ls=":", lw=1)
+    ax.axhline(np.mean([1 / ev.n_options(x) for x in data.make_split("test", a.n_test, 0, task=a.task)]), color="k", ls=":", lw=1)
     ax.set_xticks([i * (len(modes) + 1) + len(modes) / 2 for i in range(len(MODELS))], MODELS)
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.12)
@@ -291,7 +302,7 @@ def main(argv=None):
         runs = {name: [evaluate(a, name, s) for s in a.seeds] for name in MODELS}
     except (M.ModelLoadError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    agg = aggregate(runs)
+    agg = aggregate(runs, a.task)
     agg["config"] = dict(vars(a))
     os.makedirs(a.results, exist_ok=True)
     with open(os.path.join(a.results, "study.json"), "w") as f:

@@ -47,6 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--out", help="run directory (default runs/small-vl-rl-att, or runs/small-vl-rl with --att-weight 0)")
     p.add_argument("--data", help="questions (LVR / RL format: JSON array or JSONL; free-form answers too) "
                                   "instead of the synthetic generator")
+    p.add_argument("--task", choices=list(data.TASKS),
+                   help="synthetic question mix (data.py); default: the run's when resuming, else the starting model's "
+                        "(config.json; easy when it records none, as the shipped models)")
     p.add_argument("--steps", type=rundir.at_least(1), default=300, help="GRPO steps")
     p.add_argument("--prompts", type=rundir.at_least(1), default=8, help="questions per step")
     p.add_argument("--group", type=rundir.at_least(2), default=8, help="G: rollouts per question (at least 2)")
@@ -355,6 +358,9 @@ def start(args):
         print(f"no checkpoint in {args.out}: starting fresh")
     init = found[0] if found else initial_model(args)
     model, tok = M.load_model(init, M.DTYPES[args.param_dtype], args.device)
+    if args.data is None:  # the synthetic scenes: the task's words, and the task recorded in config.json
+        tok = M.extend_vocabulary(model, tok, args.task)
+        setattr(model.config, M.TASK_KEY, args.task)
     rundir.check_layers(model, args.att_layers)
     default_micro_batch(args, model)
     for p in model.model.visual.parameters():
@@ -364,7 +370,7 @@ def start(args):
     state = {"step": 0, "length_penalty": {}, "skips": 0}
     if found:
         state = rundir.load_state(found, model)  # the master weights, before FSDP shards them
-        rundir.check_resume(state.get("args", {}), vars(args), ("seed", "prompts", "data"))
+        rundir.check_resume(state.get("args", {}), vars(args), ("seed", "prompts", "data", "task"))
     if args.fsdp:
         P.shard_model(model)
     opt = P.make_optimizer([p for p in model.parameters() if p.requires_grad], args.lr, args.zero)
@@ -374,7 +380,9 @@ def start(args):
             print(f"resuming {args.out} at step {state['step']}")
     ref = None
     if args.beta > 0:  # the frozen reference is the starting checkpoint
-        ref, _ = M.load_model(initial_model(args), M.DTYPES[args.dtype], args.device)  # no grad, compute dtype
+        ref, ref_tok = M.load_model(initial_model(args), M.DTYPES[args.dtype], args.device)  # no grad, compute dtype
+        if args.data is None:
+            M.extend_vocabulary(ref, ref_tok, args.task)  # the same rows as the policy's
         ref.requires_grad_(False)
         if args.fsdp:
             P.shard_model(ref)
@@ -389,6 +397,9 @@ def train(args) -> str:
     mine = P.share(args.prompts, "--prompts")
     torch.manual_seed(args.seed)
     with rundir.locked(args.out, args):
+        if args.task is None:  # the run's task when resuming, else the starting model's
+            found = rundir.resume_point(args.out) if args.resume else None
+            args.task = M.saved_task(found[0] if found else initial_model(args))
         stream = data.Stream(args)
         model, tok, ref, opt, state, dtype = start(args)
         step, skips, streak = state["step"], state.get("skips", 0), 0

@@ -13,6 +13,7 @@ directly, so the model still chooses whether to open a span. --no-latents trains
     python train_sft.py --model small-vl                  # base (if missing), then LVR SFT -> runs/small-vl-sft
     python train_sft.py --model small-vl --no-latents     # baseline from the same base -> runs/small-vl-sft-text
     python train_sft.py --model small-vl --resume         # continue killed runs (the base's too)
+    python train_sft.py --model small-vl --task hard      # stage 1 on the hard question mix, from the shipped base
     python train_sft.py --model DIR --data lvr_sft.json   # stage 1 only, from a Qwen2.5-VL checkpoint (or hub id)
 
 A real checkpoint (--model DIR or a cached hub id) needs --data (LVR's SFT format, data.py) and gets its
@@ -57,6 +58,9 @@ def parse_args(argv=None):
                                   "default --base-steps, else runs/small-vl-base[-seedN]; --base runs/small-vl-base "
                                   "retrains seed 0's)")
     p.add_argument("--data", help="LVR-format data (JSON array or JSONL) instead of the synthetic generator")
+    p.add_argument("--task", choices=list(data.TASKS),
+                   help="synthetic question mix (data.py): easy (default; the shipped models') or hard; --resume keeps "
+                        "the run's. An easy-task model trained on hard gets the hard words' embeddings added")
     p.add_argument("--val-fraction", type=float, default=0.05,
                    help="with --data: share of its rows held out for validation (at least 1, at most --n-val)")
     p.add_argument("--max-pixels", type=rundir.at_least(1), help="real checkpoints: override their max_pixels (image resize bound)")
@@ -178,8 +182,8 @@ class GroundingProbe(torch.nn.Module):
         out[..., 4] = torch.arange(gh).repeat_interleave(gw)
         for i, s in enumerate(samples):
             for o in s.objects:
-                size_bin = 1 + min(2, int(3 * (o.r * data.IMAGE_SIZE / s.image.shape[0] - data.RADIUS[0])
-                                          / (data.RADIUS[1] - data.RADIUS[0])))
+                size_bin = 1 + min(2, max(0, int(3 * (o.r * data.IMAGE_SIZE / s.image.shape[0] - data.RADIUS[0])
+                                                 / (data.RADIUS[1] - data.RADIUS[0]))))  # the hard task's are smaller
                 cells = lvr.region_tokens(o.bbox(s.image.shape[0]), gh, gw)
                 out[i, cells, :3] = torch.tensor([1 + list(data.COLOURS).index(o.colour), 1 + data.SHAPES.index(o.shape), size_bin])
         return out.reshape(-1, 5)
@@ -206,7 +210,8 @@ def naming_words(tok, ids, labels, samples):
         prev = []
         for p in (labels[b] != -100).nonzero()[:, 0].tolist():
             word = ids[b, p].item()
-            named = [o for o in s.objects if colours.get(word) == o.colour or (s.qtype == "attribute" and shapes.get(word) == o.shape)]
+            named = [o for o in s.objects if colours.get(word) == o.colour
+                     or (s.qtype in ("attribute", "search") and shapes.get(word) == o.shape)]
             if named:
                 yield b, p, named, prev
                 prev = named
@@ -288,8 +293,11 @@ def start(args, stage: int, out: str, init: str | None):
         model, tok = M.load_model(found[0] if found else init, M.DTYPES[args.param_dtype], args.device,
                                   max_pixels=args.max_pixels)
     else:
-        model, tok = M.build_small_vl(args.seed)
+        model, tok = M.build_small_vl(args.seed, args.task)
         model.to(args.device, M.DTYPES[args.param_dtype])
+    if args.data is None:  # the synthetic scenes: the task's words, and the task recorded in config.json
+        tok = M.extend_vocabulary(model, tok, args.task)
+        setattr(model.config, M.TASK_KEY, args.task)
     if args.grad_ckpt:
         model.activation_checkpointing_enable({"use_reentrant": False})
     grid = M.merged_grid((data.IMAGE_SIZE, data.IMAGE_SIZE), model)[0]
@@ -300,7 +308,7 @@ def start(args, stage: int, out: str, init: str | None):
     state = {"step": 0, "skips": 0, "dtype": M.saved_dtype(found[0] if found else init) if (found or init) else None}
     if found:
         state = {**state, **rundir.load_state(found, model)}  # the master weights, before FSDP shards them
-        rundir.check_resume(state.get("args", {}), vars(args), ("seed", "batch_size", "data"))
+        rundir.check_resume(state.get("args", {}), vars(args), ("seed", "batch_size", "data", "task"))
         probe.load_state_dict({**probe.state_dict(), **state["probe"]})  # older checkpoints also hold embed.weight
     if args.fsdp and stage == 1:  # stage 0 (the tiny small-vl base, whose probe shares the embeddings) stays whole
         P.shard_model(model)
@@ -365,7 +373,15 @@ def train(args, stage: int, out: str, init: str | None) -> str:
         return _train(args, stage, out, init)
 
 
+def resolve_task(args, out: str):
+    """--task as given; else the task of the run being resumed (its checkpoint's config.json); else easy."""
+    if args.task is None:
+        found = rundir.resume_point(out) if args.resume else None
+        args.task = M.saved_task(found[0]) if found else "easy"
+
+
 def _train(args, stage: int, out: str, init: str | None) -> str:
+    resolve_task(args, out)
     stream = data.Stream(args)
     model, tok, probe, opt, state = start(args, stage, out, init)
     step, skips, streak = state["step"], state["skips"], 0
@@ -443,6 +459,7 @@ def final_eval(args, ckpt: str, out: str, modes=None) -> dict:
     Under torchrun the questions are split over the ranks; rank 0 prints and writes."""
     with rundir.locked(out):
         model, tok = M.load_model(ckpt, M.DTYPES[args.dtype], args.device)
+        args = argparse.Namespace(**{**vars(args), "task": args.task or M.saved_task(ckpt)})  # the model's task
         val = data.Stream(args).val(args.n_val)
         table = {"normal": {}, "drop": {"mode": "drop"}, "noise": {"mode": "noise"}, "noise_norm": {"mode": "noise_norm"},
                  "blank image": {"blank": True}, "sampled T=1": {"temperature": 1.0}}

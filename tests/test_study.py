@@ -6,6 +6,8 @@ import shutil
 
 import pytest
 
+import data
+import model as M
 import study
 
 TINY = ["--seeds", "0,1", "--base-steps", "2", "--sft-steps", "2", "--rl-steps", "1", "--n-test", "10",
@@ -115,3 +117,18 @@ def test_a_shared_base_run_folder_is_trained_once_for_every_seed(tmp_path):
     first = study.base_checkpoint(a, 0)
     assert study.base_checkpoint(a, 1) == first  # not refused as "another command", not retrained
     assert "--seed 0 " in (tmp_path / "base" / study.COMMAND).read_text()
+
+
+def test_hard_study_trains_every_model_on_the_hard_task(tmp_path):
+    """--task hard: no shipped stage-1 model (they are easy's), every run trains on hard (a base of other
+    --base-steps too, from a hard tokenizer), the test questions and the per-type tables are hard's."""
+    assert study.shipped(study.parse_args(["--quick", "--task", "hard"]), "lvr", 0) is None
+    hard = study.parse_args(["--task", "hard"])
+    assert (hard.root, hard.results) == (os.path.join("runs", "study-hard"), os.path.join("results", "hard", ""))
+    args = TINY[2:] + ["--seeds", "0", "--task", "hard", "--root", str(tmp_path / "runs"), "--results", str(tmp_path / "res")]
+    study.main(args)
+    agg = json.load(open(tmp_path / "res" / "study.json"))
+    assert agg["config"]["task"] == "hard"
+    assert set(agg["models"]["lvr"]["normal"]["per_type"]) == set(data.qtypes_of("hard"))
+    for run in ("base-s0", "text-s0", "lvr-s0", "rl-s0", "rl-att-s0"):
+        assert M.saved_task(str(tmp_path / "runs" / run / "checkpoint")) == "hard", run

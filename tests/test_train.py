@@ -439,3 +439,26 @@ def test_default_base_is_the_shipped_one_of_its_seed_at_the_shipped_recipe():
     assert base("--seed", "2") == os.path.join("checkpoints", "small-vl-base-s2")
     assert base("--seed", "3") == os.path.join("runs", "small-vl-base-seed3")  # not shipped: trained first
     assert base("--base-steps", "500") == os.path.join("runs", "small-vl-base")  # another recipe than the shipped one
+
+
+def test_hard_task_is_recorded_and_followed(tiny_ckpt, tmp_path):
+    """Stage 1 on the hard task from an easy-task model: the hard words get embedding rows, config.json
+    records the task, and --resume, eval.py and train_rl.py follow it without being told."""
+    out = str(tmp_path / "sft")
+    args = ["--model", "small-vl", "--base", tiny_ckpt, "--out", out, "--save-every", "1"] + TINY_SFT
+    train_sft.main(args + ["--task", "hard", "--steps", "1"])
+    ckpt = os.path.join(out, "checkpoint")
+    assert M.saved_task(ckpt) == "hard" and M.saved_task(tiny_ckpt) == "easy"
+    model, tok = M.load_model(ckpt)
+    assert len(tok) == len(M.build_tokenizer("hard")) == model.get_input_embeddings().num_embeddings
+    assert set(json.load(open(os.path.join(out, "eval_val.json")))["normal"]["per_type"]) == set(data.qtypes_of("hard"))
+    train_sft.main(args + ["--steps", "2", "--resume"])  # no --task: the run's
+    assert torch.load(os.path.join(out, "trainer_state.pt"), weights_only=False)["args"]["task"] == "hard"
+    with pytest.raises(SystemExit, match="--task"):
+        train_sft.main(args + ["--steps", "3", "--resume", "--task", "easy"])  # another data stream: refused
+    res = str(tmp_path / "eval.json")
+    ev.main(["--model", ckpt, "--n", "8", "--out", res, "--max-new-tokens", "8"])
+    assert [r["qtype"] for r in json.load(open(res))["records"]["normal"]] == list(data.qtypes_of("hard")) * 2
+    rl = str(tmp_path / "rl")
+    train_rl.main(["--model", ckpt, "--steps", "1", "--out", rl] + TINY_RL)
+    assert M.saved_task(os.path.join(rl, "checkpoint")) == "hard"
