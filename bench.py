@@ -376,6 +376,20 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def capture_ms(model, tok, prompt, G, T, device) -> float:
+    """Milliseconds a graph decode spends building its buffers and capturing (a fresh call less a kept one)."""
+    import lvr
+    runs = []
+    lvr.release(model)
+    for _ in range(2):  # decode_once keeps the decoder: the second call reuses the first one's capture
+        _sync(device)
+        t0 = time.perf_counter()
+        decode_once("graph", model, tok, prompt, G, T, device)
+        runs.append(time.perf_counter() - t0)
+    lvr.release(model)
+    return (runs[0] - runs[1]) * 1e3
+
+
 def profile_split(path, model, tok, prompt, G, T, device, **kw) -> dict:
     """Per decode step, host (CPU) and device time in the model's forward and in sampling, from one run
     under torch.profiler (lvr's labelled spans; for "hf" the model's forward, lm_head included); the top
@@ -443,18 +457,23 @@ def rollout_profile(device, model_name, caches=("dynamic", "static", "graph", "h
             print("| decoder | ms/step | tokens/s | forward host / dev ms | sample host / dev ms | other host ms (under the profiler) | "
                   "host syncs/step | GB/s | % of floor |")
             print("|---|---|---|---|---|---|---|---|---|")
+            detail = not rows  # the split and the host syncs at the first cell only (each is one more decode or two)
             for path in caches:
                 if path == "graph" and not cuda:
                     continue
                 try:
                     with torch.no_grad():
-                        decode_once(path, model, tok, prompt, G, new_tokens, device)  # warm-up (capture, kernels)
-                        runs = [decode_once(path, model, tok, prompt, G, new_tokens, device) for _ in range(repeats)]
+                        if path != "hf":  # warm-up (capture, kernels); hf: the decoders before it warmed the GPU
+                            decode_once(path, model, tok, prompt, G, new_tokens, device)
+                        runs = [decode_once(path, model, tok, prompt, G, new_tokens, device)
+                                for _ in range(1 if path == "hf" else repeats)]
                         ms = statistics.median(r["decode_s"] / max(1, r["steps"]) for r in runs) * 1e3
-                        short = decode_once(path, model, tok, prompt, G, new_tokens // 2, device, sync_debug=True)
-                        long = decode_once(path, model, tok, prompt, G, new_tokens, device, sync_debug=True)
-                        syncs = (long["syncs"] - short["syncs"]) / max(1, long["steps"] - short["steps"])
-                        sp = profile_split(path, model, tok, prompt, G, new_tokens, device) if split and path != "graph" else None
+                        syncs = sp = None
+                        if detail:
+                            short = decode_once(path, model, tok, prompt, G, new_tokens // 2, device, sync_debug=True)
+                            long = decode_once(path, model, tok, prompt, G, new_tokens, device, sync_debug=True)
+                            syncs = (long["syncs"] - short["syncs"]) / max(1, long["steps"] - short["steps"])
+                            sp = profile_split(path, model, tok, prompt, G, new_tokens, device) if split and path != "graph" else None
                 except torch.OutOfMemoryError:
                     print(f"| {path} | out of memory | | | | | | | |", flush=True)
                     lvr.release(model)
@@ -466,8 +485,10 @@ def rollout_profile(device, model_name, caches=("dynamic", "static", "graph", "h
                 other = sp["step_ms"] - fwd[0] - smp[0] if sp else None
                 gbs = (w + kv) / (ms / 1e3) / 1e9
                 rows.append(dict(context=L0, batch=N, path=path, ms=ms, tokens_s=N / ms * 1e3, syncs=syncs, split=sp))
+                if path == "graph" and cuda and detail:
+                    print(f"  (graph: {capture_ms(model, tok, prompt, G, new_tokens, device):.0f} ms to build and capture)")
                 print(f"| {path} | {ms:.2f} | {N / ms * 1e3:.0f} | {fmt(fwd[0])} / {fmt(fwd[1])} | {fmt(smp[0])} / {fmt(smp[1])} | "
-                      f"{fmt(other)} | {syncs:.1f} | {gbs:.0f} | {f'{floor_ms / ms:.0%}' if floor_ms else '-'} |", flush=True)
+                      f"{fmt(other)} | {fmt(syncs)} | {gbs:.0f} | {f'{floor_ms / ms:.0%}' if floor_ms else '-'} |", flush=True)
             for r in rows[-len(caches):]:
                 if r["split"] and r["context"] == L0 and r["batch"] == N:
                     print(f"  top {'kernels' if cuda else 'ops'} per step, {r['path']}: " + "; ".join(
@@ -523,7 +544,7 @@ def grpo_table(device, shape="3b", caches=("graph", "dynamic"), configs=(("bf16"
     dims = dims or (FULL if torch.device(device).type == "cuda" else dict(prompts=1, group=4, image_px=56, new_tokens=16))
     print(f"\n(grpo) one GRPO step, Qwen2.5-VL-{shape.upper()} shape, random weights, {dims['prompts']} x G={dims['group']}, "
           f"{(dims['image_px'] // 28) ** 2} image tokens, {dims['new_tokens']} new tokens (EOS off), bf16 autocast, {device}")
-    print("| param dtype | grad-ckpt | micro-batch | decoder | step s | rollout s | ms/decode step | scoring s | update s | peak GB |")
+    print("| param dtype | grad-ckpt | micro-batch | decoder | step s | rollout s | rollout ms / new token | scoring s | update s | peak GB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for pd, ckpt, mb in configs:
         for cache in caches:
@@ -841,7 +862,7 @@ def main():
     p.add_argument("--caches", nargs="+", default=["dynamic", "static", "graph", "hf"],
                    choices=["dynamic", "static", "graph", "hf"], help="--profile / grpo: decoders (hf: transformers' generate)")
     p.add_argument("--contexts", type=int, nargs="+", default=[1100, 1600], help="--profile / gap: prompt lengths (about)")
-    p.add_argument("--batches", type=int, nargs="+", default=[64, 128], help="--profile: rollouts decoded together")
+    p.add_argument("--batches", type=int, nargs="+", default=[64, 128], help="--profile / gap (the first): rollouts decoded together")
     p.add_argument("--new-tokens", type=int, default=32, help="--profile / gap: decode steps measured")
     p.add_argument("--repeats", type=int, default=3, help="--profile: timed runs per cell (median)")
     p.add_argument("--no-split", action="store_true", help="--profile: no torch.profiler run (time and syncs only)")
@@ -877,7 +898,7 @@ def main():
     elif a.part in ("all", "rollout"):
         rollout_table(a.device, a.model or default_model())
     if a.part == "gap":
-        gap_table(a.device, a.model or "3b", a.contexts, new_tokens=a.new_tokens)
+        gap_table(a.device, a.model or "3b", a.contexts, prompts=max(1, a.batches[0] // 8), new_tokens=a.new_tokens)
     if a.part == "grpo":
         configs = [(d, c == "ckpt", int(m)) for d, c, m in (x.split(",") for x in a.configs)]
         grpo_table(a.device, a.shapes[0], [c for c in a.caches if c != "hf"], configs)

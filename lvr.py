@@ -12,6 +12,14 @@ The sequence records `<|lvr|>` at latent positions; `latents` holds exactly the 
 Outside a span the structural tokens (`structural_ids`: image and vision tokens, `<|lvr|>`,
 `<|lvr_latent_end|>`, `<|lvr_end|>`) are never sampled; `forced` marks the tokens the decoder put in.
 
+Decoders (`cache=`). "dynamic": transformers' DynamicCache and a Python loop that reads values back to the
+host several times a step (the reference). "static": the prompt's KV copied G times into preallocated
+per-layer buffers, written in place at a position counter; one fixed-shape step (Decoder.step: banned tokens
+masked by a precomputed bias, sampling from uniforms drawn before the step, the latent state machine in
+tensors, finished rows stepping on pad) that reads nothing back; `done` looked at every 16 steps. "graph":
+that same step captured once as a CUDA graph and replayed (CUDA only; the default there). All three give
+the same rollouts (tests/test_decode.py).
+
 Interventions (inference-time ablations, `mode=`):
   normal      the hidden state is fed back, as trained.
   drop        zero latent steps: `<|lvr_start|>` is still emitted and `<|lvr_end|>` follows at once,
@@ -244,6 +252,7 @@ def default_cache(device, sharded: bool = False) -> str:
 
 
 _PROFILE = False  # bench.py --profile: label the phases of a decode step for torch.profiler
+_COMPILE_STEP = False  # bench.py --profile --compile: torch.compile the graph decoder's step before its capture
 
 
 def _span(name: str):
@@ -307,7 +316,7 @@ def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, lat
         spec = dict(mode=mode, K=K, temperature=float(temperature), top_p=float(top_p), latent_exit=latent_exit,
                     start=start, lvr=lvr, lat_end=lat_end, end=end, pad=tok.pad_token_id,
                     eos=tuple(eos.long().tolist()), banned=tuple(in_span_banned),
-                    given=None if given is None else tuple(given.shape[1:]))
+                    given=None if given is None else tuple(given.shape[1:]), compiled=cache == "graph" and _COMPILE_STEP)
         try:
             with rollout_weights(model, dev, keep):
                 toks, vecs, lmask, real, forced, steps, t1 = _decode_static(
@@ -560,7 +569,20 @@ class Decoder:
 
     def capture(self):
         """Capture `step_fn` as a CUDA graph: two warm-up steps on a side stream, then the capture, each from a
-        harmless state (every column attendable); `load` sets the real one afterwards."""
+        harmless state (every column attendable); `load` sets the real one afterwards. spec["compiled"]: the
+        step torch.compile'd first, its attention gqa_decode_attention (transformers' sdpa path repeats the
+        KV heads under dynamo)."""
+        if not self.spec["compiled"]:
+            return self._capture()
+        cfg = self.model.config.text_config
+        old, cfg._attn_implementation = cfg._attn_implementation, GQA_DECODE
+        self.step_fn = torch.compile(self.step, mode="max-autotune-no-cudagraphs")
+        try:
+            self._capture()
+        finally:
+            cfg._attn_implementation = old
+
+    def _capture(self):
         def harmless():
             self.mask.fill_(True if self.bool_mask else 0.0)
             for buf in (self.t, self.at, self.in_lat, self.left, self.done):
@@ -586,6 +608,28 @@ class Decoder:
     def result(self, steps: int) -> list:
         """(N, steps) copies of the output buffers (the buffers are reused by the next call)."""
         return [self.out[k][:steps].transpose(0, 1).contiguous() for k in ("tokens", "latents", "latent_mask", "real", "forced")]
+
+
+GQA_DECODE = "lvr_gqa_decode"
+
+
+def gqa_decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention of one query token per row over grouped KV heads: the query heads sharing a KV head are
+    laid along the query axis (N, kv heads, group, d), so SDPA reads each key and value once (no repeat)."""
+    N, H, q, d = query.shape
+    if q != 1:
+        raise ValueError("gqa_decode_attention serves one-token decode steps only")
+    out = F.scaled_dot_product_attention(query.reshape(N, key.shape[1], H // key.shape[1], d), key, value,
+                                         attn_mask=attention_mask, scale=scaling)
+    return out.reshape(N, H, 1, d).transpose(1, 2).contiguous(), None
+
+
+def _register_attention():
+    from transformers import AttentionInterface
+    AttentionInterface.register(GQA_DECODE, gqa_decode_attention)
+
+
+_register_attention()
 
 
 def release(model):
@@ -648,7 +692,7 @@ def rollout_weights(model, dev, keep: bool = False):
     points at it), autocast off inside; the vision tower keeps the caller's autocast. keep=True keeps the
     copy on the model, refreshed in place by the next call (a kept graph reads it). Elsewhere: nothing."""
     kind = torch.device(dev).type
-    if kind != "cuda" or not torch.is_autocast_enabled(kind):
+    if kind != "cuda" or not torch.is_autocast_enabled(kind) or P.is_sharded(model):
         yield
         return
     dtype, old, new, saved = torch.get_autocast_dtype(kind), model.__dict__.pop("_lvr_weights", {}), {}, []

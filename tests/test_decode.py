@@ -203,3 +203,18 @@ def test_cache_choice_and_errors(tiny, prompt):
     assert args.cache == "static" and train_rl.parse_args([]).cache is None
     with pytest.raises(SystemExit):
         train_rl.parse_args(["--cache", "paged"])
+
+
+def test_grouped_decode_attention_equals_transformers_sdpa():
+    """The attention the compiled graph step uses (bench.py --profile --compile) against transformers' own."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    layer = torch.nn.Module()
+    layer.num_key_value_groups, layer.is_causal = 4, True
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 8, 1, 16, generator=g), torch.randn(3, 2, 10, 16, generator=g), torch.randn(3, 2, 10, 16, generator=g)
+    mask = torch.rand(3, 1, 1, 10, generator=g) > 0.4
+    mask[..., -1] = True
+    want = sdpa_attention_forward(layer, q, k, v, mask, scaling=0.25)[0]
+    got = lvr.gqa_decode_attention(layer, q, k, v, mask, scaling=0.25)[0]
+    assert got.shape == want.shape == (3, 1, 8, 16) and (got - want).abs().max() < 1e-6
+    assert (got - sdpa_attention_forward(layer, q, k, v, torch.ones_like(mask), scaling=0.25)[0]).abs().max() > 1e-3
