@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import benchmarks
+import data
 import lvr
 import model as M
 import parallel as P

@@ -201,8 +201,9 @@ def test_cache_choice_and_errors(tiny, prompt):
     assert stats["steps"] == 5 and stats["cache"] == "static" and stats["decode_s"] > 0
     args = train_rl.parse_args(["--cache", "static"])
     assert args.cache == "static" and train_rl.parse_args([]).cache is None
-    with pytest.raises(SystemExit):
-        train_rl.parse_args(["--cache", "paged"])
+    for bad in (["--cache", "paged"], ["--cache", "graph", "--device", "cpu"]):
+        with pytest.raises(SystemExit):
+            train_rl.parse_args(bad)
 
 
 def test_grouped_decode_attention_equals_transformers_sdpa():
