@@ -92,7 +92,7 @@ def first_span_latents(roll, K: int) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, batch_size=64, temperature=0.0,
              top_p=1.0, seed=0, max_new_tokens=32, blank=False, progress=True, att_layers=(0,),
-             protocol="lenient") -> list[dict]:
+             protocol="lenient", cache=None) -> list[dict]:
     """Batched decoding (greedy, or sampling with one generator per question seeded by (`seed`, its
     index)); one record per question, with the rollout's attention share on its latents (reward.py's
     r_attn, None without a span). `protocol` decides "correct" (benchmarks.verdicts; the paper's seven also
@@ -119,7 +119,8 @@ def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, bat
         prompt = {k: v.to(model.device) for k, v in M.encode(model, tok, chunk, images=images).items()}
         gens = [torch.Generator(device=model.device).manual_seed(seed * 1_000_003 + j) for j in idx]
         kw = dict(max_new_tokens=max_new_tokens, latent_steps=latent_steps, temperature=temperature, top_p=top_p,
-                  force=None if force is None else force[idx.start:idx.stop], all_ranks=sharded)
+                  force=None if force is None else force[idx.start:idx.stop], all_ranks=sharded, cache=cache,
+                  keep=True)  # batches of one shape reuse the static decoder (released below)
         given = None
         if mode == "oracle":
             given = P.run(model, lvr.oracle_latents, model, prompt, chunk, latent_steps)
@@ -140,6 +141,7 @@ def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, bat
                             "opened": opened, "att_share": float(share[j]) if opened else None, "text": text,
                             "latent_fit": fit[j] if fit is not None and opened else None,
                             "chance": 1 / n_options(s) if s.choices or len(s.answer) == 1 else 0.0})
+    lvr.release(model)
     return finish_fit(records if whole else [r for rs in P.gather_objects(records) for r in rs], latent_steps)
 
 
@@ -308,6 +310,7 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=rundir.at_least(0.0, float), default=0.0, help="0 = greedy; else sampling (seeded by --seed)")
     p.add_argument("--top-p", type=rundir.positive(), default=1.0, help="nucleus sampling when sampling")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling and of the noise latents")
+    p.add_argument("--cache", choices=lvr.CACHES, help="decoder (lvr.generate): default graph on CUDA, dynamic on the CPU")
     m = p.add_mutually_exclusive_group()
     m.add_argument("--drop-latents", action="store_true", help="no latent embedding enters the context")
     m.add_argument("--noise-latents", action="store_true", help="latents replaced by standard normal noise")
@@ -441,7 +444,8 @@ def main(argv=None):
         chosen = ["drop"] if a.drop_latents else ["noise"] if a.noise_latents else ["noise_norm"] if a.noise_norm_latents else ["normal"]
         modes = list(ARMS) + [f"K={k}" for k in K_SWEEP if k != a.latent_steps] if a.compare else chosen
         kw = dict(latent_steps=a.latent_steps, route=route, batch_size=a.batch_size, temperature=a.temperature,
-                  top_p=a.top_p, seed=a.seed, max_new_tokens=a.max_new_tokens, att_layers=a.att_layers, protocol=protocol)
+                  top_p=a.top_p, seed=a.seed, max_new_tokens=a.max_new_tokens, att_layers=a.att_layers, protocol=protocol,
+                  cache=a.cache)
         report = {}
         for name, samples in sets.items():
             results = {}

@@ -90,6 +90,8 @@ def parse_args(argv=None):
                    help="rollouts per scoring forward/backward, gradients accumulated (default: all of a step's for a "
                         "model under 100M parameters, as small-vl, else 4); any value gives the same update")
     p.add_argument("--rollout-batch", type=rundir.at_least(1), help="questions decoded together (default: all of a step's)")
+    p.add_argument("--cache", choices=lvr.CACHES, help="rollout decoder (lvr.generate): dynamic, static or graph (CUDA); "
+                                                       "default graph on CUDA, dynamic on the CPU and under --fsdp")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of the decoder layers (non-reentrant)")
     p.add_argument("--param-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="dtype of the trained weights, their gradients and AdamW's state (README: what bf16 loses)")
@@ -101,6 +103,8 @@ def parse_args(argv=None):
     a.rollout_batch = a.rollout_batch or a.prompts
     if a.top_p > 1:
         p.error(f"argument --top-p: must be at most 1, got {a.top_p}")
+    if a.cache == "graph" and (a.fsdp or torch.device(a.device).type != "cuda"):
+        p.error("argument --cache: graph needs CUDA and no --fsdp")
     return a
 
 
@@ -208,7 +212,7 @@ def rollout(args, model, tok, samples, step, first: int = 0):
         gens = [group_generator(args, step, first + j) for j in range(i, min(len(samples), i + args.rollout_batch))]
         rolls.append(P.run(model, lvr.generate, model, tok, prompt, G=args.group, max_new_tokens=args.max_new_tokens,
                                   latent_steps=args.latent_steps, temperature=args.temperature, top_p=args.top_p,
-                                  generator=gens, all_ranks=args.fsdp))
+                                  generator=gens, all_ranks=args.fsdp, cache=args.cache))
     model.train()
     return lvr.cat_rollouts(rolls, tok.pad_token_id)
 

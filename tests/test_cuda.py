@@ -64,3 +64,51 @@ def test_bf16_grpo_run_on_cuda(gpu, tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and all(not r["skipped"] for r in rows)
     assert all(0 <= r["att_share"] <= 1 for r in rows)
     M.load_model(os.path.join(out, "checkpoint"), device="cuda")
+
+
+def _decode(m, tok, prompt, cache, **kw):
+    gens = [torch.Generator(device="cuda").manual_seed(5 + i) for i in range(prompt["input_ids"].shape[0])]
+    return lvr.generate(m, tok, prompt, G=2, max_new_tokens=20, latent_steps=3, temperature=1.0, top_p=0.9, generator=gens,
+                        force=torch.tensor([1, 0, 1, -1, 1], device="cuda").repeat_interleave(2), cache=cache, **kw)
+
+
+@pytest.mark.parametrize("mode", ["normal", "noise_norm", "repeat"])
+def test_graph_and_static_decoders_equal_the_dynamic_one_on_cuda(gpu, samples, mode):
+    """fp32 on the GPU: the captured step replays what the eager static step and the dynamic loop compute."""
+    m, tok = gpu
+    prompt = {k: v.cuda() for k, v in M.encode(m, tok, samples).items()}
+    runs = {c: _decode(m, tok, prompt, c, mode=mode) for c in ("dynamic", "static", "graph")}
+    assert runs["dynamic"].latent_mask.any()
+    for c in ("static", "graph"):
+        for k in ("tokens", "latent_mask", "mask", "forced"):
+            assert torch.equal(getattr(runs[c], k), getattr(runs["dynamic"], k)), (c, k)
+        assert (runs[c].latents - runs["dynamic"].latents).abs().max() < 1e-4, c
+
+
+def test_graph_decoder_under_autocast_is_the_static_one_and_reuses_its_capture(gpu, samples):
+    """bf16 autocast over fp32 weights (as train_rl runs): both decode with one bf16 copy of the weights, so the
+    replayed graph gives the eager static step's rollouts (bf16: latents to its rounding); a kept graph gives
+    exactly the same again; the weights are fp32 afterwards."""
+    m, tok = gpu
+    prompt = {k: v.cuda() for k, v in M.encode(m, tok, samples).items()}
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            static = _decode(m, tok, prompt, "static")
+            graph = _decode(m, tok, prompt, "graph", keep=True)
+            dec = m._lvr_decoder
+            again = _decode(m, tok, prompt, "graph", keep=True)
+            assert m._lvr_decoder is dec and dec.graph is not None
+    finally:
+        lvr.release(m)
+    assert all(p.dtype == torch.float32 for p in m.parameters())
+    assert torch.equal(graph.tokens, static.tokens) and (graph.latents.float() - static.latents.float()).abs().max() < 2e-2
+    assert torch.equal(again.tokens, graph.tokens) and torch.equal(again.latents, graph.latents)
+
+
+def test_graph_decoder_steps_make_no_host_sync(gpu, samples):
+    import bench
+    m, tok = gpu
+    prompt = {k: v.cuda() for k, v in M.encode(m, tok, samples[:2]).items()}
+    short, long = (bench.decode_once("graph", m, tok, prompt, 2, T, "cuda", sync_debug=True) for T in (4, 14))
+    lvr.release(m)
+    assert long["steps"] - short["steps"] == 10 and long["syncs"] == short["syncs"]
