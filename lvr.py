@@ -22,7 +22,15 @@ Interventions (inference-time ablations, `mode=`):
   zero        every latent is a zero vector.
   repeat      the span's first latent (the model's own) is fed again at every later slot.
   given=      vectors supplied by the caller (eval.py: another question's latents, or the stage-1
-              targets of this question: the oracle).
+              targets of this question: the oracle). Fewer than K given vectors: the slots past them feed the
+              model's own hidden state (eval.py's donor swap of the first k slots).
+
+Image-blind answers (`blind=True`, CVRR's strict interface). Every query position from a row's first
+`<|lvr_end|>` on is masked from the image's visual tokens; prompt text and latents stay visible. The
+`<|lvr_end|>` position itself is blind because its state predicts the first answer token, so no token
+after the span is predicted from a state that read the image directly. The one-token decode step needs
+only a per-row key mask (`step_mask`); a full forward over prompt + completion (the no-cache oracle, the
+scoring forward, the stage-1 loss) a 4-D one (`blind_mask`).
 
 Stage-1 loss (teacher forcing). The response holds `<|lvr_start|> <|lvr|>*S <|lvr_end|> answer`.
 The inputs at the S slots are ground-truth visual tokens of the question's bounding boxes; the hidden
@@ -77,20 +85,59 @@ def positions(model, input_ids, attention_mask, image_grid_thw):
 
 
 def hidden(model, embeds, attention_mask, position_ids, cache=None):
-    """Post-norm last hidden states of the language model (and the cache when one is passed)."""
+    """Post-norm last hidden states of the language model (and the cache when one is passed). A 4-D boolean
+    attention mask (blind_mask) is used as it is (made additive for eager attention)."""
+    if attention_mask.dim() == 4 and model.model.language_model.config._attn_implementation == "eager":
+        attention_mask = torch.zeros(attention_mask.shape, dtype=embeds.dtype, device=embeds.device).masked_fill(
+            ~attention_mask, torch.finfo(embeds.dtype).min)
     out = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                                      cache=cache, use_cache=cache is not None)
     return out.last_hidden_state
 
 
-def score_forward(model, roll, vision_grad: bool = False) -> torch.Tensor:
+# ------------------------------------------------------------------------------ image-blind masks
+def post_span(tokens, lvr_end: int) -> torch.Tensor:
+    """(N, T) bool: the positions from each row's first <|lvr_end|> on (the blind queries; module docstring)."""
+    return (tokens == lvr_end).cumsum(1) > 0
+
+
+def step_mask(attention_mask, image_keys, blind_rows) -> torch.Tensor:
+    """The one-token decode step's (N, L) key mask: rows whose query is past their span (blind_rows, (N,))
+    stop seeing the image keys (image_keys, (N, L) bool)."""
+    return attention_mask * (~(image_keys & blind_rows[:, None])).to(attention_mask.dtype)
+
+
+def blind_mask(attention_mask, image_keys, blind_queries) -> torch.Tensor:
+    """(B, 1, L, L) bool (True: may attend) for a full forward: causal, padding keys masked, and the image
+    keys hidden from the blind query positions (all three (B, L)). A row left with no key (a left-padding
+    query) keeps its own position, so that no state becomes NaN."""
+    L = attention_mask.shape[1]
+    i = torch.arange(L, device=attention_mask.device)
+    ok = (i[None, :] <= i[:, None])[None] & attention_mask.bool()[:, None, :]
+    ok = ok & ~(blind_queries.bool()[:, :, None] & image_keys.bool()[:, None, :])
+    ok = ok | (torch.eye(L, dtype=torch.bool, device=ok.device)[None] & ~ok.any(-1, keepdim=True))
+    return ok[:, None]
+
+
+def score_mask(model, ids, mask, completion, blind: bool):
+    """The attention mask of a full forward over prompt + completion: the 2-D padding mask, or with `blind`
+    the 4-D blind mask (the completion's positions from its first <|lvr_end|> on do not see the image)."""
+    if not blind:
+        return mask
+    L0 = ids.shape[1] - completion.shape[1]
+    blind_q = F.pad(post_span(completion, M.lvr_token_ids(model)["lvr_end_id"]), (L0, 0))
+    return blind_mask(mask, ids == model.config.image_token_id, blind_q)
+
+
+def score_forward(model, roll, vision_grad: bool = False, blind: bool = False) -> torch.Tensor:
     """One full forward over prompt + completion of every rollout, with the recorded latents put back as
     constants and the image and attention mask always passed.
 
     Returns (N, T, D): at completion position t, the post-norm hidden state one position earlier, the
     state whose logits predict token t and which, at a latent slot, was fed back as latent t. The visual
     tokens are the rollout's own (computed once per prompt while decoding); `vision_grad` runs the vision
-    tower again, once per prompt, so that gradients reach it."""
+    tower again, once per prompt, so that gradients reach it. `blind`: the image-blind interface (the
+    positions from each rollout's first <|lvr_end|> on do not see the image)."""
     rp = row_prompt(roll)
     feats = roll.feats
     if vision_grad:
@@ -102,7 +149,7 @@ def score_forward(model, roll, vision_grad: bool = False) -> torch.Tensor:
     x = embed(model, ids, latents=F.pad(roll.latents, (0, 0, L0, 0)).detach(), latent_mask=F.pad(roll.latent_mask, (L0, 0)),
               feats=torch.cat([feats[p] for p in roll.prow.tolist()]))
     pos, _ = positions(model, ids, mask, rp["image_grid_thw"])
-    return hidden(model, x, mask, pos)[:, L0 - 1:-1]
+    return hidden(model, x, score_mask(model, ids, mask, roll.tokens, blind), pos)[:, L0 - 1:-1]
 
 
 def structural_ids(model) -> list[int]:
@@ -233,10 +280,11 @@ def eos_ids(model, tok) -> list[int]:
 def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, latent_steps: int = 8,
              mode: str = "normal", temperature: float = 0.0, top_p: float = 1.0, force=None,
              latent_exit: str = "fixed", generator=None, use_cache: bool = True, given=None,
-             all_ranks: bool = False) -> Rollout:
+             all_ranks: bool = False, blind: bool = False) -> Rollout:
     """Batched latent decoding. `force` (N,) int per sample: 1 opens a span first, -1 never opens one.
-    `given` (N, K, D): the vectors fed at a span's K slots in place of the model's own (eval's oracle and
-    shuffled arms). `generator`: one torch.Generator, or a list with one per prompt row (see `draw`).
+    `given` (N, k, D): the vectors fed at a span's first k slots in place of the model's own (eval's oracle,
+    shuffled and donor arms); slots past k feed the model's own. `blind`: the image-blind interface (module
+    docstring). `generator`: one torch.Generator, or a list with one per prompt row (see `draw`).
 
     use_cache=False recomputes the whole sequence at every step (the test oracle for the cache).
     all_ranks=True (FSDP: every forward is a collective) keeps this rank stepping, feeding pad tokens,
@@ -273,6 +321,8 @@ def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, lat
     row_feats = None if use_cache else torch.cat([split_features(model, feats, prompt["image_grid_thw"],
                                                                  images_per_row)[p] for p in prow.tolist()])
     attn = full["attention_mask"]
+    image_keys = full["input_ids"] == model.config.image_token_id  # grows with the completion (never image)
+    seen_end = torch.zeros(N, dtype=torch.bool, device=dev)
 
     toks, vecs, lmask, real, forced = [], [], [], [], []
     in_lat = torch.zeros(N, dtype=torch.bool, device=dev)
@@ -301,7 +351,8 @@ def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, lat
             first = torch.where((feed & (slot == 0))[:, None], h, first)
             vec = first
         if given is not None:
-            vec = given[torch.arange(N, device=dev), slot.clamp(max=given.shape[1] - 1)].to(h.dtype)
+            own = given[torch.arange(N, device=dev), slot.clamp(max=given.shape[1] - 1)].to(h.dtype)
+            vec = torch.where((slot < given.shape[1])[:, None], own, vec)
         entered = ~in_lat & ~done & (token == start)
         in_lat = (in_lat & feed) | entered
         left = torch.where(feed, left - 1, torch.where(entered, torch.full_like(left, K), left))
@@ -311,28 +362,32 @@ def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, lat
         real.append(~done)
         forced.append(exit_now | (entered & (force > 0) & (t == 0)))
         done = done | torch.isin(token, eos.to(dev))
+        seen_end = seen_end | (token == end)  # the token fed now is a blind query from its span's end on
         finished = bool(done.all())
         if (P.all_true(finished) if all_ranks else finished) or t == max_new_tokens - 1:
             break
         step_x = torch.where(feed[:, None], vec.to(h.dtype), model.get_input_embeddings()(token))
         attn = torch.cat([attn, torch.ones(N, 1, dtype=attn.dtype, device=dev)], 1)
+        image_keys = F.pad(image_keys, (0, 1))
         if use_cache:
-            h = hidden(model, step_x[:, None], attn, (nxt + t).view(1, N, 1).expand(3, N, 1), cache)[:, -1]
+            step = step_mask(attn, image_keys, seen_end) if blind else attn
+            h = hidden(model, step_x[:, None], step, (nxt + t).view(1, N, 1).expand(3, N, 1), cache)[:, -1]
         else:
-            h = recompute(model, full, row_feats, toks, vecs, lmask, attn)
+            h = recompute(model, full, row_feats, toks, vecs, lmask, attn, blind)
     T = int(torch.stack(real, 1).any(0).nonzero().max()) + 1 if N else len(toks)  # drop all-pad columns
     return rollout_of(model, prompt, torch.stack(toks, 1)[:, :T], torch.stack(vecs, 1)[:, :T], torch.stack(lmask, 1)[:, :T],
                       torch.stack(real, 1)[:, :T], G, feats, torch.stack(forced, 1)[:, :T])
 
 
-def recompute(model, full, feats, toks, vecs, lmask, attn):
-    """The no-cache oracle: the whole sequence through the model again; the last position's hidden state."""
+def recompute(model, full, feats, toks, vecs, lmask, attn, blind: bool = False):
+    """The no-cache oracle: the whole sequence through the model again (with `blind`, under the 4-D blind
+    mask); the last position's hidden state."""
     L0 = full["input_ids"].shape[1]
     ids = torch.cat([full["input_ids"], torch.stack(toks, 1)], 1)
     x = embed(model, ids, latents=F.pad(torch.stack(vecs, 1), (0, 0, L0, 0)),
               latent_mask=F.pad(torch.stack(lmask, 1), (L0, 0)), feats=feats)
     pos, _ = positions(model, ids, attn, full["image_grid_thw"])
-    return hidden(model, x, attn, pos)[:, -1]
+    return hidden(model, x, score_mask(model, ids, attn, torch.stack(toks, 1), blind), pos)[:, -1]
 
 
 def latent_vector(h, mode, generator, G: int = 1):
@@ -410,8 +465,10 @@ def sft_batch(model, tok, samples, latent: list[bool], K: int | list[int] = 8,
     return batch, W
 
 
-def sft_loss(model, batch: dict, slot_weights: torch.Tensor, lam: float = 0.1) -> dict:
+def sft_loss(model, batch: dict, slot_weights: torch.Tensor, lam: float = 0.1, blind: bool = False) -> dict:
     """CE on response text (no CE on <|lvr|> labels) + lam * MSE(hidden before each slot, its target).
+    `blind` (train_sft.py --strict): under the image-blind mask, the reply from its span's <|lvr_end|> on
+    does not see the image (a reply without a span sees it throughout).
 
     batch: encode() output with `labels`. slot_weights (S, n_image_tokens) maps the batch's merged
     visual tokens to the targets of its S `<|lvr|>` slots, in reading order (see sft_batch)."""
@@ -423,7 +480,7 @@ def sft_loss(model, batch: dict, slot_weights: torch.Tensor, lam: float = 0.1) -
     latents[slot] = targets  # row-major: the order of slot_weights' rows
     x = embed(model, ids, latents=latents, latent_mask=slot, feats=feats)
     pos, _ = positions(model, ids, batch["attention_mask"], batch["image_grid_thw"])
-    h = hidden(model, x, batch["attention_mask"], pos)
+    h = hidden(model, x, score_mask(model, ids, batch["attention_mask"], ids, blind), pos)
     labels = batch["labels"][:, 1:].masked_fill(slot[:, 1:], -100)
     scored = labels != -100  # logits only where a text label is (not over the prompt and image)
     ce = F.cross_entropy(model.lm_head(h[:, :-1][scored]).float(), labels[scored]) if scored.any() else h.new_zeros(())

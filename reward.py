@@ -135,11 +135,13 @@ def span_masks(tokens, latent_mask, mask, lvr_start: int, lvr_end: int):
     return latent_mask, (pos > begin[:, None]) & mask & ~latent_mask
 
 
-def attention_share(q, k, query_mask, key_mask, attention_mask, chunk: int = 256) -> torch.Tensor:
+def attention_share(q, k, query_mask, key_mask, attention_mask, chunk: int = 256, hidden_keys=None,
+                    blind_queries=None) -> torch.Tensor:
     """Per row, the mean over query positions of the head-averaged softmax mass on key_mask's keys.
 
     q (B,H,L,d), k (B,Hkv,L,d) post-RoPE; masks (B,L) bool over the full sequence. Streaming logsumexp
-    over key chunks; memory O(B*H*Tq*chunk) with Tq the most query rows of any sample."""
+    over key chunks; memory O(B*H*Tq*chunk) with Tq the most query rows of any sample. `hidden_keys` and
+    `blind_queries` (B,L) bool: the image-blind interface (lvr.blind_mask), those keys hidden from those queries."""
     B, H, L, d = q.shape
     Hkv = k.shape[1]
     nq = query_mask.sum(1)
@@ -157,6 +159,8 @@ def attention_share(q, k, query_mask, key_mask, attention_mask, chunk: int = 256
         s = torch.einsum("bhgtd,bhcd->bhgtc", qs, kc)
         kpos = torch.arange(c0, c0 + kc.shape[2], device=q.device)
         ok = (kpos[None, None] <= order[:, :, None]) & attention_mask[:, None, c0:c0 + kc.shape[2]].bool()
+        if hidden_keys is not None:
+            ok = ok & ~(blind_queries.gather(1, order)[:, :, None] & hidden_keys[:, None, c0:c0 + kc.shape[2]])
         s = s.masked_fill(~ok[:, None, None], float("-inf"))
         lse_all = torch.logaddexp(lse_all, s.logsumexp(-1))
         on_key = ok & key_mask[:, None, c0:c0 + kc.shape[2]]
@@ -184,9 +188,10 @@ def attention_share_naive(attn: torch.Tensor, query_mask, key_mask) -> torch.Ten
 
 
 def attention_reward(qk: dict, prompt: dict, tokens, latent_mask, completion_mask, cfg,
-                     variant: str = "share") -> torch.Tensor:
+                     variant: str = "share", blind: bool = False) -> torch.Tensor:
     """r_attn per rollout from captured {layer: (q, k)} of a scoring forward over prompt + completion;
-    prompt: each rollout's prompt ids and mask (lvr.row_prompt); cfg: the model's config (token ids)."""
+    prompt: each rollout's prompt ids and mask (lvr.row_prompt); cfg: the model's config (token ids).
+    `blind`: the forward ran under the image-blind mask, so the image keys are hidden from the post-span queries."""
     if variant not in ("share", "relative"):
         raise ValueError(f"unknown attention reward variant {variant!r}; expected 'share' or 'relative'")
     keys, queries = span_masks(tokens, latent_mask, completion_mask, cfg.lvr_start_id, cfg.lvr_end_id)
@@ -194,22 +199,25 @@ def attention_reward(qk: dict, prompt: dict, tokens, latent_mask, completion_mas
     full_mask = torch.cat([prompt["attention_mask"], completion_mask.long()], 1)
     image = torch.cat([prompt["input_ids"], tokens], 1) == cfg.image_token_id
     out, share = [], share_fn(tokens.device)
+    hide = dict(hidden_keys=image, blind_queries=pad(lvr.post_span(tokens, cfg.lvr_end_id))) if blind else {}
     for q, k in qk.values():
-        r = share(q.detach(), k.detach(), pad(queries), pad(keys), full_mask)
+        r = share(q.detach(), k.detach(), pad(queries), pad(keys), full_mask, **hide)
         if variant == "relative":
-            r = r / share(q.detach(), k.detach(), pad(queries), image, full_mask).clamp(min=1e-6)
+            r = r / share(q.detach(), k.detach(), pad(queries), image, full_mask, **hide).clamp(min=1e-6)
         out.append(r)
     return torch.stack(out).mean(0) * keys.any(1)
 
 
-def score_rollout(model, roll, layers, variant: str = "share", vision_grad: bool = False):
+def score_rollout(model, roll, layers, variant: str = "share", vision_grad: bool = False, blind: bool = False):
     """The scoring forward of a rollout (lvr.score_forward) and, fused into it, r_attn at `layers`:
-    (hidden states predicting each completion position, r_attn per rollout; zeros without layers)."""
+    (hidden states predicting each completion position, r_attn per rollout; zeros without layers).
+    `blind`: both under the image-blind mask (lvr.py)."""
     with capture_qk(model, layers) as qk:
-        h = lvr.score_forward(model, roll, vision_grad)
+        h = lvr.score_forward(model, roll, vision_grad, blind)
     if not layers:
         return h, torch.zeros(roll.tokens.shape[0], device=h.device)
-    return h, attention_reward(qk, lvr.row_prompt(roll), roll.tokens, roll.latent_mask, roll.mask, model.config, variant)
+    return h, attention_reward(qk, lvr.row_prompt(roll), roll.tokens, roll.latent_mask, roll.mask, model.config, variant,
+                               blind)
 
 
 def no_latent_fill(r_attn: torch.Tensor, opened: torch.Tensor, G: int, mode: str) -> torch.Tensor:
