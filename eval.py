@@ -265,9 +265,9 @@ def summarize(records: list[dict]) -> dict:
 
 
 def rate(hits: list) -> dict:
-    """A share with its 95% Wilson interval and count."""
+    """A share with its 95% Wilson interval and count (rate None of nothing)."""
     k, n = int(sum(bool(h) for h in hits)), len(hits)
-    return {"rate": k / max(n, 1), "ci95": list(wilson(k, n)), "n": n}
+    return {"rate": k / n if n else None, "ci95": list(wilson(k, n)), "n": n}
 
 
 def donor_lift(records: list[dict]) -> dict:
@@ -335,17 +335,17 @@ def table(summaries: dict) -> str:
     s = next(iter(summaries.values()))
     rows.append("| *chance* | " + " | ".join(f"{v['chance']:.3f}" for v in [s["overall"]] + [s["per_type"][t] for t in types])
                 + " | | |" + (" |" if diff else ""))
-    iv = lambda r: f"{r['rate']:.3f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"  # noqa: E731
+    iv = lambda r: "-" if r["rate"] is None else f"{r['rate']:.3f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"  # noqa: E731
     for m, s in summaries.items():
         if "flip" in s:
             f = s["flip"]
             rows.append(f"\nEdit pairs ({m} vs {PAIRED_BASE[m]}): edited-view acc. {iv(f['edited_acc'])}; strict paired "
                         f"correct flip {iv(f['paired_flip'])} of {f['paired_flip']['n']} changing pairs (answer changed on "
-                        f"{f['change_rate']['rate']:.3f}); false flip {iv(f['false_flip'])} of {f['false_flip']['n']} keeping pairs")
+                        f"{iv(f['change_rate'])}); false flip {iv(f['false_flip'])} of {f['false_flip']['n']} keeping pairs")
         if "donor" in s:
             d = s["donor"]
             rows.append(f"\nDonor swap ({m}): moved to the donor's answer {iv(d['lift'])} of {d['lift']['n']} "
-                        f"(chance {d['chance']:.3f}); kept its own right answer {d['kept']['rate']:.3f}")
+                        f"(chance {d['chance']:.3f}); kept its own right answer {iv(d['kept'])}")
     fit = {m: s["overall"] for m, s in summaries.items() if s["overall"].get("latent_cos") is not None}
     if fit:
         rows.append("\nGenerated latents vs their stage-1 targets: "
@@ -429,6 +429,8 @@ def parse_args(argv=None):
                         "blind, blind+drop, blind+oracle (no position after the span sees the image), edit and "
                         "blind+edit (counterfactual edit pairs: flip metrics), donor, donor-k4, blind+donor (a donor "
                         "question's latents: how often the answer moves to the donor's), and a test-time K sweep (K=0, 2, 4, 16)")
+    m.add_argument("--arms", type=arm_list, metavar="A,B",
+                   help="these --compare arms only (normal always first, for the paired differences), e.g. blind,blind+drop,edit")
     r = p.add_mutually_exclusive_group()
     r.add_argument("--force-latents", action="store_true", help="every reply opens a latent span")
     r.add_argument("--no-latents", action="store_true", help="no reply opens a latent span")
@@ -440,6 +442,15 @@ def parse_args(argv=None):
     p.add_argument("--plot", nargs="+", metavar="LOG", help="draw train_rl.py log(s) side by side and exit")
     p.add_argument("--plot-out", default="curves.png", help="PNG file for --plot")
     return p.parse_args(argv)
+
+
+def arm_list(s: str) -> list[str]:
+    """argparse type of --arms: comma-separated names of --compare's arms (or K=n)."""
+    arms = [x.strip() for x in s.split(",") if x.strip()]
+    bad = [x for x in arms if x not in ARMS and not (x.startswith("K=") and x[2:].isdigit())]
+    if not arms or bad:
+        raise argparse.ArgumentTypeError(f"unknown arm(s) {', '.join(bad) or s!r}; expected some of {', '.join(ARMS)} or K=n")
+    return arms
 
 
 def load_samples(a) -> dict:
@@ -510,6 +521,8 @@ def main(argv=None):
         route = "all" if a.force_latents else "none" if a.no_latents else a.route
         chosen = ["drop"] if a.drop_latents else ["noise"] if a.noise_latents else ["noise_norm"] if a.noise_norm_latents else ["normal"]
         modes = list(ARMS) + [f"K={k}" for k in K_SWEEP if k != a.latent_steps] if a.compare else chosen
+        if a.arms:
+            a.compare, modes = True, ["normal"] + [x for x in a.arms if x != "normal"]
         if a.bench:  # edit pairs need the synthetic scenes
             modes = [m for m in modes if m not in PAIR_ARMS]
         kw = dict(latent_steps=a.latent_steps, route=route, batch_size=a.batch_size, temperature=a.temperature,
