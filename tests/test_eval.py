@@ -244,3 +244,13 @@ def test_donor_arms_feed_the_donors_latents(tiny, questions):
     s = ev.summarize(recs)["donor"]
     assert s["lift"]["n"] == sum(r["to_donor"] is not None for r in recs) > 0
     assert all(r["to_donor"] == (r["pred"] == r["donor_answer"]) for r in recs if r["to_donor"] is not None)
+
+
+def test_arms_option_runs_the_named_arms_after_normal():
+    import argparse
+    assert ev.arm_list("blind, edit,K=3") == ["blind", "edit", "K=3"]
+    for bad in ("blind,sideways", "", "K=x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            ev.arm_list(bad)
+    assert ev.split_mode("blind") == ("normal", True) and ev.split_mode("blind+oracle") == ("oracle", True)
+    assert ev.split_mode("donor-k4") == ("donor-k4", False)
