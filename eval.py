@@ -15,7 +15,12 @@ followed at once by <|lvr_end|>); noise (every latent replaced by standard norma
 noise_norm (Gaussian noise rescaled to the norm of the latent it replaces); zero (zero vectors); repeat
 (the span's first latent fed again at every slot); shuffle (each question fed the latents the next
 question of its batch generated); oracle (the question's stage-1 targets: an upper bound); K=n (a
-test-time sweep of the number of latent steps). --compare runs them all. Routing: --force-latents (a
+test-time sweep of the number of latent steps). Necessity tests (2026): blind, blind+drop, blind+oracle
+(CVRR's strict interface: no position from the span's <|lvr_end|> on sees the image; prompt text and latents
+stay visible); edit, blind+edit (ReaLVR's counterfactual pairs: each question's scene after one edit,
+data.counterfactual; edited-view accuracy, strict paired correct flip, false flip); donor, donor-k4,
+blind+donor (ReaLVR's latent swap: a donor question's latents, all K or the first 4 slots; how often the
+answer moves to the donor's answer). --compare runs them all. Routing: --force-latents (a
 span is opened first), --no-latents (never opened), --route T1,T2 (forced for those question types only).
 The paper's seven benchmarks are run under --protocol vlmeval by default: VLMEvalKit's prompt per
 dataset, its pixel bounds for a real checkpoint (min/max pixels 1280*28*28 / 8192*28*28), its
@@ -76,7 +81,13 @@ def route_force(samples, route: str | None) -> torch.Tensor | None:
     return torch.tensor([1 if s.qtype in types else -1 for s in samples])
 
 
-ARMS = lvr.MODES + ("shuffle", "oracle")  # --compare's rows, then the test-time K sweep
+BLIND_ARMS = ("blind", "blind+drop", "blind+oracle")  # CVRR's strict interface: answers that cannot see the image
+PAIR_ARMS = ("edit", "blind+edit")  # ReaLVR's counterfactual edit pairs (synthetic scenes only)
+DONOR_ARMS = ("donor", "donor-k4", "blind+donor")  # ReaLVR's latent swap: a donor question's latents
+DONOR_K = 4  # donor-k4: the donor's first k latents, then the model's own
+
+
+ARMS = lvr.MODES + ("shuffle", "oracle") + BLIND_ARMS + PAIR_ARMS + DONOR_ARMS  # --compare's rows, then the K sweep
 K_SWEEP = (0, 2, 4, 16)  # rows "K=n" (normal decoding with n latent steps; the default K is the normal row)
 
 
@@ -86,6 +97,41 @@ def first_span_latents(roll, K: int) -> torch.Tensor:
     for i in range(out.shape[0]):
         v = roll.latents[i][roll.latent_mask[i]][:K]
         out[i, :len(v)] = v
+    return out
+
+
+def split_mode(mode: str) -> tuple[str, bool]:
+    """'blind' -> ('normal', True); 'blind+X' -> ('X', True); 'X' -> ('X', False)."""
+    if mode == "blind":
+        return "normal", True
+    if mode.startswith("blind+"):
+        return mode[len("blind+"):], True
+    return mode, False
+
+
+def answer_text(sample, letter: str | None) -> str | None:
+    """The option text a letter names in a question with lettered options (None when it names none)."""
+    opts = data.options_of(sample.question)
+    i = data.OPTION_LETTERS.find(letter) if letter else -1
+    return opts[i] if 0 <= i < len(opts) else None
+
+
+def question_form(sample) -> str:
+    """The template a synthetic question was asked with (attribute: shape or colour), else its type."""
+    first = sample.question.splitlines()[0]
+    return next((k for k, r in data.QUESTION_RES.items() if r.fullmatch(first)), sample.qtype)
+
+
+def donors(samples, opened) -> list[int | None]:
+    """For each question, its donor: the next question (cyclically) asked with the same template, whose own
+    decoding opened a span, and whose right answer is another of this question's options; None if none is."""
+    forms = [question_form(s) for s in samples]
+    rights = [answer_text(s, s.answer) for s in samples]
+    out = []
+    for i, s in enumerate(samples):
+        opts, n = data.options_of(s.question), len(samples)
+        out.append(next((j for j in ((i + d) % n for d in range(1, n)) if opened[j] and forms[j] == forms[i]
+                         and rights[j] is not None and rights[j] != rights[i] and rights[j] in opts), None))
     return out
 
 
@@ -100,47 +146,79 @@ def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, bat
 
     mode: one of lvr.MODES; "shuffle" (each question is fed the latents the next question of its batch
     generated); "oracle" (its own stage-1 targets: the visual tokens of its boxes, pooled onto K slots);
-    "K=n" (normal decoding with n latent steps).
+    "K=n" (normal decoding with n latent steps); "edit" (the edited view of each question's counterfactual
+    pair, data.counterfactual: records add the edit and whether the right answer changed); "donor" /
+    "donor-k4" (the latents its donor question generated, eval.donors: all K slots / the first 4, then the
+    model's own; records add the donor's answer and whether the reply moved to it); "blind" and "blind+X"
+    (X under the image-blind interface: no position from the span's <|lvr_end|> on sees the image).
     Under torchrun each rank decodes a contiguous part of the questions and every rank gets all records, in
-    order; "shuffle" (which pairs questions within a batch) and an FSDP-sharded model (in lockstep) decode
+    order; "shuffle" and the donor arms (which pair questions) and an FSDP-sharded model (in lockstep) decode
     all questions on every rank instead."""
-    if mode.startswith("K="):
-        mode, latent_steps = "normal", int(mode[2:])
+    base, blind = split_mode(mode)
+    if base.startswith("K="):
+        base, latent_steps = "normal", int(base[2:])
+    pairs = None
+    if base == "edit":
+        if any(not s.objects for s in samples):
+            raise ValueError("edit pairs need the synthetic scenes (objects to edit)")
+        pairs = [data.counterfactual(s, i) for i, s in enumerate(samples)]
+        samples, base = [p.edited for p in pairs], "normal"
     sharded = P.is_sharded(model)
-    whole = sharded or mode == "shuffle"
+    donor = base in ("donor", "donor-k4")
+    whole = sharded or base == "shuffle" or donor
     mine = range(len(samples)) if whole else P.part(len(samples))
     force = route_force(samples, route)
+    gen = lambda idx: [torch.Generator(device=model.device).manual_seed(seed * 1_000_003 + j) for j in idx]  # noqa: E731
+    kw = dict(max_new_tokens=max_new_tokens, latent_steps=latent_steps, temperature=temperature, top_p=top_p,
+              all_ranks=sharded, cache=None if blind else cache,  # blind decoding is the dynamic decoder's
+              keep=True)  # batches of one shape reuse the static decoder (released below)
+    encode = lambda chunk: {k: v.to(model.device) for k, v in M.encode(model, tok, chunk).items()}  # noqa: E731
+    batches = [range(i, min(mine.stop, i + batch_size)) for i in range(mine.start, mine.stop, batch_size)]
+    own_latents = donor_of = None
+    if donor:  # every question's own latents first (they come before any blind position: blind or not alike)
+        rolls = [P.run(model, lvr.generate, model, tok, encode(samples[idx.start:idx.stop]), generator=gen(idx),
+                       force=None if force is None else force[idx.start:idx.stop], **kw) for idx in batches]
+        own_latents = torch.cat([first_span_latents(r, latent_steps) for r in rolls])
+        donor_of = donors(samples, torch.cat([r.opened for r in rolls]).tolist())
     records = []
-    for i in tqdm(range(mine.start, mine.stop, batch_size), desc=f"eval {mode}", disable=not progress or not P.is_main(),
-                  leave=False):
-        idx = range(i, min(mine.stop, i + batch_size))
+    for idx in tqdm(batches, desc=f"eval {mode}", disable=not progress or not P.is_main(), leave=False):
         chunk = samples[idx.start:idx.stop]
         images = [np.full_like(s.load_image(), data.BACKGROUND) for s in chunk] if blank else None
         prompt = {k: v.to(model.device) for k, v in M.encode(model, tok, chunk, images=images).items()}
-        gens = [torch.Generator(device=model.device).manual_seed(seed * 1_000_003 + j) for j in idx]
-        kw = dict(max_new_tokens=max_new_tokens, latent_steps=latent_steps, temperature=temperature, top_p=top_p,
-                  force=None if force is None else force[idx.start:idx.stop], all_ranks=sharded, cache=cache,
-                  keep=True)  # batches of one shape reuse the static decoder (released below)
+        gens = gen(idx)
+        kw["force"] = None if force is None else force[idx.start:idx.stop]
         given = None
-        if mode == "oracle":
+        if base == "oracle":
             given = P.run(model, lvr.oracle_latents, model, prompt, chunk, latent_steps)
-        elif mode == "shuffle":
-            own = P.run(model, lvr.generate, model, tok, prompt, generator=gens, **kw)
+        elif base == "shuffle":
+            own = P.run(model, lvr.generate, model, tok, prompt, generator=gens, blind=blind, **kw)
             given = first_span_latents(own, latent_steps).roll(-1, 0)
-            gens = [torch.Generator(device=model.device).manual_seed(seed * 1_000_003 + j) for j in idx]
-        roll = P.run(model, lvr.generate, model, tok, prompt, mode=mode if mode in lvr.MODES else "normal",
-                     generator=gens, given=given, **kw)
-        share = P.run(model, reward.score_rollout, model, roll, att_layers)[1].cpu()
-        fit = latent_fit(model, prompt, chunk, roll, latent_steps) if mode == "normal" and not blank else None
+            gens = gen(idx)
+        elif donor:
+            rows = [i if donor_of[i] is None else donor_of[i] for i in idx]  # no donor: its own latents
+            given = own_latents[rows][:, :DONOR_K if base == "donor-k4" else latent_steps]
+        roll = P.run(model, lvr.generate, model, tok, prompt, mode=base if base in lvr.MODES else "normal",
+                     generator=gens, given=given, blind=blind, **kw)
+        share = P.run(model, reward.score_rollout, model, roll, att_layers, blind=blind)[1].cpu()
+        fit = latent_fit(model, prompt, chunk, roll, latent_steps) if base == "normal" and not blank else None
         for j, s in enumerate(chunk):
             text = tok.decode(roll.tokens[j][roll.mask[j]], skip_special_tokens=False)
             pred = reward.parse_answer(text) if s.choices or len(s.answer) == 1 else benchmarks.final_text(text)
             opened = bool(roll.opened[j])
-            records.append({"id": s.id, "qtype": s.qtype, "answer": s.answer, "pred": pred,
-                            **benchmarks.verdicts(text, s, protocol),
-                            "opened": opened, "att_share": float(share[j]) if opened else None, "text": text,
-                            "latent_fit": fit[j] if fit is not None and opened else None,
-                            "chance": 1 / n_options(s) if s.choices or len(s.answer) == 1 else 0.0})
+            rec = {"id": s.id, "qtype": s.qtype, "answer": s.answer, "pred": pred,
+                   **benchmarks.verdicts(text, s, protocol),
+                   "opened": opened, "att_share": float(share[j]) if opened else None, "text": text,
+                   "latent_fit": fit[j] if fit is not None and opened else None,
+                   "chance": 1 / n_options(s) if s.choices or len(s.answer) == 1 else 0.0}
+            if pairs is not None:
+                pair = pairs[idx.start + j]
+                rec.update(edit=pair.edit.kind, changes=pair.changes, original_answer=pair.original.answer)
+            if donor:
+                d = donor_of[idx.start + j]
+                to = None if d is None else data.OPTION_LETTERS[data.options_of(s.question).index(answer_text(samples[d], samples[d].answer))]
+                rec.update(donor=None if d is None else samples[d].id, donor_answer=to,
+                           to_donor=None if d is None or not opened else pred == to)
+            records.append(rec)
     lvr.release(model)
     return finish_fit(records if whole else [r for rs in P.gather_objects(records) for r in rs], latent_steps)
 
@@ -191,17 +269,58 @@ def summarize(records: list[dict]) -> dict:
                 "chance": float(np.mean([r.get("chance", 0.0) for r in rs])) if rs else 0.0}
     types = sorted({r["qtype"] for r in records}, key=lambda t: (data.ALL_QTYPES.index(t) if t in data.ALL_QTYPES else 99, t))
     out = {"overall": stats(records), "per_type": {t: stats([r for r in records if r["qtype"] == t]) for t in types}}
+    if any("donor" in r for r in records):
+        out["donor"] = donor_lift(records)
     if records and all(r["id"].lower().startswith("mmvp-") for r in records):
         out["overall"]["pair_acc"] = benchmarks.mmvp_pair_accuracy({r["id"]: r["correct"] for r in records})
     return out
 
 
+def rate(hits: list) -> dict:
+    """A share with its 95% Wilson interval and count (rate None of nothing)."""
+    k, n = int(sum(bool(h) for h in hits)), len(hits)
+    return {"rate": k / n if n else None, "ci95": list(wilson(k, n)), "n": n}
+
+
+def donor_lift(records: list[dict]) -> dict:
+    """The latent swap: over questions given a donor's latents (a donor found and a span opened), how often
+    the reply moved to the donor's answer (lift), how often it kept its own right answer, and chance."""
+    rs = [r for r in records if r.get("to_donor") is not None]
+    return {"lift": rate([r["to_donor"] for r in rs]), "kept": rate([r["pred"] == r["answer"] for r in rs]),
+            "chance": float(np.mean([r["chance"] for r in rs])) if rs else 0.0,
+            "per_type": {t: rate([r["to_donor"] for r in rs if r["qtype"] == t]) for t in sorted({r["qtype"] for r in rs})}}
+
+
+def flip_metrics(base: list[dict], edited: list[dict]) -> dict:
+    """ReaLVR's paired metrics over the counterfactual edit pairs (base: the original views' records, edited:
+    the edit arm's, matched by id): edited-view accuracy; strict paired correct flip (changing pairs right on
+    both views); the answer change rate on changing pairs; false flip (keeping pairs whose answer changed).
+    Each a share with its 95% Wilson interval, also per edit type."""
+    orig = {r["id"]: r for r in base}
+    rows = [(orig[e["id"]], e) for e in edited if e["id"] in orig]
+
+    def metrics(rs):
+        ch, keep = [x for x in rs if x[1]["changes"]], [x for x in rs if not x[1]["changes"]]
+        return {"edited_acc": rate([e["correct"] for _, e in rs]),
+                "paired_flip": rate([o["correct"] and e["correct"] for o, e in ch]),
+                "change_rate": rate([o["pred"] != e["pred"] for o, e in ch]),
+                "false_flip": rate([o["pred"] != e["pred"] for o, e in keep])}
+    return {**metrics(rows), "per_edit": {k: metrics([x for x in rows if x[1]["edit"] == k]) for k in data.EDITS
+                                          if any(x[1]["edit"] == k for x in rows)}}
+
+
+PAIRED_BASE = {"edit": "normal", "blind+edit": "blind"}  # the arm whose records are an edit arm's original views
+
+
 def compare(results: dict) -> dict:
-    """Per mode: its summary, and its paired difference against 'normal' overall and per type."""
+    """Per mode: its summary, and its paired difference against 'normal' overall and per type; the edit arms
+    also their flip metrics against their original views (PAIRED_BASE)."""
     base = {r["id"]: r for r in results["normal"]}
     out = {}
     for mode, recs in results.items():
         out[mode] = summarize(recs)
+        if PAIRED_BASE.get(mode) in results:
+            out[mode]["flip"] = flip_metrics(results[PAIRED_BASE[mode]], recs)
         if mode != "normal":
             out[mode]["vs_normal"] = {t: paired([base[r["id"]]["correct"] for r in rs], [r["correct"] for r in rs])
                                       for t, rs in [("overall", recs)] + [(t, [r for r in recs if r["qtype"] == t])
@@ -228,6 +347,17 @@ def table(summaries: dict) -> str:
     s = next(iter(summaries.values()))
     rows.append("| *chance* | " + " | ".join(f"{v['chance']:.3f}" for v in [s["overall"]] + [s["per_type"][t] for t in types])
                 + " | | |" + (" |" if diff else ""))
+    iv = lambda r: "-" if r["rate"] is None else f"{r['rate']:.3f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"  # noqa: E731
+    for m, s in summaries.items():
+        if "flip" in s:
+            f = s["flip"]
+            rows.append(f"\nEdit pairs ({m} vs {PAIRED_BASE[m]}): edited-view acc. {iv(f['edited_acc'])}; strict paired "
+                        f"correct flip {iv(f['paired_flip'])} of {f['paired_flip']['n']} changing pairs (answer changed on "
+                        f"{iv(f['change_rate'])}); false flip {iv(f['false_flip'])} of {f['false_flip']['n']} keeping pairs")
+        if "donor" in s:
+            d = s["donor"]
+            rows.append(f"\nDonor swap ({m}): moved to the donor's answer {iv(d['lift'])} of {d['lift']['n']} "
+                        f"(chance {d['chance']:.3f}); kept its own right answer {iv(d['kept'])}")
     fit = {m: s["overall"] for m, s in summaries.items() if s["overall"].get("latent_cos") is not None}
     if fit:
         rows.append("\nGenerated latents vs their stage-1 targets: "
@@ -318,7 +448,11 @@ def parse_args(argv=None):
     m.add_argument("--compare", action="store_true",
                    help="every arm on the same questions: normal, drop (markers only), noise, noise_norm, zero, repeat "
                         "(first latent repeated), shuffle (another question's latents), oracle (the stage-1 targets), "
-                        "and a test-time K sweep (K=0, 2, 4, 16)")
+                        "blind, blind+drop, blind+oracle (no position after the span sees the image), edit and "
+                        "blind+edit (counterfactual edit pairs: flip metrics), donor, donor-k4, blind+donor (a donor "
+                        "question's latents: how often the answer moves to the donor's), and a test-time K sweep (K=0, 2, 4, 16)")
+    m.add_argument("--arms", type=arm_list, metavar="A,B",
+                   help="these --compare arms only (normal always first, for the paired differences), e.g. blind,blind+drop,edit")
     r = p.add_mutually_exclusive_group()
     r.add_argument("--force-latents", action="store_true", help="every reply opens a latent span")
     r.add_argument("--no-latents", action="store_true", help="no reply opens a latent span")
@@ -330,6 +464,15 @@ def parse_args(argv=None):
     p.add_argument("--plot", nargs="+", metavar="LOG", help="draw train_rl.py log(s) side by side and exit")
     p.add_argument("--plot-out", default="curves.png", help="PNG file for --plot")
     return p.parse_args(argv)
+
+
+def arm_list(s: str) -> list[str]:
+    """argparse type of --arms: comma-separated names of --compare's arms (or K=n)."""
+    arms = [x.strip() for x in s.split(",") if x.strip()]
+    bad = [x for x in arms if x not in ARMS and not (x.startswith("K=") and x[2:].isdigit())]
+    if not arms or bad:
+        raise argparse.ArgumentTypeError(f"unknown arm(s) {', '.join(bad) or s!r}; expected some of {', '.join(ARMS)} or K=n")
+    return arms
 
 
 def load_samples(a) -> dict:
@@ -443,6 +586,10 @@ def main(argv=None):
         route = "all" if a.force_latents else "none" if a.no_latents else a.route
         chosen = ["drop"] if a.drop_latents else ["noise"] if a.noise_latents else ["noise_norm"] if a.noise_norm_latents else ["normal"]
         modes = list(ARMS) + [f"K={k}" for k in K_SWEEP if k != a.latent_steps] if a.compare else chosen
+        if a.arms:
+            a.compare, modes = True, ["normal"] + [x for x in a.arms if x != "normal"]
+        if a.bench:  # edit pairs need the synthetic scenes
+            modes = [m for m in modes if m not in PAIR_ARMS]
         kw = dict(latent_steps=a.latent_steps, route=route, batch_size=a.batch_size, temperature=a.temperature,
                   top_p=a.top_p, seed=a.seed, max_new_tokens=a.max_new_tokens, att_layers=a.att_layers, protocol=protocol,
                   cache=a.cache)

@@ -30,7 +30,15 @@ Interventions (inference-time ablations, `mode=`):
   zero        every latent is a zero vector.
   repeat      the span's first latent (the model's own) is fed again at every later slot.
   given=      vectors supplied by the caller (eval.py: another question's latents, or the stage-1
-              targets of this question: the oracle).
+              targets of this question: the oracle). Fewer than K given vectors: the slots past them feed the
+              model's own hidden state (eval.py's donor swap of the first k slots).
+
+Image-blind answers (`blind=True`, CVRR's strict interface). Every query position from a row's first
+`<|lvr_end|>` on is masked from the image's visual tokens; prompt text and latents stay visible. The
+`<|lvr_end|>` position itself is blind because its state predicts the first answer token, so no token
+after the span is predicted from a state that read the image directly. The one-token decode step needs
+only a per-row key mask (`step_mask`); a full forward over prompt + completion (the no-cache oracle, the
+scoring forward, the stage-1 loss) a 4-D one (`blind_mask`).
 
 Stage-1 loss (teacher forcing). The response holds `<|lvr_start|> <|lvr|>*S <|lvr_end|> answer`.
 The inputs at the S slots are ground-truth visual tokens of the question's bounding boxes; the hidden
@@ -88,20 +96,59 @@ def positions(model, input_ids, attention_mask, image_grid_thw):
 
 
 def hidden(model, embeds, attention_mask, position_ids, cache=None):
-    """Post-norm last hidden states of the language model (and the cache when one is passed)."""
+    """Post-norm last hidden states of the language model (and the cache when one is passed). A 4-D boolean
+    attention mask (blind_mask) is used as it is (made additive for eager attention)."""
+    if attention_mask.dim() == 4 and model.model.language_model.config._attn_implementation == "eager":
+        attention_mask = torch.zeros(attention_mask.shape, dtype=embeds.dtype, device=embeds.device).masked_fill(
+            ~attention_mask, torch.finfo(embeds.dtype).min)
     out = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                                      cache=cache, use_cache=cache is not None)
     return out.last_hidden_state
 
 
-def score_forward(model, roll, vision_grad: bool = False) -> torch.Tensor:
+# ------------------------------------------------------------------------------ image-blind masks
+def post_span(tokens, lvr_end: int) -> torch.Tensor:
+    """(N, T) bool: the positions from each row's first <|lvr_end|> on (the blind queries; module docstring)."""
+    return (tokens == lvr_end).cumsum(1) > 0
+
+
+def step_mask(attention_mask, image_keys, blind_rows) -> torch.Tensor:
+    """The one-token decode step's (N, L) key mask: rows whose query is past their span (blind_rows, (N,))
+    stop seeing the image keys (image_keys, (N, L) bool)."""
+    return attention_mask * (~(image_keys & blind_rows[:, None])).to(attention_mask.dtype)
+
+
+def blind_mask(attention_mask, image_keys, blind_queries) -> torch.Tensor:
+    """(B, 1, L, L) bool (True: may attend) for a full forward: causal, padding keys masked, and the image
+    keys hidden from the blind query positions (all three (B, L)). A row left with no key (a left-padding
+    query) keeps its own position, so that no state becomes NaN."""
+    L = attention_mask.shape[1]
+    i = torch.arange(L, device=attention_mask.device)
+    ok = (i[None, :] <= i[:, None])[None] & attention_mask.bool()[:, None, :]
+    ok = ok & ~(blind_queries.bool()[:, :, None] & image_keys.bool()[:, None, :])
+    ok = ok | (torch.eye(L, dtype=torch.bool, device=ok.device)[None] & ~ok.any(-1, keepdim=True))
+    return ok[:, None]
+
+
+def score_mask(model, ids, mask, completion, blind: bool):
+    """The attention mask of a full forward over prompt + completion: the 2-D padding mask, or with `blind`
+    the 4-D blind mask (the completion's positions from its first <|lvr_end|> on do not see the image)."""
+    if not blind:
+        return mask
+    L0 = ids.shape[1] - completion.shape[1]
+    blind_q = F.pad(post_span(completion, M.lvr_token_ids(model)["lvr_end_id"]), (L0, 0))
+    return blind_mask(mask, ids == model.config.image_token_id, blind_q)
+
+
+def score_forward(model, roll, vision_grad: bool = False, blind: bool = False) -> torch.Tensor:
     """One full forward over prompt + completion of every rollout, with the recorded latents put back as
     constants and the image and attention mask always passed.
 
     Returns (N, T, D): at completion position t, the post-norm hidden state one position earlier, the
     state whose logits predict token t and which, at a latent slot, was fed back as latent t. The visual
     tokens are the rollout's own (computed once per prompt while decoding); `vision_grad` runs the vision
-    tower again, once per prompt, so that gradients reach it."""
+    tower again, once per prompt, so that gradients reach it. `blind`: the image-blind interface (the
+    positions from each rollout's first <|lvr_end|> on do not see the image)."""
     rp = row_prompt(roll)
     feats = roll.feats
     if vision_grad:
@@ -113,7 +160,7 @@ def score_forward(model, roll, vision_grad: bool = False) -> torch.Tensor:
     x = embed(model, ids, latents=F.pad(roll.latents, (0, 0, L0, 0)).detach(), latent_mask=F.pad(roll.latent_mask, (L0, 0)),
               feats=torch.cat([feats[p] for p in roll.prow.tolist()]))
     pos, _ = positions(model, ids, mask, rp["image_grid_thw"])
-    return hidden(model, x, mask, pos)[:, L0 - 1:-1]
+    return hidden(model, x, score_mask(model, ids, mask, roll.tokens, blind), pos)[:, L0 - 1:-1]
 
 
 def structural_ids(model) -> list[int]:
@@ -268,10 +315,12 @@ def _sync(dev):
 def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, latent_steps: int = 8,
              mode: str = "normal", temperature: float = 0.0, top_p: float = 1.0, force=None,
              latent_exit: str = "fixed", generator=None, use_cache: bool = True, given=None,
-             all_ranks: bool = False, cache: str | None = None, keep: bool = False, stats: dict | None = None) -> Rollout:
+             all_ranks: bool = False, cache: str | None = None, keep: bool = False, stats: dict | None = None,
+             blind: bool = False) -> Rollout:
     """Batched latent decoding. `force` (N,) int per sample: 1 opens a span first, -1 never opens one.
-    `given` (N, K, D): the vectors fed at a span's K slots in place of the model's own (eval's oracle and
-    shuffled arms). `generator`: one torch.Generator, or a list with one per prompt row (see `draw`).
+    `given` (N, k, D): the vectors fed at a span's first k slots in place of the model's own (eval's oracle,
+    shuffled and donor arms); slots past k feed the model's own. `blind`: the image-blind interface (module
+    docstring). `generator`: one torch.Generator, or a list with one per prompt row (see `draw`).
 
     cache: "dynamic" (transformers' DynamicCache, a Python loop with host syncs; the reference), "static"
     (preallocated per-layer KV buffers written in place, a fixed-shape step without host syncs: see
@@ -295,7 +344,9 @@ def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, lat
         raise ValueError(f"cache='graph' needs a CUDA device, the prompt is on {dev.type}: use cache='static' or 'dynamic'")
     if cache == "graph" and P.is_sharded(model):
         raise ValueError("cache='graph' cannot run an FSDP-sharded model (its forwards are collectives): use 'dynamic' or 'static'")
-    if not use_cache:
+    if blind and cache != "dynamic" and not auto:
+        raise ValueError(f"blind decoding runs on cache='dynamic' (the {cache} decoder has no per-row image mask)")
+    if not use_cache or blind:
         cache = "dynamic"
     ids = M.lvr_token_ids(model)
     start, lvr, lat_end, end = ids["lvr_start_id"], ids["lvr_id"], ids["lvr_latent_end_id"], ids["lvr_end_id"]
@@ -329,12 +380,12 @@ def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, lat
             warnings.warn(f"lvr.generate: the CUDA-graph decoder failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
                           "decoding with cache='dynamic'")
             return generate(model, tok, prompt, G, max_new_tokens, latent_steps, mode, temperature, top_p, force,
-                            latent_exit, generator, use_cache, given, all_ranks, "dynamic", keep, stats)
+                            latent_exit, generator, use_cache, given, all_ranks, "dynamic", keep, stats, blind)
     else:
         toks, vecs, lmask, real, forced, steps, t1 = _decode_dynamic(
             model, tok, prompt, full, feats, pos, nxt, G, N, max_new_tokens, force, given, generator, use_cache,
             all_ranks, images_per_row, prow, mode, K, temperature, top_p, latent_exit, in_span_banned, eos,
-            (start, lvr, lat_end, end))
+            (start, lvr, lat_end, end), blind)
     if stats is not None:
         _sync(dev)
         stats.update(prefill_s=t1 - t0, decode_s=time.perf_counter() - t1, steps=steps, cache=cache)
@@ -343,7 +394,7 @@ def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, lat
 
 
 def _decode_dynamic(model, tok, prompt, full, feats, pos, nxt, G, N, max_new_tokens, force, given, generator, use_cache,
-                    all_ranks, images_per_row, prow, mode, K, temperature, top_p, latent_exit, in_span_banned, eos, special):
+                    all_ranks, images_per_row, prow, mode, K, temperature, top_p, latent_exit, in_span_banned, eos, special, blind=False):
     """The reference decoder: transformers' DynamicCache (grown by concatenation every step), host-side
     boolean indexing of the logits and a `done` check every step. (N, T) tensors of the rollout, the
     number of steps run, and the time the prefill ended."""
@@ -362,6 +413,8 @@ def _decode_dynamic(model, tok, prompt, full, feats, pos, nxt, G, N, max_new_tok
     row_feats = None if use_cache else torch.cat([split_features(model, feats, prompt["image_grid_thw"],
                                                                  images_per_row)[p] for p in prow.tolist()])
     attn = full["attention_mask"]
+    image_keys = full["input_ids"] == model.config.image_token_id  # grows with the completion (never image)
+    seen_end = torch.zeros(N, dtype=torch.bool, device=dev)
     _sync(dev)
     t1 = time.perf_counter()
 
@@ -393,7 +446,8 @@ def _decode_dynamic(model, tok, prompt, full, feats, pos, nxt, G, N, max_new_tok
             first = torch.where((feed & (slot == 0))[:, None], h, first)
             vec = first
         if given is not None:
-            vec = given[torch.arange(N, device=dev), slot.clamp(max=given.shape[1] - 1)].to(h.dtype)
+            own = given[torch.arange(N, device=dev), slot.clamp(max=given.shape[1] - 1)].to(h.dtype)
+            vec = torch.where((slot < given.shape[1])[:, None], own, vec)
         entered = ~in_lat & ~done & (token == start)
         in_lat = (in_lat & feed) | entered
         left = torch.where(feed, left - 1, torch.where(entered, torch.full_like(left, K), left))
@@ -403,16 +457,19 @@ def _decode_dynamic(model, tok, prompt, full, feats, pos, nxt, G, N, max_new_tok
         real.append(~done)
         forced.append(exit_now | (entered & (force > 0) & (t == 0)))
         done = done | torch.isin(token, eos.to(dev))
+        seen_end = seen_end | (token == end)  # the token fed now is a blind query from its span's end on
         finished = bool(done.all())
         if (P.all_true(finished) if all_ranks else finished) or t == max_new_tokens - 1:
             break
         step_x = torch.where(feed[:, None], vec.to(h.dtype), model.get_input_embeddings()(token))
         attn = torch.cat([attn, torch.ones(N, 1, dtype=attn.dtype, device=dev)], 1)
+        image_keys = F.pad(image_keys, (0, 1))
         with _span("lvr.forward"):
             if use_cache:
-                h = hidden(model, step_x[:, None], attn, (nxt + t).view(1, N, 1).expand(3, N, 1), cache)[:, -1]
+                step = step_mask(attn, image_keys, seen_end) if blind else attn
+                h = hidden(model, step_x[:, None], step, (nxt + t).view(1, N, 1).expand(3, N, 1), cache)[:, -1]
             else:
-                h = recompute(model, full, row_feats, toks, vecs, lmask, attn)
+                h = recompute(model, full, row_feats, toks, vecs, lmask, attn, blind)
     return (*(torch.stack(x, 1) for x in (toks, vecs, lmask, real, forced)), len(toks), t1)
 
 
@@ -547,8 +604,9 @@ class Decoder:
         if s["mode"] == "repeat":
             self.first.copy_(torch.where((feed & (slot == 0))[:, None], h, self.first))
             vec = self.first
-        if self.given is not None:
-            vec = self.given[torch.arange(N, device=dev), slot.clamp(max=self.given.shape[1] - 1)]
+        if self.given is not None:  # slots past the k given ones feed the model's own
+            k = self.given.shape[1]
+            vec = torch.where((slot < k)[:, None], self.given[torch.arange(N, device=dev), slot.clamp(max=k - 1)], vec)
         entered = ~in_lat & ~done & (token == s["start"])
         for name, value in (("tokens", token), ("latents", torch.where(feed[:, None], vec, torch.zeros_like(vec))),
                             ("latent_mask", feed), ("real", ~done),
@@ -712,14 +770,15 @@ def rollout_weights(model, dev, keep: bool = False):
             model.__dict__["_lvr_weights"] = new
 
 
-def recompute(model, full, feats, toks, vecs, lmask, attn):
-    """The no-cache oracle: the whole sequence through the model again; the last position's hidden state."""
+def recompute(model, full, feats, toks, vecs, lmask, attn, blind: bool = False):
+    """The no-cache oracle: the whole sequence through the model again (with `blind`, under the 4-D blind
+    mask); the last position's hidden state."""
     L0 = full["input_ids"].shape[1]
     ids = torch.cat([full["input_ids"], torch.stack(toks, 1)], 1)
     x = embed(model, ids, latents=F.pad(torch.stack(vecs, 1), (0, 0, L0, 0)),
               latent_mask=F.pad(torch.stack(lmask, 1), (L0, 0)), feats=feats)
     pos, _ = positions(model, ids, attn, full["image_grid_thw"])
-    return hidden(model, x, attn, pos)[:, -1]
+    return hidden(model, x, score_mask(model, ids, attn, torch.stack(toks, 1), blind), pos)[:, -1]
 
 
 def latent_vector(h, mode, generator=None, G: int = 1, noise=None):
@@ -798,8 +857,10 @@ def sft_batch(model, tok, samples, latent: list[bool], K: int | list[int] = 8,
     return batch, W
 
 
-def sft_loss(model, batch: dict, slot_weights: torch.Tensor, lam: float = 0.1) -> dict:
+def sft_loss(model, batch: dict, slot_weights: torch.Tensor, lam: float = 0.1, blind: bool = False) -> dict:
     """CE on response text (no CE on <|lvr|> labels) + lam * MSE(hidden before each slot, its target).
+    `blind` (train_sft.py --strict): under the image-blind mask, the reply from its span's <|lvr_end|> on
+    does not see the image (a reply without a span sees it throughout).
 
     batch: encode() output with `labels`. slot_weights (S, n_image_tokens) maps the batch's merged
     visual tokens to the targets of its S `<|lvr|>` slots, in reading order (see sft_batch)."""
@@ -811,7 +872,7 @@ def sft_loss(model, batch: dict, slot_weights: torch.Tensor, lam: float = 0.1) -
     latents[slot] = targets  # row-major: the order of slot_weights' rows
     x = embed(model, ids, latents=latents, latent_mask=slot, feats=feats)
     pos, _ = positions(model, ids, batch["attention_mask"], batch["image_grid_thw"])
-    h = hidden(model, x, batch["attention_mask"], pos)
+    h = hidden(model, x, score_mask(model, ids, batch["attention_mask"], ids, blind), pos)
     labels = batch["labels"][:, 1:].masked_fill(slot[:, 1:], -100)
     scored = labels != -100  # logits only where a text label is (not over the prompt and image)
     ce = F.cross_entropy(model.lm_head(h[:, :-1][scored]).float(), labels[scored]) if scored.any() else h.new_zeros(())

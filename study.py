@@ -1,7 +1,13 @@
 """The paper's four findings on small-vl, in one command: text-only SFT, LVR SFT, LVR SFT + plain GRPO and
 LVR SFT + GRPO + attention reward, for several seeds; every LVR model evaluated on the same test questions
 under every latent arm of eval.py --compare (normal, drop, noise, noise_norm, zero, repeat, shuffle, oracle,
-a test-time K sweep), with latents forced and forbidden, and with task-level routing.
+the necessity tests blind, blind+drop, blind+oracle, edit, blind+edit, donor, donor-k4, blind+donor, a
+test-time K sweep), with latents forced and forbidden, and with task-level routing. Beside them (2026's
+necessity tests): `evidence`, LVR SFT + GRPO + ReaLVR's evidence loss (train_rl.py --evidence-weight), and
+`lvr-strict`, an LVR SFT trained under the image-blind interface (train_sft.py --strict) with its two RL
+runs `rl-strict` and `rl-att-strict` (train_rl.py --strict). study.json carries per model the accuracy of
+every arm (keys such as `blind`, `blind+drop`), `flip` (the edit pairs' metrics against their original
+views) and `donor` (how often the answer moves to the donor's answer).
 
     python study.py              # seeds 0, 1, 2 (seeds 1 and 2 train their stage-1 models: README has the time)
     python study.py --quick      # seed 0 alone: RL from the shipped stage-1 models, the same evaluation
@@ -42,7 +48,10 @@ import rundir
 import train_rl
 import train_sft
 
-MODELS = ("text", "lvr", "rl", "rl-att")
+MODELS = ("text", "lvr", "rl", "rl-att", "evidence", "lvr-strict", "rl-strict", "rl-att-strict")
+LVR_MODELS = MODELS[1:]  # every model that may open latent spans: evaluated under every arm
+SFT_MODELS = ("text", "lvr", "lvr-strict")
+STRICT = ("lvr-strict", "rl-strict", "rl-att-strict")  # trained under the image-blind interface (--strict)
 LATENT_MODES = ev.ARMS + tuple(f"K={k}" for k in ev.K_SWEEP) + ("force", "never", "routed")  # "normal" first
 SHIPPED = {"lvr": "small-vl-sft", "text": "small-vl-sft-text"}  # seed 0's stage-1 models, in checkpoints/
 SHIPPED_BASE = os.path.join(rundir.SHIPPED, "small-vl-base")
@@ -60,6 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--n-test", type=int, default=500, help="test questions, the same for every model")
     p.add_argument("--n-route", type=int, default=200, help="validation questions that choose the routed types")
     p.add_argument("--att-weight", type=float, default=1.0, help="attention reward weight of the rl-att models")
+    p.add_argument("--evidence-weight", type=float, default=0.2, help="evidence loss weight (lambda_ev) of the evidence models")
     p.add_argument("--base", help="one base model for every seed: a model directory, or a run folder (trained first "
                                   "when unfinished); default: each seed its own (seed 0 the shipped one, seed N ROOT/base-sN)")
     p.add_argument("--sft-args", default="", help="extra train_sft.py arguments for stage 1, e.g. '--lam 1' "
@@ -150,15 +160,17 @@ def train(a, name: str, seed: int) -> str:
     if ship:
         return ship
     run = os.path.join(a.root, f"{name}-s{seed}")
-    steps = a.sft_steps if name in ("text", "lvr") else a.rl_steps
+    steps = a.sft_steps if name in SFT_MODELS else a.rl_steps
     common = ["--seed", str(seed), "--steps", str(steps), "--out", run, "--resume", *task_args(a)]
-    if name in ("text", "lvr"):
+    strict = ["--strict"] if name in STRICT else []
+    if name in SFT_MODELS:
         script, init = train_sft, base_checkpoint(a, seed)
         argv = (["--model", "small-vl", "--base", init, "--n-val", "100"] + common
-                + (["--no-latents"] if name == "text" else []) + shlex.split(a.sft_args))
+                + (["--no-latents"] if name == "text" else []) + strict + shlex.split(a.sft_args))
     else:
-        script, init = train_rl, train(a, "lvr", seed)
-        argv = (["--model", init, "--att-weight", str(a.att_weight if name == "rl-att" else 0)] + common
+        script, init = train_rl, train(a, "lvr-strict" if strict else "lvr", seed)
+        argv = (["--model", init, "--att-weight", str(a.att_weight if name.startswith("rl-att") else 0)]
+                + (["--evidence-weight", str(a.evidence_weight)] if name == "evidence" else []) + strict + common
                 + shlex.split(a.rl_args))
     check_command(run, argv, init)
     if not finished(run, steps):
@@ -183,7 +195,7 @@ def evaluate(a, name: str, seed: int) -> dict:
     weights = fingerprint(ckpt)
     if os.path.isfile(path):  # kept unless it is other weights' or lacks a mode (an older version's file)
         old = json.load(open(path))
-        if old.get("weights") == weights and set(modes) <= set(old["summaries"]):
+        if old.get("weights") == weights and set(modes) <= set(old["summaries"]) and (name == "text" or "flip" in old):
             return old
     print(f"== evaluating {ckpt}")
     model, tok = M.load_model(ckpt)
@@ -194,6 +206,7 @@ def evaluate(a, name: str, seed: int) -> dict:
     records = {m: ev.evaluate(model, tok, test, **kw) for m, kw in plan.items()}
     out = {"model": name, "seed": seed, "checkpoint": ckpt, "weights": weights, "routed_types": route,
            "summaries": {m: ev.summarize(r) for m, r in records.items()},
+           "flip": {m: ev.flip_metrics(records[b], records[m]) for m, b in ev.PAIRED_BASE.items() if m in records},
            "correct": {m: [int(x["correct"]) for x in r] for m, r in records.items()},
            "qtypes": [x["qtype"] for x in records["normal"]]}
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -234,16 +247,30 @@ def aggregate(runs: dict, task: str = "easy") -> dict:
                 "latent_r2": spread([x["overall"].get("latent_r2") for x in s]),
                 "per_type": {t: spread([x["per_type"][t]["acc"] for x in s]) for t in s[0]["per_type"]}}
         out["models"][name]["routed_types"] = [r["routed_types"] for r in rs]
+        if rs[0].get("flip"):  # the edit pairs: per edit arm, each metric's rate across seeds
+            out["models"][name]["flip"] = {m: {k: spread([r["flip"][m][k]["rate"] for r in rs]) for k in FLIP_KEYS}
+                                           for m in rs[0]["flip"]}
+        donor = [m for m in rs[0]["summaries"] if "donor" in rs[0]["summaries"][m]]
+        if donor:  # the latent swap: per donor arm, how often the answer moved to the donor's, and kept its own
+            out["models"][name]["donor"] = {m: {k: spread([r["summaries"][m]["donor"][k]["rate"] for r in rs])
+                                                for k in ("lift", "kept")} for m in donor}
     types = list(data.qtypes_of(task))
-    for name in ("lvr", "rl", "rl-att"):
+    for name in LVR_MODELS:
         for mode in LATENT_MODES[1:]:
             out["paired"][f"{name}: {mode} - normal"] = {
                 "overall": pooled(runs[name], runs[name], "normal", mode),
                 **{t: pooled(runs[name], runs[name], "normal", mode, t) for t in types}}
-    for a_, b_ in (("text", "lvr"), ("lvr", "rl"), ("lvr", "rl-att"), ("rl", "rl-att")):
-        out["paired"][f"{b_} - {a_} (normal)"] = {"overall": pooled(runs[a_], runs[b_], "normal", "normal"),
-                                                  **{t: pooled(runs[a_], runs[b_], "normal", "normal", t) for t in types}}
+    for a_, b_, mode in COMPARISONS:
+        out["paired"][f"{b_} - {a_} ({mode})"] = {"overall": pooled(runs[a_], runs[b_], mode, mode),
+                                                  **{t: pooled(runs[a_], runs[b_], mode, mode, t) for t in types}}
     return out
+
+
+FLIP_KEYS = ("edited_acc", "paired_flip", "change_rate", "false_flip")
+COMPARISONS = (("text", "lvr", "normal"), ("lvr", "rl", "normal"), ("lvr", "rl-att", "normal"), ("rl", "rl-att", "normal"),
+               ("lvr", "evidence", "normal"), ("rl", "evidence", "normal"), ("rl-att", "evidence", "normal"),
+               ("lvr", "lvr-strict", "normal"), ("lvr", "lvr-strict", "blind"), ("lvr-strict", "rl-strict", "blind"),
+               ("lvr-strict", "rl-att-strict", "blind"), ("rl-strict", "rl-att-strict", "blind"))
 
 
 def markdown(agg: dict, a) -> str:
@@ -255,10 +282,20 @@ def markdown(agg: dict, a) -> str:
              "|---|---|---|" + "---|" * len(types) + "---|---|---|"]
     for name, modes in agg["models"].items():
         for mode, s in modes.items():
-            if mode == "routed_types":
+            if mode in ("routed_types", "flip", "donor"):
                 continue
             lines.append(f"| {name} | {mode} | {f(s['acc'])} | " + " | ".join(f(s["per_type"][t]) for t in types)
                          + f" | {f(s['latent_rate'])} | {f(s['att_share'])} | {f(s['latent_r2'])} |")
+    lines += ["", "Necessity tests: edit pairs (strict paired correct flip on pairs whose answer changes, false flip on "
+              "pairs whose answer does not) and the latent swap (share of answers moved to the donor's answer):", "",
+              "| model | arm | edited-view acc. | paired correct flip | answer changed | false flip |", "|---|---|---|---|---|---|"]
+    for name, modes in agg["models"].items():
+        for arm, fl in modes.get("flip", {}).items():
+            lines.append(f"| {name} | {arm} | " + " | ".join(f(fl[k]) for k in FLIP_KEYS) + " |")
+    lines += ["", "| model | arm | moved to the donor's answer | kept its own |", "|---|---|---|---|"]
+    for name, modes in agg["models"].items():
+        for arm, d in modes.get("donor", {}).items():
+            lines.append(f"| {name} | {arm} | {f(d['lift'])} | {f(d['kept'])} |")
     lines += ["", "Paired differences (all seeds pooled, 95% interval):", "",
               "| comparison | overall | " + " | ".join(types) + " |", "|---|---|" + "---|" * len(types)]
     g = lambda d: f"{d['diff']:+.3f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"  # noqa: E731
@@ -271,18 +308,19 @@ def markdown(agg: dict, a) -> str:
 
 def plots(a, agg: dict):
     try:
-        logs = [os.path.join(a.root, f"{n}-s{s}", "log.jsonl") for n in ("rl", "rl-att") for s in a.seeds]
+        logs = [os.path.join(a.root, f"{n}-s{s}", "log.jsonl") for n in ("rl", "rl-att", "evidence") for s in a.seeds]
         print("wrote", ev.plot(logs, os.path.join(a.results, "rl_curves.png")))
         import matplotlib.pyplot as plt
     except ImportError as e:
         print(f"plots skipped: {e}")
         return
-    modes = ("normal", "drop", "noise", "zero", "shuffle", "oracle", "K=16", "force", "never", "routed")
-    fig, ax = plt.subplots(figsize=(11, 3.5))
+    modes = ("normal", "drop", "noise", "zero", "shuffle", "oracle", "blind", "blind+drop", "blind+oracle", "K=16", "force",
+             "never", "routed")
+    fig, ax = plt.subplots(figsize=(16, 3.5))
     for i, name in enumerate(MODELS):
         for j, mode in enumerate(modes):
             s = agg["models"][name].get(mode)
-            if s:
+            if s and isinstance(s.get("acc"), dict):
                 ax.bar(i * (len(modes) + 1) + j, s["acc"]["mean"], yerr=s["acc"]["std"], color=f"C{j}",
                        label=mode if name == "lvr" else None)
     ax.axhline(np.mean([1 / ev.n_options(x) for x in data.make_split("test", a.n_test, 0, task=a.task)]), color="k", ls=":", lw=1)

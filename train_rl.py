@@ -79,6 +79,13 @@ def parse_args(argv=None):
     p.add_argument("--att-variant", default="share", choices=["share", "relative"], help="attention reward variant")
     p.add_argument("--att-no-latent", default="zero", choices=["zero", "neutral"],
                    help="reward of rollouts without a span: 0 (paper) or their group's latent mean (not pushed)")
+    p.add_argument("--evidence-weight", type=float, default=0.0,
+                   help="lambda_ev of ReaLVR's evidence loss on the latents (reward.py; 0 = off, ReaLVR: 0.2)")
+    p.add_argument("--evidence-margin", type=float, default=0.5, help="m of the evidence loss's hinge [m - g_t]+")
+    p.add_argument("--evidence-eta", type=float, default=0.3, help="eta of the evidence loss's slot weights")
+    p.add_argument("--strict", action="store_true",
+                   help="train under the image-blind interface (CVRR): rollouts, scoring and rewards with no position "
+                        "from a span's <|lvr_end|> on seeing the image (lvr.py)")
     p.add_argument("--max-group-acc", type=float, default=1.0,
                    help="skip groups whose accuracy is above this (paper: 0.6); 1 keeps all")
     p.add_argument("--skip-unsolved", action="store_true", help="skip groups with no correct rollout (paper)")
@@ -98,13 +105,20 @@ def parse_args(argv=None):
     P.add_parallel_args(p)
     M.add_device_args(p)
     a = p.parse_args(argv)
-    a.out = a.out or os.path.join(rundir.RUNS, "small-vl-rl-att" if a.att_weight else "small-vl-rl")
+    a.out = a.out or os.path.join(rundir.RUNS, "small-vl-rl" + ("-att" if a.att_weight else "")
+                                  + ("-ev" if a.evidence_weight else "") + ("-strict" if a.strict else ""))
     a.dtype = M.resolve_dtype(a)
     a.rollout_batch = a.rollout_batch or a.prompts
     if a.top_p > 1:
         p.error(f"argument --top-p: must be at most 1, got {a.top_p}")
     if a.cache == "graph" and (a.fsdp or torch.device(a.device).type != "cuda"):
         p.error("argument --cache: graph needs CUDA and no --fsdp")
+    if a.strict and a.cache not in (None, "dynamic"):
+        p.error("argument --cache: --strict (image-blind rollouts) decodes with the dynamic decoder")
+    if a.strict and a.att_variant == "relative":
+        p.error("--strict hides the image from the answer: the relative attention reward (latents / image) is undefined")
+    if not 0 <= a.evidence_eta <= 1:
+        p.error("--evidence-eta must be in [0, 1]")
     return a
 
 
@@ -212,7 +226,7 @@ def rollout(args, model, tok, samples, step, first: int = 0):
         gens = [group_generator(args, step, first + j) for j in range(i, min(len(samples), i + args.rollout_batch))]
         rolls.append(P.run(model, lvr.generate, model, tok, prompt, G=args.group, max_new_tokens=args.max_new_tokens,
                                   latent_steps=args.latent_steps, temperature=args.temperature, top_p=args.top_p,
-                                  generator=gens, all_ranks=args.fsdp, cache=args.cache))
+                                  generator=gens, all_ranks=args.fsdp, cache=args.cache, blind=args.strict))
     model.train()
     return lvr.cat_rollouts(rolls, tok.pad_token_id)
 
@@ -228,15 +242,16 @@ def micro_batches(args, n: int) -> list[slice]:
     return [slice(i, min(n, i + args.micro_batch)) for i in range(0, n, args.micro_batch)]
 
 
-def score(args, model, roll, need_attn: bool):
-    """The scoring forward of one micro-batch: (logp per token, r_attn per rollout), latents as constants."""
-    return P.run(model, _score, args, model, roll, need_attn)
+def score(args, model, roll, need_attn: bool, want_h: bool = False):
+    """The scoring forward of one micro-batch: (logp per token, r_attn per rollout), latents as constants;
+    with want_h also the hidden states (the evidence loss's regenerated latents)."""
+    return P.run(model, _score, args, model, roll, need_attn, want_h)
 
 
-def _score(args, model, roll, need_attn: bool):
+def _score(args, model, roll, need_attn: bool, want_h: bool = False):
     h, r_attn = reward.score_rollout(model, roll, args.att_layers if need_attn else [], args.att_variant,
-                                     vision_grad=args.train_vision and torch.is_grad_enabled())
-    return token_logps(model, h, roll, args), r_attn
+                                     vision_grad=args.train_vision and torch.is_grad_enabled(), blind=args.strict)
+    return (token_logps(model, h, roll, args), r_attn) + ((h,) if want_h else ())
 
 
 @torch.no_grad()
@@ -289,6 +304,7 @@ def grpo_step(args, model, tok, ref, opt, samples, step, length_penalty, first: 
     mask = roll.mask & ~roll.forced & (~roll.latent_mask if args.latent_logp == "mask" else torch.ones_like(roll.mask))
     mask = mask & keep[:, None]
     weights = loss_weights(mask, args)
+    ev = evidence(args, model, tok, roll, samples, parts["acc"], autocast) if args.evidence_weight else None
     t2 = time.time()
     params = [p for g in opt.param_groups for p in g["params"]]
     skipped, loss = False, 0.0
@@ -297,9 +313,14 @@ def grpo_step(args, model, tok, ref, opt, samples, step, length_penalty, first: 
         stats, loss = {}, 0.0
         for mb in micro_batches(args, len(adv)):
             with autocast:
-                logp, _ = score(args, model, roll.select(mb), need_attn=False)
+                logp, _, *h = score(args, model, roll.select(mb), need_attn=False, want_h=ev is not None)
             part, st = policy_loss(logp, old[mb], adv[mb], mask[mb], weights[mb], args,
                                    None if ref_logp is None else ref_logp[mb])
+            if ev is not None:
+                g = reward.evidence_margin(h[0], ev["slots"][mb], ev["prow"][mb], ev["protos"], ev["has_box"])
+                ev_part = reward.evidence_loss(g, ev["w"][mb], ev["row_weight"][mb], args.evidence_margin)
+                part = part + ev_part
+                st["evidence"], st["evidence_g"] = float(ev_part.detach()), float(g[ev["slots"][mb]].detach().sum())
             if not P.all_true(bool(torch.isfinite(part))):  # every rank skips, or none (collectives stay paired)
                 warnings.warn(f"step {step}: non-finite loss, update skipped")
                 skipped = True
@@ -315,8 +336,28 @@ def grpo_step(args, model, tok, ref, opt, samples, step, length_penalty, first: 
             skipped = True
             break
     t3 = time.time()
-    return {"step": step + 1, **step_metrics(args, roll, total, parts, keep, stats, loss, skipped),
-            "t_rollout": t1 - t0, "t_score": t2 - t1, "t_update": t3 - t2}
+    row = {"step": step + 1, **step_metrics(args, roll, total, parts, keep, stats, loss, skipped),
+           "t_rollout": t1 - t0, "t_score": t2 - t1, "t_update": t3 - t2}
+    if ev is not None:  # the loss term and the mean margin g_t over the slots it covers (last epoch, all ranks)
+        ev_sums = P.all_sum(torch.tensor([stats.get("evidence", 0.0), stats.get("evidence_g", 0.0),
+                                          float(ev["slots"].sum())], dtype=torch.float64)).tolist()
+        row.update(evidence=ev_sums[0], evidence_g=ev_sums[1] / max(1.0, ev_sums[2]), evidence_rows=int(P.all_sum(
+            torch.tensor(float(ev["take"].sum()), dtype=torch.float64))))
+    return row
+
+
+def evidence(args, model, tok, roll, samples, acc, autocast) -> dict:
+    """The evidence loss's constants of a step (reward.evidence_setup), and each rollout's weight in it:
+    lambda_ev over the number of rollouts it applies to on every rank, so micro-batches add up."""
+    model.eval()
+    with autocast:
+        ev = P.run(model, reward.evidence_setup, model, tok, roll, samples, acc.bool().tolist(), args.group,
+                   args.att_layers, args.evidence_eta, args.strict, args.micro_batch)
+    model.train()
+    n = P.all_sum(torch.tensor(float(ev["take"].sum()), dtype=torch.float64)).item()
+    ev["row_weight"] = ev["take"].float() * args.evidence_weight / max(1.0, n)
+    ev["prow"] = roll.prow.to(roll.tokens.device)
+    return ev
 
 
 def sync_length_penalty(penalty, samples):

@@ -65,6 +65,9 @@ def parse_args(argv=None):
                    help="with --data: share of its rows held out for validation (at least 1, at most --n-val)")
     p.add_argument("--max-pixels", type=rundir.at_least(1), help="real checkpoints: override their max_pixels (image resize bound)")
     p.add_argument("--no-latents", action="store_true", help="text-only baseline: no reply carries a latent span")
+    p.add_argument("--strict", action="store_true",
+                   help="stage 1 under the image-blind interface (CVRR): the reply from a span's <|lvr_end|> on does not "
+                        "see the image, so the answer has only the latents (lvr.py); validation decodes the same way")
     p.add_argument("--latent-fraction", type=float, default=0.75, help="share of replies that carry a latent span")
     p.add_argument("--latent-steps", type=rundir.at_least(1), default=8, help="K: latent steps per span when decoding (evaluation)")
     p.add_argument("--span-lengths", metavar="LO,HI", type=span_range, default=(1, 16),
@@ -111,7 +114,7 @@ def parse_args(argv=None):
     a.lam = a.lam if a.lam is not None else 0.1 if real else 1.0
     if a.out is None:
         name = os.path.basename(os.path.normpath(a.model)) if real else "small-vl"
-        a.out = os.path.join(rundir.RUNS, f"{name}-sft" + ("-text" if a.no_latents else ""))
+        a.out = os.path.join(rundir.RUNS, f"{name}-sft" + ("-text" if a.no_latents else "") + ("-strict" if a.strict else ""))
     if a.base is None:
         a.base = rundir.shipped_base(a.seed, a.base_steps) or os.path.join(rundir.RUNS, "small-vl-base" + (f"-seed{a.seed}" if a.seed else ""))
     elif os.path.exists(a.base) and not os.path.isdir(a.base):
@@ -254,18 +257,21 @@ def layer0_output(model, on: bool):
             hook.remove()
 
 
-def point_loss(model, tok, qk, batch, samples, with_count: bool = False):
+def point_loss(model, tok, qk, batch, samples, with_count: bool = False, blind=None):
     """Pointing: at every reply word that names objects (a colour; the shape an attribute question
     names), head 0 of decoder layer 0 should put its attention on those objects' cells, and head 2 on
     the cells of the objects the previous such word named (so a pair's second word sees both objects,
     e.g. "yellow purple below"): -log(attention mass on the cells), averaged over such words and heads.
-    Synthetic data only (needs the scene). with_count: also the number of (word, head) terms averaged."""
+    Synthetic data only (needs the scene). with_count: also the number of (word, head) terms averaged.
+    blind (B, L) bool: positions that may not see the image (--strict, after a span): their words are skipped."""
     q, k = qk[0]
     q, k = q.float(), k.float()  # (B, H, L, d), (B, Hkv, L, d)
     group = q.shape[1] // k.shape[1]
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"].bool()
     rows = []
     for b, p, named, prev in naming_words(tok, ids, labels, samples):
+        if blind is not None and blind[b, p]:
+            continue
         s = samples[b]
         cells = (ids[b] == model.config.image_token_id).nonzero()[:, 0]
         gh, gw = M.merged_grid(s.image.shape, model)
@@ -328,12 +334,14 @@ def sft_step(args, model, tok, probe, samples, index, stage: int) -> dict:
     batch, W = lvr.sft_batch(model, tok, samples, wants, [span_length(args, i) for i in index], args.latent_targets)
     batch = {k: v.to(args.device) for k, v in batch.items()}
     point = args.point_weight > 0 and args.data is None
+    strict = getattr(args, "strict", False) and stage == 1
     coord = stage == 0 and args.coord_weight > 0 and args.data is None
     with reward.capture_qk(model, [0] if point else []) as qk, layer0_output(model, coord) as h0:
-        out = lvr.sft_loss(model, batch, W.to(args.device), args.lam)
+        out = lvr.sft_loss(model, batch, W.to(args.device), args.lam, blind=strict)
     out["latent_share"] = sum(wants) / len(samples)
     if point:
-        out["point"], out["n_point"] = point_loss(model, tok, qk, batch, samples, with_count=True)
+        blind = lvr.post_span(batch["input_ids"], model.config.lvr_end_id) if strict else None
+        out["point"], out["n_point"] = point_loss(model, tok, qk, batch, samples, with_count=True, blind=blind)
         out["loss"] = out["loss"] + args.point_weight * out["point"]
     if stage == 0 and args.ground_weight > 0:
         out["ground"] = probe(out["feats"], probe.labels(samples, *M.merged_grid(samples[0].image.shape, model)))
@@ -426,7 +434,8 @@ def _train(args, stage: int, out: str, init: str | None) -> str:
 def quick_eval(args, model, tok, stream, log, step, bar):
     """Greedy accuracy on 100 validation questions, into the log (a coarse learning curve)."""
     model.eval()
-    quick = ev.summarize(ev.evaluate(model, tok, stream.val(100), latent_steps=args.latent_steps, progress=False))
+    quick = ev.summarize(ev.evaluate(model, tok, stream.val(100), latent_steps=args.latent_steps, progress=False,
+                                     mode="blind" if getattr(args, "strict", False) else "normal"))
     model.train()
     rundir.log(log, {"step": step, "val_acc": quick["overall"]["acc"], "val_latent_rate": quick["overall"]["latent_rate"],
                    **{f"val_{t}": v["acc"] for t, v in quick["per_type"].items()}})
@@ -463,6 +472,8 @@ def final_eval(args, ckpt: str, out: str, modes=None) -> dict:
         val = data.Stream(args).val(args.n_val)
         table = {"normal": {}, "drop": {"mode": "drop"}, "noise": {"mode": "noise"}, "noise_norm": {"mode": "noise_norm"},
                  "blank image": {"blank": True}, "sampled T=1": {"temperature": 1.0}}
+        if getattr(args, "strict", False):  # the interface it was trained for, first
+            table = {"blind": {"mode": "blind"}, "blind+drop": {"mode": "blind+drop"}, **table}
         res = {name: ev.summarize(ev.evaluate(model, tok, val, latent_steps=args.latent_steps, **kw))
                for name, kw in table.items() if modes is None or name in modes}
         if P.is_main():

@@ -59,8 +59,11 @@ def test_cli_compare_writes_json(tiny_ckpt, tmp_path, capsys):
     out = str(tmp_path / "res.json")
     ev.main(["--model", tiny_ckpt, "--n", "6", "--compare", "--max-new-tokens", "12", "--out", out])
     res = json.load(open(out))
-    arms = {"normal", "drop", "noise", "noise_norm", "zero", "repeat", "shuffle", "oracle", "K=0", "K=2", "K=4", "K=16"}
+    arms = {"normal", "drop", "noise", "noise_norm", "zero", "repeat", "shuffle", "oracle", "K=0", "K=2", "K=4", "K=16",
+            "blind", "blind+drop", "blind+oracle", "edit", "blind+edit", "donor", "donor-k4", "blind+donor"}
     assert set(res["summaries"]) == arms
+    assert {"paired_flip", "false_flip", "edited_acc"} <= set(res["summaries"]["edit"]["flip"])
+    assert "flip" in res["summaries"]["blind+edit"] and "lift" in res["summaries"]["donor-k4"]["donor"]
     recs = res["records"]
     assert [r["correct"] for r in recs["K=0"]] == [r["correct"] for r in recs["drop"]]  # K=0 is the markers-only arm
     assert res["summaries"]["noise"]["vs_normal"]["overall"]["n"] == 6
@@ -181,3 +184,73 @@ def test_latent_fit_against_the_stage_1_targets(tiny, samples):
     assert [x for r in small for x in r["latent_fit"]] == pytest.approx([x for r in recs for x in r["latent_fit"]], rel=1e-4)
     assert all(r["latent_fit"] is None for r in ev.evaluate(m, tok, samples, mode="noise", route="all", latent_steps=3,
                                                             max_new_tokens=10, progress=False))
+
+
+def test_flip_metrics_by_hand():
+    base = [{"id": str(i), "pred": p, "correct": c} for i, (p, c) in enumerate([("A", True), ("B", True), ("A", False),
+                                                                                ("C", True), ("D", True)])]
+    edited = [{"id": "0", "pred": "B", "correct": True, "changes": True, "edit": "swap"},    # a correct flip
+              {"id": "1", "pred": "B", "correct": False, "changes": True, "edit": "colour"},  # did not move
+              {"id": "2", "pred": "C", "correct": True, "changes": True, "edit": "swap"},   # right only when edited
+              {"id": "3", "pred": "A", "correct": False, "changes": False, "edit": "shape"},  # a false flip
+              {"id": "4", "pred": "D", "correct": True, "changes": False, "edit": "remove"}]
+    f = ev.flip_metrics(base, edited)
+    assert f["paired_flip"]["rate"] == pytest.approx(1 / 3) and f["paired_flip"]["n"] == 3
+    assert f["change_rate"]["rate"] == pytest.approx(2 / 3)
+    assert f["false_flip"]["rate"] == 0.5 and f["false_flip"]["n"] == 2
+    assert f["edited_acc"]["rate"] == 0.6 and f["per_edit"]["swap"]["paired_flip"]["rate"] == 0.5
+
+
+def test_edit_arm_decodes_the_edited_views(tiny, questions):
+    m, tok = tiny
+    kw = dict(max_new_tokens=12, latent_steps=2, progress=False, route="all")
+    recs = ev.evaluate(m, tok, questions, mode="edit", **kw)
+    pairs = [data.counterfactual(s, i) for i, s in enumerate(questions)]
+    assert [r["answer"] for r in recs] == [p.edited.answer for p in pairs]
+    assert [r["changes"] for r in recs] == [p.changes for p in pairs] and any(r["changes"] for r in recs)
+    direct = ev.evaluate(m, tok, [p.edited for p in pairs], **kw)
+    assert [r["text"] for r in recs] == [r["text"] for r in direct]
+    out = ev.compare({"normal": ev.evaluate(m, tok, questions, **kw), "edit": recs})
+    assert out["edit"]["flip"]["paired_flip"]["n"] == sum(p.changes for p in pairs)
+
+
+def test_donors_share_the_template_and_offer_another_option(questions):
+    qs = data.make_split("test", 60)
+    got = ev.donors(qs, [True] * 60)
+    assert sum(d is not None for d in got) > 30
+    for i, d in enumerate(got):
+        if d is None:
+            continue
+        own, theirs = ev.answer_text(qs[i], qs[i].answer), ev.answer_text(qs[d], qs[d].answer)
+        assert ev.question_form(qs[d]) == ev.question_form(qs[i]) and d != i
+        assert theirs != own and theirs in data.options_of(qs[i].question)
+    assert ev.donors(qs, [i != 1 for i in range(60)])[0] != 1  # a donor must have opened a span
+
+
+def test_donor_arms_feed_the_donors_latents(tiny, questions):
+    """donor: all K slots are the donor's own latents; donor-k4: the first k, then the model's own states."""
+    m, tok = tiny
+    K, k = 6, 4
+    prompt = M.encode(m, tok, questions)
+    force = torch.ones(len(questions), dtype=torch.long)
+    own = lvr.generate(m, tok, prompt, latent_steps=K, max_new_tokens=12, force=force)
+    donor_latents = ev.first_span_latents(own, K).roll(1, 0)
+    part = lvr.generate(m, tok, prompt, latent_steps=K, max_new_tokens=12, force=force, given=donor_latents[:, :k])
+    assert torch.allclose(part.latents[:, 1:1 + k], donor_latents[:, :k])
+    h = lvr.score_forward(m, part)
+    assert torch.allclose(part.latents[:, 1 + k:1 + K], h[:, 1 + k:1 + K], atol=1e-5)  # the model's own after k
+    assert not torch.allclose(part.latents[:, 1 + k:1 + K], donor_latents[:, k:K])
+    recs = ev.evaluate(m, tok, questions, mode="donor-k4", route="all", max_new_tokens=12, latent_steps=K, progress=False)
+    s = ev.summarize(recs)["donor"]
+    assert s["lift"]["n"] == sum(r["to_donor"] is not None for r in recs) > 0
+    assert all(r["to_donor"] == (r["pred"] == r["donor_answer"]) for r in recs if r["to_donor"] is not None)
+
+
+def test_arms_option_runs_the_named_arms_after_normal():
+    import argparse
+    assert ev.arm_list("blind, edit,K=3") == ["blind", "edit", "K=3"]
+    for bad in ("blind,sideways", "", "K=x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            ev.arm_list(bad)
+    assert ev.split_mode("blind") == ("normal", True) and ev.split_mode("blind+oracle") == ("oracle", True)
+    assert ev.split_mode("donor-k4") == ("donor-k4", False)

@@ -27,7 +27,14 @@ def test_study_writes_every_model_mode_and_seed(done):
     agg = json.load(open(root / "results" / "study.json"))
     assert set(agg["models"]) == set(study.MODELS)
     assert set(agg["models"]["text"]) == {"normal", "routed_types"}
-    assert set(study.LATENT_MODES) <= set(agg["models"]["rl-att"])
+    for name in study.LVR_MODELS:  # every LVR model: every arm, the edit pairs' flip metrics, the donor swap
+        assert set(study.LATENT_MODES) <= set(agg["models"][name])
+        assert {"blind", "blind+drop", "blind+oracle"} <= set(agg["models"][name])
+        assert set(agg["models"][name]["flip"]) == {"edit", "blind+edit"}
+        assert set(agg["models"][name]["flip"]["edit"]) == set(study.FLIP_KEYS)
+        assert set(agg["models"][name]["donor"]) == {"donor", "donor-k4", "blind+donor"}
+    assert "evidence" in agg["models"] and "evidence - rl (normal)" in agg["paired"]
+    assert "lvr-strict - lvr (blind)" in agg["paired"]
     for name in study.MODELS:
         for seed in (0, 1):
             run = json.load(open(root / "results" / "runs" / f"{name}-s{seed}.json"))
@@ -38,7 +45,8 @@ def test_study_writes_every_model_mode_and_seed(done):
     assert (force, never) == (1.0, 0.0)
     d = agg["paired"]["rl-att - rl (normal)"]["overall"]
     assert d["n"] == 20 and d["ci95"][0] <= d["diff"] <= d["ci95"][1]
-    assert "| rl-att | routed |" in open(root / "results" / "study.md").read()
+    md = open(root / "results" / "study.md").read()
+    assert "| rl-att | routed |" in md and "| evidence | edit |" in md and "| rl-att-strict | blind+donor |" in md
 
 
 def test_each_seed_trains_from_its_own_base(done):
@@ -132,3 +140,14 @@ def test_hard_study_trains_every_model_on_the_hard_task(tmp_path):
     assert set(agg["models"]["lvr"]["normal"]["per_type"]) == set(data.qtypes_of("hard"))
     for run in ("base-s0", "text-s0", "lvr-s0", "rl-s0", "rl-att-s0"):
         assert M.saved_task(str(tmp_path / "runs" / run / "checkpoint")) == "hard", run
+
+
+def test_study_trains_the_evidence_and_strict_models_with_their_flags(done):
+    root, _ = done
+    cmd = lambda name: (root / "runs" / f"{name}-s1" / study.COMMAND).read_text()  # noqa: E731
+    assert "--evidence-weight 0.2" in cmd("evidence") and "--att-weight 0 " in cmd("evidence")
+    assert "--strict" in cmd("lvr-strict") and "--strict" not in cmd("lvr")
+    for name in ("rl-strict", "rl-att-strict"):
+        assert "--strict" in cmd(name) and cmd(name).split("starts from ")[1].strip() == \
+            study.fingerprint(str(root / "runs" / "lvr-strict-s1" / "checkpoint"))
+    assert "--att-weight 1.0" in cmd("rl-att-strict") and "--att-weight 0 " in cmd("rl-strict")
