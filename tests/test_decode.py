@@ -84,6 +84,9 @@ def test_given_vectors_and_learned_exits(tiny, prompt):
     given = torch.randn(10, 4, m.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0))
     fed = three_ways(m, tok, prompt, G=2, force=torch.ones(10, dtype=torch.long), latent_steps=4, given=given)
     assert torch.allclose(fed.latents[:, 1:5], given)
+    first = three_ways(m, tok, prompt, G=2, force=torch.ones(10, dtype=torch.long), latent_steps=6, given=given[:, :2])
+    assert torch.allclose(first.latents[:, 1:3], given[:, :2])  # donor-k: the first k slots given, then its own
+    assert not torch.allclose(first.latents[:, 3:7], given[:, 1:2].expand(-1, 4, -1))
     ids = M.lvr_token_ids(m)
     head = m.lm_head
     try:  # a head that likes <|lvr_end|> a little: some spans end early, others run their K steps
@@ -219,3 +222,13 @@ def test_grouped_decode_attention_equals_transformers_sdpa():
     got = lvr.gqa_decode_attention(layer, q, k, v, mask, scaling=0.25)[0]
     assert got.shape == want.shape == (3, 1, 8, 16) and (got - want).abs().max() < 1e-6
     assert (got - sdpa_attention_forward(layer, q, k, v, torch.ones_like(mask), scaling=0.25)[0]).abs().max() > 1e-3
+
+
+def test_blind_decoding_is_the_dynamic_decoders(tiny, prompt):
+    """The image-blind interface masks image keys per row, which the static step has no buffer for: the default
+    cache decodes it with the dynamic decoder, an explicit static cache is a one-line error."""
+    m, tok = tiny
+    kw = dict(force=FORCE, max_new_tokens=8, latent_steps=3, blind=True)
+    assert_same(lvr.generate(m, tok, prompt, **kw), lvr.generate(m, tok, prompt, cache="dynamic", **kw))
+    with pytest.raises(ValueError, match="blind decoding runs on cache='dynamic'"):
+        lvr.generate(m, tok, prompt, cache="static", **kw)
