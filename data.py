@@ -319,14 +319,18 @@ def attribute_question(ask: str, phrase: str) -> str:
     return f"What {ask} is the object {phrase}?"
 
 
+def nearest_of(ref: Obj, objs: list[Obj]) -> Obj | None:
+    """The object nearest to ref, when it is clearly so (by centres with a margin, and by edges); else None."""
+    d = sorted((math.hypot(o.cx - ref.cx, o.cy - ref.cy), o.r, i, o) for i, o in enumerate(objs) if o is not ref)
+    if len(d) < 2:
+        return d[0][3] if d else None
+    (d0, r0, _, near), (d1, r1, _, _) = d[0], d[1]
+    return near if d0 <= 0.75 * d1 and d0 - r0 < d1 - r1 else None
+
+
 def h_nearest(rng, size):
     def find(objs):
-        refs = []
-        for ref in objs:
-            d = sorted((math.hypot(o.cx - ref.cx, o.cy - ref.cy), o.r, id(o), o) for o in objs if o is not ref)
-            (d0, r0, _, near), (d1, r1, _, _) = d[0], d[1]
-            if d0 <= 0.75 * d1 and d0 - r0 < d1 - r1:  # nearest by centres and by edges, with a margin
-                refs.append((ref, near))
+        refs = [(ref, near) for ref in objs if (near := nearest_of(ref, objs)) is not None]
         return refs[rng.integers(len(refs))] if refs else None
     objs, ask, value, values, ref, target = two_hop(rng, size, find)
     question = attribute_question(ask, f"nearest to {ref.name}")
@@ -452,6 +456,8 @@ QUESTION_RES = {
     "colour": re.compile(r"What colour is the (\w+)\?"),
     "size": re.compile(r"Which object is the (largest|smallest)\?"),
     "distance": re.compile(r"Which is closer to the (\w+) (\w+): the (\w+) (\w+) or the (\w+) (\w+)\?"),
+    "nearest": re.compile(r"What (colour|shape) is the object nearest to the (\w+) (\w+)\?"),  # the hard task's
+    "relation": re.compile(r"What (colour|shape) is the object (left of|right of|above|below) the (\w+) (\w+)\?"),
 }
 
 
@@ -501,6 +507,14 @@ def solve(question: str, objs: list[Obj], size: int = IMAGE_SIZE) -> tuple[str, 
             d = lambda o: math.hypot(o.cx - ref.cx, o.cy - ref.cy) / size  # noqa: E731
             near, far = (x, y) if d(x) <= d(y) else (y, x)
             out = (near.name, [ref, x, y]) if d(near) <= NEAR and d(far) >= FAR else None
+    elif m := QUESTION_RES["nearest"].fullmatch(first):
+        ref = one(*m.group(2, 3))
+        near = nearest_of(ref, objs) if ref else None
+        out = (getattr(near, m.group(1)), [ref, near]) if near else None
+    elif m := QUESTION_RES["relation"].fullmatch(first):
+        ref, rel = one(*m.group(3, 4)), m.group(2).split()[0]
+        side = [o for o in objs if ref and o is not ref and roughly(o, ref, rel)]
+        out = (getattr(side[0], m.group(1)), [ref, side[0]]) if len(side) == 1 and relation(side[0], ref) == rel else None
     else:
         raise ValueError(f"not a synthetic question: {first!r}")
     return out if out is not None and out[0] in options else None

@@ -10,9 +10,9 @@ import data
 N = 400
 
 
-@pytest.fixture(scope="module")
-def pairs():
-    samples = data.make_split("test", N)
+@pytest.fixture(scope="module", params=["easy", "hard"])
+def pairs(request):
+    samples = data.make_split("test", N, task=request.param)
     return [data.counterfactual(s, i) for i, s in enumerate(samples)]
 
 
@@ -20,9 +20,10 @@ def right_text(s):
     return data.options_of(s.question)[data.LETTERS.index(s.answer)]
 
 
-def test_solver_rederives_every_generated_answer():
+@pytest.mark.parametrize("task", ["easy", "hard"])
+def test_solver_rederives_every_generated_answer(task):
     for split in ("train", "test"):
-        for s in data.make_split(split, 300):
+        for s in data.make_split(split, 300, task=task):
             got = data.solve(s.question, s.objects)
             assert got is not None and got[0] == right_text(s), s.question
             assert sorted(o.bbox(data.IMAGE_SIZE) for o in got[1]) == sorted(s.bboxes) or s.qtype == "count"
