@@ -378,15 +378,15 @@ def _sync(device):
 
 def capture_ms(model, tok, prompt, G, T, device) -> float:
     """Milliseconds a graph decode spends building its buffers and capturing (a fresh call less a kept one)."""
-    import lvr
+    import decode
     runs = []
-    lvr.release(model)
+    decode.release(model)
     for _ in range(2):  # decode_once keeps the decoder: the second call reuses the first one's capture
         _sync(device)
         t0 = time.perf_counter()
         decode_once("graph", model, tok, prompt, G, T, device)
         runs.append(time.perf_counter() - t0)
-    lvr.release(model)
+    decode.release(model)
     return (runs[0] - runs[1]) * 1e3
 
 
@@ -433,6 +433,7 @@ def rollout_profile(device, model_name, caches=("dynamic", "static", "graph", "h
     the model's forward and in sampling (the rest: bookkeeping), host syncs per step (two lengths'
     difference), and on CUDA the achieved share of the bandwidth floor (weights + KV bytes / the card's
     bandwidth), for each decoder and transformers' generate, at each context and batch."""
+    import decode
     import lvr
     import model as M
     cuda = torch.device(device).type == "cuda"
@@ -476,10 +477,10 @@ def rollout_profile(device, model_name, caches=("dynamic", "static", "graph", "h
                             sp = profile_split(path, model, tok, prompt, G, new_tokens, device) if split and path != "graph" else None
                 except torch.OutOfMemoryError:
                     print(f"| {path} | out of memory | | | | | | | |", flush=True)
-                    lvr.release(model)
+                    decode.release(model)
                     torch.cuda.empty_cache()
                     continue
-                lvr.release(model)
+                decode.release(model)
                 fwd, smp = (sp["lvr.forward"], sp["lvr.sample"]) if sp else ((None, None), (None, None))
                 fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
                 other = sp["step_ms"] - fwd[0] - smp[0] if sp else None
@@ -502,7 +503,6 @@ def gap_table(device, model_name="3b", contexts=(200, 1100, 1600), G=8, prompts=
     decoder: the bench's setting (bf16 weights, temperature 1, top-p 1, one generator) at each context, then
     the GRPO step's sampling (temperature 0.5, top-p 0.99, a generator per question), then bf16 autocast over
     bf16 weights (the README's measured GRPO cell), then fp32 master weights under autocast."""
-    import lvr
     import model as M
     model, tok = profile_model(model_name, device)
     kind = torch.device(device).type

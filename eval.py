@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 import benchmarks
 import data
+import decode
 import lvr
 import model as M
 import parallel as P
@@ -219,7 +220,7 @@ def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, bat
                 rec.update(donor=None if d is None else samples[d].id, donor_answer=to,
                            to_donor=None if d is None or not opened else pred == to)
             records.append(rec)
-    lvr.release(model)
+    decode.release(model)
     return finish_fit(records if whole else [r for rs in P.gather_objects(records) for r in rs], latent_steps)
 
 

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import decode
 import lvr
 import model as M
 import reward
@@ -99,7 +100,7 @@ def test_graph_decoder_under_autocast_is_the_static_one_and_reuses_its_capture(g
             again = _decode(m, tok, prompt, "graph", keep=True)
             assert m._lvr_decoder is dec and dec.graph is not None
     finally:
-        lvr.release(m)
+        decode.release(m)
     assert all(p.dtype == torch.float32 for p in m.parameters())
     assert torch.equal(graph.tokens, static.tokens) and (graph.latents.float() - static.latents.float()).abs().max() < 2e-2
     assert torch.equal(again.tokens, graph.tokens) and torch.equal(again.latents, graph.latents)
@@ -110,5 +111,5 @@ def test_graph_decoder_steps_make_no_host_sync(gpu, samples):
     m, tok = gpu
     prompt = {k: v.cuda() for k, v in M.encode(m, tok, samples[:2]).items()}
     short, long = (bench.decode_once("graph", m, tok, prompt, 2, T, "cuda", sync_debug=True) for T in (4, 14))
-    lvr.release(m)
+    decode.release(m)
     assert long["steps"] - short["steps"] == 10 and long["syncs"] == short["syncs"]

@@ -1,4 +1,4 @@
-"""The static-cache decoder (lvr.Decoder: the step a CUDA graph captures, run eagerly here) against the
+"""The static-cache decoder (decode.Decoder: the step a CUDA graph captures, run eagerly here) against the
 dynamic-cache loop and the no-cache oracle: token for token, latent for latent, in every situation the
 loop handles; the step against a full forward; a kept decoder reused; a GRPO step; no host syncs."""
 import dataclasses
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import bench
+import decode
 import lvr
 import model as M
 import train_rl
@@ -15,7 +16,7 @@ from test_train import one_step
 FORCE = torch.tensor([1, 0, 1, -1, 1])
 
 
-def decode(m, tok, prompt, cache, **kw):
+def run(m, tok, prompt, cache, **kw):
     """One decode with cache "dynamic" / "static" or the oracle ("none": the whole sequence recomputed)."""
     kw = {"max_new_tokens": 12, "latent_steps": 3, **kw}  # one generator per prompt row, fresh for every decoder
     kw["generator"] = [torch.Generator().manual_seed(10 + i) for i in range(prompt["input_ids"].shape[0])]
@@ -31,7 +32,7 @@ def assert_same(a, b, atol=1e-5):
 
 
 def three_ways(m, tok, prompt, **kw):
-    runs = [decode(m, tok, prompt, c, **kw) for c in ("static", "dynamic", "none")]
+    runs = [run(m, tok, prompt, c, **kw) for c in ("static", "dynamic", "none")]
     assert_same(runs[0], runs[1])
     assert_same(runs[0], runs[2])
     return runs[0]
@@ -74,8 +75,8 @@ def test_eos_mid_batch_and_the_done_check(tiny, prompt, eos_head):
     m, tok = tiny
     roll = three_ways(m, tok, prompt, G=2, temperature=1.0, max_new_tokens=60, force=FORCE.repeat_interleave(2))
     lengths = roll.mask.sum(1)
-    assert len(set(lengths.tolist())) > 3 and 2 * lvr.CHECK_EVERY < roll.tokens.shape[1] < 60
-    assert roll.tokens.shape[1] % lvr.CHECK_EVERY != 0
+    assert len(set(lengths.tolist())) > 3 and 2 * decode.CHECK_EVERY < roll.tokens.shape[1] < 60
+    assert roll.tokens.shape[1] % decode.CHECK_EVERY != 0
     assert (roll.tokens[~roll.mask] == tok.pad_token_id).all()
 
 
@@ -130,7 +131,7 @@ def test_the_buffer_step_equals_the_full_forward(tiny, prompt):
         L0 = prompt["input_ids"].shape[1]
         assert int(dec.at) == L0 + T and dec.mask[:, 0, 0, L0:L0 + T].all() and not dec.mask[:, 0, 0, L0 + T:].any()
     finally:
-        lvr.release(m)
+        decode.release(m)
 
 
 def test_a_kept_decoder_is_reused_and_gives_the_same_result(tiny, samples):
@@ -141,20 +142,20 @@ def test_a_kept_decoder_is_reused_and_gives_the_same_result(tiny, samples):
     assert a["input_ids"].shape == b["input_ids"].shape and not torch.equal(a["input_ids"], b["input_ids"])
     kw = dict(G=2, force=FORCE.repeat_interleave(2), temperature=1.0, top_p=0.9, mode="noise_norm")
     try:
-        first = decode(m, tok, a, "static", keep=True, **kw)
+        first = run(m, tok, a, "static", keep=True, **kw)
         dec = m._lvr_decoder
         L0 = a["input_ids"].shape[1]
         for buf in dec.keys + dec.values:  # what a diverged earlier call could leave in the unused columns
             buf[:, :, L0:] = float("nan")
-        second = decode(m, tok, b, "static", keep=True, **kw)
+        second = run(m, tok, b, "static", keep=True, **kw)
         assert m._lvr_decoder is dec
-        third = decode(m, tok, a, "static", keep=True, **kw)
+        third = run(m, tok, a, "static", keep=True, **kw)
         assert m._lvr_decoder is dec
     finally:
-        lvr.release(m)
+        decode.release(m)
     assert not hasattr(m, "_lvr_decoder")
     assert_same(first, third, atol=0)
-    assert_same(second, decode(m, tok, b, "static", **kw), atol=0)
+    assert_same(second, run(m, tok, b, "static", **kw), atol=0)
 
 
 def test_grpo_step_with_the_static_decoder_makes_the_same_update(tiny_ckpt, samples):
@@ -178,13 +179,13 @@ def test_the_step_reads_nothing_back_to_the_host(tiny, prompt, monkeypatch):
     with bench.HostSyncs() as dyn:
         lvr.generate(m, tok, prompt, G=2, max_new_tokens=6, force=FORCE.repeat_interleave(2), cache="dynamic")
     assert dyn.count >= 6 * 3
-    counts, step = [], lvr.Decoder.step
+    counts, step = [], decode.Decoder.step
 
     def counted(self):
         with bench.HostSyncs() as hs:
             step(self)
         counts.append(hs.ops)
-    monkeypatch.setattr(lvr.Decoder, "step", counted)
+    monkeypatch.setattr(decode.Decoder, "step", counted)
     for kw in (dict(temperature=1.0, top_p=0.9, mode="noise_norm", latent_exit="learned"),
                dict(mode="repeat", given=torch.randn(10, 3, m.config.text_config.hidden_size))):
         lvr.generate(m, tok, prompt, G=2, max_new_tokens=6, force=FORCE.repeat_interleave(2), cache="static", **kw)
@@ -219,7 +220,7 @@ def test_grouped_decode_attention_equals_transformers_sdpa():
     mask = torch.rand(3, 1, 1, 10, generator=g) > 0.4
     mask[..., -1] = True
     want = sdpa_attention_forward(layer, q, k, v, mask, scaling=0.25)[0]
-    got = lvr.gqa_decode_attention(layer, q, k, v, mask, scaling=0.25)[0]
+    got = decode.gqa_decode_attention(layer, q, k, v, mask, scaling=0.25)[0]
     assert got.shape == want.shape == (3, 1, 8, 16) and (got - want).abs().max() < 1e-6
     assert (got - sdpa_attention_forward(layer, q, k, v, torch.ones_like(mask), scaling=0.25)[0]).abs().max() > 1e-3
 
