@@ -81,6 +81,34 @@ import {script}
     proc.wait()
 
 
+def refused_beside_a_paused_run(module: str, fn: str, argv: list, call, marker) -> tuple[str, int]:
+    """Runs `module.main(argv)` in another process with `module.fn` replaced by a pause (which first touches
+    `marker`), then `call()` here while that run holds its files, then kills it: (call's SystemExit message,
+    the other process's pid)."""
+    code = f"""
+import sys, time
+sys.path.insert(0, {ROOT!r})
+import {module} as mod
+def paused(*a, **k):
+    open({str(marker)!r}, 'w').close()
+    time.sleep(600)
+mod.{fn} = paused
+mod.main({argv!r})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=SAME_THREADS,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    try:
+        with pytest.raises(SystemExit) as e:
+            call()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return str(e.value), proc.pid
+
+
 # ------------------------------------------------------------------------------- losing work
 def test_1_kill_between_the_renames_resumes_from_the_newest_save(init, tmp_path, capsys):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
@@ -126,31 +154,8 @@ def test_3_second_run_on_a_busy_folder_is_refused_and_a_killed_one_does_not_bloc
     args = ["--model", init, "--out", out, "--steps", "2", "--save-every", "1"] + RL
     marker_args = args + ["--seed", "1"]
     # first run: paused inside its first step, holding the folder
-    marker = tmp_path / "busy"
-    code = f"""
-import sys, time
-sys.path.insert(0, {ROOT!r})
-import train_rl
-real = train_rl.grpo_step
-def paused(*a, **k):
-    open({str(marker)!r}, 'w').close()
-    time.sleep(600)
-train_rl.grpo_step = paused
-train_rl.main({marker_args!r})
-"""
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=SAME_THREADS,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    while not marker.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        time.sleep(0.05)
-    try:
-        with pytest.raises(SystemExit) as e:
-            train_rl.main(args)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    msg = str(e.value)
-    assert out in msg and str(proc.pid) in msg and len(msg.splitlines()) == 1
+    msg, pid = refused_beside_a_paused_run("train_rl", "grpo_step", marker_args, lambda: train_rl.main(args), tmp_path / "busy")
+    assert out in msg and str(pid) in msg and len(msg.splitlines()) == 1
     train_rl.main(args + ["--resume"])  # the dead run's lock does not block
     assert [r["step"] for r in rows(out)] == [1, 2]
 
@@ -464,31 +469,10 @@ def test_16_eval_out_a_folder_is_one_line_before_evaluating(init, tmp_path, monk
 
 
 def test_17_two_evals_on_one_results_file_the_second_is_refused(init, tmp_path):
-    res_file, marker = str(tmp_path / "e.json"), tmp_path / "evaluating"
+    res_file = str(tmp_path / "e.json")
     argv = ["--model", init, "--n", "2", "--max-new-tokens", "4", "--out", res_file]
-    code = f"""
-import sys, time
-sys.path.insert(0, {ROOT!r})
-import eval as ev
-def paused(*a, **k):
-    open({str(marker)!r}, 'w').close()
-    time.sleep(600)
-ev.evaluate = paused
-ev.main({argv!r})
-"""
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=SAME_THREADS,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    while not marker.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        time.sleep(0.05)
-    try:
-        with pytest.raises(SystemExit) as e:
-            ev.main(argv)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    msg = str(e.value)
-    assert res_file in msg and str(proc.pid) in msg and len(msg.splitlines()) == 1
+    msg, pid = refused_beside_a_paused_run("eval", "evaluate", argv, lambda: ev.main(argv), tmp_path / "evaluating")
+    assert res_file in msg and str(pid) in msg and len(msg.splitlines()) == 1
     assert not os.path.exists(res_file)
     ev.main(argv)  # the killed one's lock does not block; the lock file goes at the end
     assert json.load(open(res_file))["summaries"]["normal"]["overall"]["n"] == 2
