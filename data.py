@@ -403,6 +403,11 @@ def format_question(question: str, options: list[str]) -> str:
     return "\n".join(lines + ["Answer with the option's letter."])
 
 
+def options_of(question: str) -> list[str]:
+    """The option texts of a formatted question, in letter order."""
+    return [line[3:] for line in question.splitlines()[1:] if line[1:3] == ". " and line[0] in OPTION_LETTERS]
+
+
 def make_sample(seed: int, split: str, index: int, qtypes=None, size: int = IMAGE_SIZE, task: str = "easy") -> Sample:
     """The sample at `index` of `split` of `task`: a pure function of its arguments."""
     if split not in SPLIT_IDS:
@@ -425,162 +430,6 @@ def make_sample(seed: int, split: str, index: int, qtypes=None, size: int = IMAG
 
 def make_split(split: str, n: int, seed: int = 0, size: int = IMAGE_SIZE, task: str = "easy") -> list[Sample]:
     return [make_sample(seed, split, i, size=size, task=task) for i in range(n)]
-
-
-# ------------------------------------------------------------------------ counterfactual edit pairs
-# ReaLVR's protocol, single-turn: the same question about a scene and about the scene after one edit. The
-# right answer of the edited view is worked out from its objects by `solve` (which also re-derives every
-# generated question's own answer: tests/test_pairs.py), so a pair knows whether its answer changes.
-EDITS = ("colour", "remove", "shape", "swap", "mirror")  # mirror: the fallback when no other edit is valid
-
-
-@dataclass
-class Edit:
-    kind: str             # one of EDITS
-    objects: list         # indices (in the original scene) of the objects it touches; mirror: all
-    value: str = ""       # colour / shape: the new value; mirror: "x" (left-right) or "y" (up-down)
-
-
-@dataclass
-class Pair:
-    original: Sample
-    edited: Sample        # same question and options; its own image, answer and boxes
-    edit: Edit
-    changes: bool         # the right answer differs between the two views
-
-
-QUESTION_RES = {
-    "position": re.compile(r"Where is the (\w+) (\w+) relative to the (\w+) (\w+)\?"),
-    "count": re.compile(r"How many (\w+) objects are there\?"),
-    "shape": re.compile(r"What shape is the (\w+) object\?"),
-    "colour": re.compile(r"What colour is the (\w+)\?"),
-    "size": re.compile(r"Which object is the (largest|smallest)\?"),
-    "distance": re.compile(r"Which is closer to the (\w+) (\w+): the (\w+) (\w+) or the (\w+) (\w+)\?"),
-    "nearest": re.compile(r"What (colour|shape) is the object nearest to the (\w+) (\w+)\?"),  # the hard task's
-    "relation": re.compile(r"What (colour|shape) is the object (left of|right of|above|below) the (\w+) (\w+)\?"),
-}
-
-
-def options_of(question: str) -> list[str]:
-    """The option texts of a formatted question, in letter order."""
-    return [line[3:] for line in question.splitlines()[1:] if line[1:3] == ". " and line[0] in OPTION_LETTERS]
-
-
-def valid_scene(objs: list[Obj], size: int) -> bool:
-    """Every object inside the image and apart from the others, as `place` puts them."""
-    inside = all(o.r + 1 <= c <= size - o.r - 1 for o in objs for c in (o.cx, o.cy))
-    apart = all(math.hypot(a.cx - b.cx, a.cy - b.cy) > (a.r + b.r) * 1.15 + 2 for i, a in enumerate(objs) for b in objs[i + 1:])
-    return inside and apart
-
-
-def solve(question: str, objs: list[Obj], size: int = IMAGE_SIZE) -> tuple[str, list[Obj]] | None:
-    """(the right option's text, the objects the question is about) of a synthetic question about a scene,
-    or None when the question is ill-posed there (a named object missing or not unique, an ambiguous
-    relation or size order, a distance pair no longer near / far, or the answer not among the options)."""
-    first, options = question.splitlines()[0], options_of(question)
-    named = lambda c, s: [o for o in objs if o.colour == c and o.shape == s]  # noqa: E731
-    one = lambda c, s: named(c, s)[0] if len(named(c, s)) == 1 else None  # noqa: E731
-    out = None
-    if m := QUESTION_RES["position"].fullmatch(first):
-        a, b = one(*m.group(1, 2)), one(*m.group(3, 4))
-        rel = relation(a, b) if a and b else None
-        out = (rel, [a, b]) if rel else None
-    elif m := QUESTION_RES["count"].fullmatch(first):
-        counted = [o for o in objs if o.colour == m.group(1)]
-        out = (str(len(counted)), counted) if counted else None
-    elif m := QUESTION_RES["shape"].fullmatch(first):
-        found = [o for o in objs if o.colour == m.group(1)]
-        out = (found[0].shape, found) if len(found) == 1 else None
-    elif m := QUESTION_RES["colour"].fullmatch(first):
-        found = [o for o in objs if o.shape == m.group(1)]
-        out = (found[0].colour, found) if len(found) == 1 else None
-    elif m := QUESTION_RES["size"].fullmatch(first):
-        largest = m.group(1) == "largest"
-        ranked = sorted(objs, key=lambda o: -o.r if largest else o.r)
-        unique = all(len([o for o in objs if o.name == opt]) == 1 for opt in options)
-        if unique and len(ranked) >= 2:
-            ratio = ranked[0].r / ranked[1].r if largest else ranked[1].r / ranked[0].r
-            out = (ranked[0].name, list(objs)) if ratio >= 1.25 else None
-    elif m := QUESTION_RES["distance"].fullmatch(first):
-        ref, x, y = one(*m.group(1, 2)), one(*m.group(3, 4)), one(*m.group(5, 6))
-        if ref and x and y:
-            d = lambda o: math.hypot(o.cx - ref.cx, o.cy - ref.cy) / size  # noqa: E731
-            near, far = (x, y) if d(x) <= d(y) else (y, x)
-            out = (near.name, [ref, x, y]) if d(near) <= NEAR and d(far) >= FAR else None
-    elif m := QUESTION_RES["nearest"].fullmatch(first):
-        ref = one(*m.group(2, 3))
-        near = nearest_of(ref, objs) if ref else None
-        out = (getattr(near, m.group(1)), [ref, near]) if near else None
-    elif m := QUESTION_RES["relation"].fullmatch(first):
-        ref, rel = one(*m.group(3, 4)), m.group(2).split()[0]
-        side = [o for o in objs if ref and o is not ref and roughly(o, ref, rel)]
-        out = (getattr(side[0], m.group(1)), [ref, side[0]]) if len(side) == 1 and relation(side[0], ref) == rel else None
-    else:
-        raise ValueError(f"not a synthetic question: {first!r}")
-    return out if out is not None and out[0] in options else None
-
-
-def apply_edit(objs: list[Obj], edit: Edit, size: int = IMAGE_SIZE) -> list[Obj]:
-    """The scene after `edit` (new objects; the input is not changed)."""
-    out = [Obj(o.colour, o.shape, o.cx, o.cy, o.r) for o in objs]
-    i = edit.objects[0] if edit.objects else None
-    if edit.kind == "colour":
-        out[i].colour = edit.value
-    elif edit.kind == "shape":
-        out[i].shape = edit.value
-    elif edit.kind == "remove":
-        del out[i]
-    elif edit.kind == "swap":
-        a, b = (out[j] for j in edit.objects)
-        a.cx, a.cy, b.cx, b.cy = b.cx, b.cy, a.cx, a.cy
-    elif edit.kind == "mirror":
-        for o in out:
-            if edit.value == "x":
-                o.cx = size - o.cx
-            else:
-                o.cy = size - o.cy
-    else:
-        raise ValueError(f"unknown edit {edit.kind!r}; expected one of {EDITS}")
-    return out
-
-
-def candidate_edits(objs: list[Obj]) -> list[Edit]:
-    """Every single edit of a scene: recolour or reshape one object, remove one, swap two objects' places."""
-    out = [Edit("colour", [i], c) for i, o in enumerate(objs) for c in COLOURS if c != o.colour]
-    out += [Edit("shape", [i], s) for i, o in enumerate(objs) for s in SHAPES if s != o.shape]
-    out += [Edit("remove", [i]) for i in range(len(objs))] if len(objs) > 1 else []
-    out += [Edit("swap", [i, j]) for i in range(len(objs)) for j in range(i + 1, len(objs))]
-    return out
-
-
-def counterfactual(sample: Sample, index: int, seed: int = 0) -> Pair:
-    """The edit pair of a synthetic question (`index`: its place in the evaluated list). Even cycles of the
-    question types ask for an edit that changes the right answer, odd ones for one that keeps it (size
-    questions always keep it: every edit that could change the largest object renames or removes an
-    option). Among the valid edits of the wanted kind an edit type is drawn, then one of its edits; with
-    none, one of the other kind; with none at all, the scene mirrored (left-right or up-down)."""
-    size = sample.image.shape[0]
-    rng = np.random.default_rng([seed, 5, index])
-    want = (index // len(QTYPES)) % 2 == 0
-    right = options_of(sample.question)[LETTERS.index(sample.answer)]
-    found = {True: {}, False: {}}
-    for e in candidate_edits(sample.objects) + [Edit("mirror", list(range(len(sample.objects))), v) for v in "xy"]:
-        objs = apply_edit(sample.objects, e, size)
-        got = solve(sample.question, objs, size) if valid_scene(objs, size) else None
-        if got is not None:
-            found[got[0] != right].setdefault(e.kind, []).append((e, objs, got))
-    pool = None
-    for change in (want, not want):
-        kinds = sorted(k for k in found[change] if k != "mirror")
-        if kinds:
-            pool = found[change][kinds[rng.integers(len(kinds))]]
-            break
-    pool = pool or found[want].get("mirror") or found[not want]["mirror"]
-    edit, objs, (answer, about) = pool[rng.integers(len(pool))]
-    options = options_of(sample.question)
-    edited = Sample(question=sample.question, answer=LETTERS[options.index(answer)], reason="", qtype=sample.qtype,
-                    bboxes=[o.bbox(size) for o in about], image=render(objs, size), id=sample.id, objects=objs)
-    return Pair(sample, edited, edit, edited.answer != sample.answer)
 
 
 # ------------------------------------------------------------------------------------ chat format

@@ -18,7 +18,7 @@ question of its batch generated); oracle (the question's stage-1 targets: an upp
 test-time sweep of the number of latent steps). Necessity tests (2026): blind, blind+drop, blind+oracle
 (CVRR's strict interface: no position from the span's <|lvr_end|> on sees the image; prompt text and latents
 stay visible); edit, blind+edit (ReaLVR's counterfactual pairs: each question's scene after one edit,
-data.counterfactual; edited-view accuracy, strict paired correct flip, false flip); donor, donor-k4,
+edits.counterfactual; edited-view accuracy, strict paired correct flip, false flip); donor, donor-k4,
 blind+donor (ReaLVR's latent swap: a donor question's latents, all K or the first 4 slots; how often the
 answer moves to the donor's answer). --compare runs them all. Routing: --force-latents (a
 span is opened first), --no-latents (never opened), --route T1,T2 (forced for those question types only).
@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 import benchmarks
 import data
+import edits
 import decode
 import lvr
 import model as M
@@ -120,7 +121,7 @@ def answer_text(sample, letter: str | None) -> str | None:
 def question_form(sample) -> str:
     """The template a synthetic question was asked with (attribute: shape or colour), else its type."""
     first = sample.question.splitlines()[0]
-    return next((k for k, r in data.QUESTION_RES.items() if r.fullmatch(first)), sample.qtype)
+    return next((k for k, r in edits.QUESTION_RES.items() if r.fullmatch(first)), sample.qtype)
 
 
 def donors(samples, opened) -> list[int | None]:
@@ -148,7 +149,7 @@ def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, bat
     mode: one of lvr.MODES; "shuffle" (each question is fed the latents the next question of its batch
     generated); "oracle" (its own stage-1 targets: the visual tokens of its boxes, pooled onto K slots);
     "K=n" (normal decoding with n latent steps); "edit" (the edited view of each question's counterfactual
-    pair, data.counterfactual: records add the edit and whether the right answer changed); "donor" /
+    pair, edits.counterfactual: records add the edit and whether the right answer changed); "donor" /
     "donor-k4" (the latents its donor question generated, eval.donors: all K slots / the first 4, then the
     model's own; records add the donor's answer and whether the reply moved to it); "blind" and "blind+X"
     (X under the image-blind interface: no position from the span's <|lvr_end|> on sees the image).
@@ -162,7 +163,7 @@ def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, bat
     if base == "edit":
         if any(not s.objects for s in samples):
             raise ValueError("edit pairs need the synthetic scenes (objects to edit)")
-        pairs = [data.counterfactual(s, i) for i, s in enumerate(samples)]
+        pairs = [edits.counterfactual(s, i) for i, s in enumerate(samples)]
         samples, base = [p.edited for p in pairs], "normal"
     sharded = P.is_sharded(model)
     donor = base in ("donor", "donor-k4")
@@ -306,7 +307,7 @@ def flip_metrics(base: list[dict], edited: list[dict]) -> dict:
                 "paired_flip": rate([o["correct"] and e["correct"] for o, e in ch]),
                 "change_rate": rate([o["pred"] != e["pred"] for o, e in ch]),
                 "false_flip": rate([o["pred"] != e["pred"] for o, e in keep])}
-    return {**metrics(rows), "per_edit": {k: metrics([x for x in rows if x[1]["edit"] == k]) for k in data.EDITS
+    return {**metrics(rows), "per_edit": {k: metrics([x for x in rows if x[1]["edit"] == k]) for k in edits.EDITS
                                           if any(x[1]["edit"] == k for x in rows)}}
 
 

@@ -107,9 +107,9 @@ def test_graph_decoder_under_autocast_is_the_static_one_and_reuses_its_capture(g
 
 
 def test_graph_decoder_steps_make_no_host_sync(gpu, samples):
-    import bench
+    import bench_rollout
     m, tok = gpu
     prompt = {k: v.cuda() for k, v in M.encode(m, tok, samples[:2]).items()}
-    short, long = (bench.decode_once("graph", m, tok, prompt, 2, T, "cuda", sync_debug=True) for T in (4, 14))
+    short, long = (bench_rollout.decode_once("graph", m, tok, prompt, 2, T, "cuda", sync_debug=True) for T in (4, 14))
     decode.release(m)
     assert long["steps"] - short["steps"] == 10 and long["syncs"] == short["syncs"]

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-import bench
+import bench_rollout
 import decode
 import lvr
 import model as M
@@ -176,13 +176,13 @@ def test_the_step_reads_nothing_back_to_the_host(tiny, prompt, monkeypatch):
     """No .item(), bool() or boolean-mask indexing in the static step (each one is a host sync on CUDA);
     the dynamic loop makes several per step (so the counter sees them)."""
     m, tok = tiny
-    with bench.HostSyncs() as dyn:
+    with bench_rollout.HostSyncs() as dyn:
         lvr.generate(m, tok, prompt, G=2, max_new_tokens=6, force=FORCE.repeat_interleave(2), cache="dynamic")
     assert dyn.count >= 6 * 3
     counts, step = [], decode.Decoder.step
 
     def counted(self):
-        with bench.HostSyncs() as hs:
+        with bench_rollout.HostSyncs() as hs:
             step(self)
         counts.append(hs.ops)
     monkeypatch.setattr(decode.Decoder, "step", counted)

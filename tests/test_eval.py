@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import data
+import edits
 import eval as ev
 import lvr
 import model as M
@@ -205,7 +206,7 @@ def test_edit_arm_decodes_the_edited_views(tiny, questions):
     m, tok = tiny
     kw = dict(max_new_tokens=12, latent_steps=2, progress=False, route="all")
     recs = ev.evaluate(m, tok, questions, mode="edit", **kw)
-    pairs = [data.counterfactual(s, i) for i, s in enumerate(questions)]
+    pairs = [edits.counterfactual(s, i) for i, s in enumerate(questions)]
     assert [r["answer"] for r in recs] == [p.edited.answer for p in pairs]
     assert [r["changes"] for r in recs] == [p.changes for p in pairs] and any(r["changes"] for r in recs)
     direct = ev.evaluate(m, tok, [p.edited for p in pairs], **kw)

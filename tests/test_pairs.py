@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import data
+import edits
 
 N = 400
 
@@ -13,7 +14,7 @@ N = 400
 @pytest.fixture(scope="module", params=["easy", "hard"])
 def pairs(request):
     samples = data.make_split("test", N, task=request.param)
-    return [data.counterfactual(s, i) for i, s in enumerate(samples)]
+    return [edits.counterfactual(s, i) for i, s in enumerate(samples)]
 
 
 def right_text(s):
@@ -24,7 +25,7 @@ def right_text(s):
 def test_solver_rederives_every_generated_answer(task):
     for split in ("train", "test"):
         for s in data.make_split(split, 300, task=task):
-            got = data.solve(s.question, s.objects)
+            got = edits.solve(s.question, s.objects)
             assert got is not None and got[0] == right_text(s), s.question
             assert sorted(o.bbox(data.IMAGE_SIZE) for o in got[1]) == sorted(s.bboxes) or s.qtype == "count"
 
@@ -53,7 +54,7 @@ def test_each_edit_changes_exactly_what_it_says(pairs):
         else:
             axis = "cx" if ed.value == "x" else "cy"
             assert all(getattr(b, axis) == size - getattr(a, axis) and same(a, b, skip=(axis,)) for a, b in zip(o, e))
-        assert data.valid_scene(e, size)
+        assert edits.valid_scene(e, size)
         # pixels: outside the touched objects' boxes (before and after) the two images are the same
         if ed.kind != "mirror":
             touched = [o[i] for i in ed.objects] + ([e[i] for i in ed.objects] if ed.kind != "remove" else [])
@@ -70,7 +71,7 @@ def test_each_edit_changes_exactly_what_it_says(pairs):
 def test_the_answer_changes_exactly_when_the_pair_says(pairs):
     for p in pairs:
         assert p.changes == (p.edited.answer != p.original.answer)
-        assert data.solve(p.edited.question, p.edited.objects)[0] == right_text(p.edited)
+        assert edits.solve(p.edited.question, p.edited.objects)[0] == right_text(p.edited)
     # checked by hand for two question types: counts, and where one object is relative to another
     for p in pairs:
         first = p.original.question.splitlines()[0]
@@ -90,5 +91,5 @@ def test_pairs_cover_every_edit_and_both_outcomes(pairs):
     changing = [p.changes for p in pairs if p.original.qtype != "size"]
     assert 0.35 < np.mean(changing) < 0.65
     assert not any(p.changes for p in pairs if p.original.qtype == "size")
-    again = [data.counterfactual(p.original, i) for i, p in enumerate(pairs[:20])]
+    again = [edits.counterfactual(p.original, i) for i, p in enumerate(pairs[:20])]
     assert all(a.edit == p.edit for a, p in zip(again, pairs))  # a pure function of (sample, index, seed)
