@@ -53,7 +53,6 @@ def shipped_base(seed: int, base_steps: int = BASE_STEPS) -> str | None:
     return path if base_steps == BASE_STEPS and os.path.isfile(os.path.join(path, "config.json")) else None
 
 
-
 class RunError(RuntimeError):
     """A run that cannot go on; the message is one line naming the folder or file."""
 
