@@ -15,7 +15,7 @@ Question types (each answer value and each letter equally likely, so the text al
              of X, the other beyond FAR)
 
 Those five are the `easy` task (`--task easy`, the default; the shipped checkpoints learnt it). The `hard`
-task (`--task hard`) gives the latents and RL room: clutter (6-12 smaller objects, colours repeat) and
+task (`--task hard`) gives the latents and RL room: clutter (up to 12 objects, colours repeat) and
 questions that need more than one look. Each answer value is drawn first, uniformly, and the scene is
 then built around it (so each value is exactly equally likely per type, whatever the retries):
   count      how many <colour> objects (1-8), among 6-12 objects; options: the answer and 3 other counts
@@ -23,8 +23,10 @@ then built around it (so each value is exactly equally likely per type, whatever
              object, then its nearest neighbour, at most 0.75 of the next one's distance)
   relation   what colour / shape is the object left of / right of / above / below the <colour> <shape>
              (two hops; the only object clearly on that side, none other even roughly there)
-  search     what shape is the <colour> object / what colour is the <shape>: one small object (half the
-             clutter's size) among 5-9 of other colours or shapes (V*-like search)
+  search     what shape is the <colour> object / what colour is the <shape>: one small object (about half
+             the clutter's size) among 4-7 of other colours or shapes (V*-like search)
+The two-hop scenes hold 5-8 objects. Sizes and counts were chosen by measurement (results/hard/README.md):
+smaller or more objects left the shape questions at chance for the text-only model.
 
     python data.py --show 5                              # print a few training samples
     python data.py --show 8 --task hard                  # the hard task's
@@ -61,7 +63,8 @@ SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 BACKGROUND = 25
 IMAGE_SIZE = 96
 RADIUS = (5.0, 13.0)  # object half-size range in pixels at IMAGE_SIZE
-HARD_RADIUS, SMALL_RADIUS = (3.5, 7.5), (2.5, 3.5)  # the hard task's clutter and its search targets
+HARD_RADIUS, SMALL_RADIUS = (6.0, 10.0), (4.0, 5.0)  # the hard task's clutter and its search targets
+TWO_HOP_OBJECTS, SEARCH_OBJECTS = (5, 8), (5, 8)  # objects in the scene of a two-hop / search question
 COUNTS = tuple(str(n) for n in range(1, 9))  # the hard task's count answers (easy: 1-4)
 NEAR, FAR = 0.3, 0.6  # distance questions: centre distances, in image widths, of the near and the far candidate
 
@@ -299,11 +302,11 @@ def ask_attribute(rng):
 
 
 def two_hop(rng, size, find) -> tuple:
-    """Scenes of 6-10 objects until `find(objs)` gives (reference, target); then the reference gets a
-    random colour and shape that no other object shares, the target the drawn answer."""
+    """Scenes of TWO_HOP_OBJECTS objects until `find(objs)` gives (reference, target); then the reference
+    gets a random colour and shape that no other object shares, the target the drawn answer."""
     ask, value, values = ask_attribute(rng)
     ref_kind = (str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)))
-    n = int(rng.integers(6, 11))
+    n = int(rng.integers(TWO_HOP_OBJECTS[0], TWO_HOP_OBJECTS[1] + 1))
     while (found := find(objs := scatter(rng, [clutter_radius(rng, size) for _ in range(n)], size))) is None:
         pass
     ref, target = found
@@ -363,7 +366,8 @@ def h_search(rng, size):
     ask, value, values = ask_attribute(rng)
     key = str(rng.choice(SHAPES if ask == "colour" else list(COLOURS)))  # what the question names
     small = Obj("", "", 0, 0, clutter_radius(rng, size, SMALL_RADIUS))
-    objs = scatter(rng, [small.r] + [clutter_radius(rng, size) for _ in range(int(rng.integers(5, 10)))], size)
+    others = int(rng.integers(SEARCH_OBJECTS[0] - 1, SEARCH_OBJECTS[1]))
+    objs = scatter(rng, [small.r] + [clutter_radius(rng, size) for _ in range(others)], size)
     target = objs[0]
     for o in objs[1:]:  # the others never match what the question names
         if ask == "shape":
