@@ -14,8 +14,8 @@ Question types (each answer value and each letter equally likely, so the text al
   distance   which of two named objects is closer to X (CV-Bench's relative distance; one within NEAR
              of X, the other beyond FAR)
 
-Those five are the `easy` task (`--task easy`, the default; the shipped checkpoints learnt it). The `hard`
-task (`--task hard`) gives the latents and RL room: clutter (up to 12 objects, colours repeat) and
+Those five are the `easy` task (`--task easy`; today's stage-1 models master it, so RL has nothing to move). The
+`hard` task (`--task hard`, the scripts' default) gives the latents and RL room: clutter (up to 12 objects, colours repeat) and
 questions that need more than one look. Each answer value is drawn first, uniformly, and the scene is
 then built around it (so each value is exactly equally likely per type, whatever the retries):
   count      how many <colour> objects (1-8), among 6-12 objects; options: the answer and 3 other counts
@@ -65,6 +65,7 @@ IMAGE_SIZE = 96
 RADIUS = (5.0, 13.0)  # object half-size range in pixels at IMAGE_SIZE
 HARD_RADIUS, SMALL_RADIUS = (6.0, 10.0), (4.0, 5.0)  # the hard task's clutter and its search targets
 TWO_HOP_OBJECTS, SEARCH_OBJECTS = (5, 8), (5, 8)  # objects in the scene of a two-hop / search question
+DEFAULT_TASK = "hard"  # the scripts' task when neither --task nor a checkpoint (its config.json) says one
 COUNTS = tuple(str(n) for n in range(1, 9))  # the hard task's count answers (easy: 1-4)
 NEAR, FAR = 0.3, 0.6  # distance questions: centre distances, in image widths, of the near and the far candidate
 
@@ -674,7 +675,7 @@ def main():
     p.add_argument("--split", default="train", choices=list(SPLIT_IDS), help="which split to draw from")
     p.add_argument("--n", type=int, default=100, help="number of samples")
     p.add_argument("--seed", type=int, default=0, help="data seed")
-    p.add_argument("--task", default="easy", choices=list(TASKS), help="question mix (module docstring)")
+    p.add_argument("--task", default=DEFAULT_TASK, choices=list(TASKS), help="question mix (module docstring)")
     p.add_argument("--show", type=int, default=0, help="print this many samples and exit")
     p.add_argument("--export", metavar="DIR", help="write DIR/<split>.jsonl and DIR/images/")
     p.add_argument("--check", metavar="FILE", help="read LVR-format data (JSON array or JSONL) and report what it holds")
@@ -701,7 +702,7 @@ class Stream:
     """The training questions in a fixed order given the seed: sample i of step s is index s*B+i."""
 
     def __init__(self, args):
-        self.seed, self.rows, self.held, self.task = args.seed, None, None, getattr(args, "task", None) or "easy"
+        self.seed, self.rows, self.held, self.task = args.seed, None, None, getattr(args, "task", None) or DEFAULT_TASK
         if args.data and getattr(args, "val_fraction", None) is None:  # train_rl.py: every row trains
             self.rows = load_jsonl(args.data)
         elif args.data:  # a seeded share of the rows is held out: validation never sees a training row

@@ -372,7 +372,7 @@ def newest_checkpoint(runs: str = "runs") -> str:
     """The newest small-vl RL checkpoint, else the SFT one (trained here, else the shipped one); says which."""
     rl = sorted(glob.glob(os.path.join(runs, "small-vl-rl*", "checkpoint")), key=os.path.getmtime)
     sft = os.path.join(runs, "small-vl-sft", "checkpoint")
-    path = rl[-1] if rl else sft if os.path.isdir(sft) else os.path.join("checkpoints", "small-vl-sft")
+    path = rl[-1] if rl else sft if os.path.isdir(sft) else rundir.shipped_sft(data.DEFAULT_TASK)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no small-vl checkpoint under {runs}/: run python train_sft.py --model small-vl first")
     if P.is_main():

@@ -35,6 +35,7 @@ import warnings
 
 import torch
 
+import data
 import model as M
 import parallel as P
 
@@ -51,6 +52,17 @@ def shipped_base(seed: int, base_steps: int = BASE_STEPS) -> str | None:
     study's seeds 1 and 2), when there is one and the asked-for recipe is the one it was trained with."""
     path = os.path.join(SHIPPED, "small-vl-base" + (f"-s{seed}" if seed else ""))
     return path if base_steps == BASE_STEPS and os.path.isfile(os.path.join(path, "config.json")) else None
+
+
+def shipped_sft(task: str, kind: str = "") -> str:
+    """Where seed 0's shipped stage-1 model of `task` is: kind "" (LVR SFT), "-text" (text-only) or "-strict"
+    (checkpoints/small-vl-sft... for easy, small-vl-hard-sft... for hard); it may be absent."""
+    return os.path.join(SHIPPED, f"small-vl-{'' if task == 'easy' else task + '-'}sft{kind}")
+
+
+def task_suffix(task: str | None) -> str:
+    """Default run folders of another task than data.DEFAULT_TASK end in -TASK (runs/small-vl-sft-easy)."""
+    return f"-{task}" if task and task != data.DEFAULT_TASK else ""
 
 
 class RunError(RuntimeError):

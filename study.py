@@ -53,16 +53,16 @@ LVR_MODELS = MODELS[1:]  # every model that may open latent spans: evaluated und
 SFT_MODELS = ("text", "lvr", "lvr-strict")
 STRICT = ("lvr-strict", "rl-strict", "rl-att-strict")  # trained under the image-blind interface (--strict)
 LATENT_MODES = ev.ARMS + tuple(f"K={k}" for k in ev.K_SWEEP) + ("force", "never", "routed")  # "normal" first
-SHIPPED = {"lvr": "small-vl-sft", "text": "small-vl-sft-text"}  # seed 0's stage-1 models, in checkpoints/
+SHIPPED = {"lvr": "", "text": "-text", "lvr-strict": "-strict"}  # seed 0's stage-1 models (rundir.shipped_sft kinds)
 SHIPPED_BASE = os.path.join(rundir.SHIPPED, "small-vl-base")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="seed 0 only: the two RL runs from the shipped stage-1 models")
-    p.add_argument("--task", default="easy", choices=list(data.TASKS),
-                   help="synthetic question mix (data.py); the shipped stage-1 models are easy's, so hard trains its own "
-                        "from the shipped bases (default --root runs/study-hard, --results results/hard)")
+    p.add_argument("--task", default=data.DEFAULT_TASK, choices=list(data.TASKS),
+                   help="synthetic question mix (data.py); another than the default goes to --root runs/study-TASK, "
+                        "--results results/TASK")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick 0)")
     p.add_argument("--sft-steps", type=int, default=1500, help="stage-1 SFT steps of the seeds that train them")
     p.add_argument("--rl-steps", type=int, default=300, help="GRPO steps per RL run")
@@ -81,9 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--results", help="results folder (default results, --quick results/quick)")
     a = p.parse_args(argv)
     a.seeds = [int(s) for s in (a.seeds or ("0" if a.quick else "0,1,2")).split(",")]
-    hard = "" if a.task == "easy" else a.task
-    a.root = a.root or os.path.join(rundir.RUNS, "study" + (f"-{hard}" if hard else ""))
-    a.results = a.results or os.path.join("results", hard, "quick" if a.quick else "")
+    other = "" if a.task == data.DEFAULT_TASK else a.task
+    a.root = a.root or os.path.join(rundir.RUNS, "study" + rundir.task_suffix(a.task))
+    a.results = a.results or os.path.join("results", other, "quick" if a.quick else "")
     return a
 
 
@@ -148,8 +148,10 @@ def task_args(a) -> list[str]:
 
 def shipped(a, name: str, seed: int) -> str | None:
     """Seed 0's shipped stage-1 model, when the study's stage-1 settings are the ones it was trained with."""
-    path = os.path.join(rundir.SHIPPED, SHIPPED.get(name, "-"))
-    default = (seed == 0 and a.task == "easy" and a.sft_steps == 1500 and not a.sft_args.strip()
+    if name not in SHIPPED:
+        return None
+    path = rundir.shipped_sft(a.task, SHIPPED[name])
+    default = (seed == 0 and a.sft_steps == 1500 and not a.sft_args.strip()
                and os.path.normpath(base_of(a, 0)) == SHIPPED_BASE)
     return path if default and os.path.isfile(os.path.join(path, "config.json")) else None
 

@@ -49,7 +49,7 @@ def parse_args(argv=None):
                                   "instead of the synthetic generator")
     p.add_argument("--task", choices=list(data.TASKS),
                    help="synthetic question mix (data.py); default: the run's when resuming, else the starting model's "
-                        "(config.json; easy when it records none, as the shipped models)")
+                        "(config.json; easy when it records none, as the first shipped models)")
     p.add_argument("--steps", type=rundir.at_least(1), default=300, help="GRPO steps")
     p.add_argument("--prompts", type=rundir.at_least(1), default=8, help="questions per step")
     p.add_argument("--group", type=rundir.at_least(2), default=8, help="G: rollouts per question (at least 2)")
@@ -106,7 +106,8 @@ def parse_args(argv=None):
     M.add_device_args(p)
     a = p.parse_args(argv)
     a.out = a.out or os.path.join(rundir.RUNS, "small-vl-rl" + ("-att" if a.att_weight else "")
-                                  + ("-ev" if a.evidence_weight else "") + ("-strict" if a.strict else ""))
+                                  + ("-ev" if a.evidence_weight else "") + ("-strict" if a.strict else "")
+                                  + ("" if a.model != "small-vl" else rundir.task_suffix(a.task)))
     a.dtype = M.resolve_dtype(a)
     a.rollout_batch = a.rollout_batch or a.prompts
     if a.top_p > 1:
@@ -123,18 +124,20 @@ def parse_args(argv=None):
 
 
 def initial_model(args) -> str:
-    """The checkpoint RL starts from; for small-vl the SFT run's (runs/small-vl-sft) when there is one, else
-    the shipped LVR SFT model, else one trained first."""
+    """The checkpoint RL starts from; for small-vl the task's SFT run (runs/small-vl-sft, -easy for easy)
+    when there is one, else its shipped LVR SFT model (--strict: the strict ones), else one trained first."""
     if args.model != "small-vl":
         return args.model
-    ckpt = os.path.join(rundir.RUNS, "small-vl-sft", "checkpoint")
-    shipped = os.path.join(rundir.SHIPPED, "small-vl-sft")
+    task, kind = args.task or data.DEFAULT_TASK, "-strict" if args.strict else ""
+    run = os.path.join(rundir.RUNS, "small-vl-sft" + kind + rundir.task_suffix(task))
+    ckpt, shipped = os.path.join(run, rundir.CKPT), rundir.shipped_sft(task, kind)
     if not os.path.isdir(ckpt) and os.path.isdir(shipped):
         return shipped
     if not os.path.isdir(ckpt):
         print(f"no small-vl SFT checkpoint at {ckpt}: training it first (python train_sft.py --model small-vl)")
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_sft.py")
-        cmd = [sys.executable, script, "--model", "small-vl", "--device", args.device, "--dtype", args.dtype, "--resume"]
+        cmd = [sys.executable, script, "--model", "small-vl", "--task", task, "--out", run, *(["--strict"] if args.strict else []),
+               "--device", args.device, "--dtype", args.dtype, "--resume"]
         if subprocess.run(cmd).returncode:  # it said why
             raise rundir.RunError(f"training the SFT model failed: {' '.join(cmd[1:])}")
     return ckpt

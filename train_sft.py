@@ -114,7 +114,8 @@ def parse_args(argv=None):
     a.lam = a.lam if a.lam is not None else 0.1 if real else 1.0
     if a.out is None:
         name = os.path.basename(os.path.normpath(a.model)) if real else "small-vl"
-        a.out = os.path.join(rundir.RUNS, f"{name}-sft" + ("-text" if a.no_latents else "") + ("-strict" if a.strict else ""))
+        a.out = os.path.join(rundir.RUNS, f"{name}-sft" + ("-text" if a.no_latents else "") + ("-strict" if a.strict else "")
+                             + ("" if real else rundir.task_suffix(a.task)))
     if a.base is None:
         a.base = rundir.shipped_base(a.seed, a.base_steps) or os.path.join(rundir.RUNS, "small-vl-base" + (f"-seed{a.seed}" if a.seed else ""))
     elif os.path.exists(a.base) and not os.path.isdir(a.base):
@@ -382,10 +383,10 @@ def train(args, stage: int, out: str, init: str | None) -> str:
 
 
 def resolve_task(args, out: str):
-    """--task as given; else the task of the run being resumed (its checkpoint's config.json); else easy."""
+    """--task as given; else the task of the run being resumed (its checkpoint's config.json); else the default."""
     if args.task is None:
         found = rundir.resume_point(out) if args.resume else None
-        args.task = M.saved_task(found[0]) if found else "easy"
+        args.task = M.saved_task(found[0]) if found else data.DEFAULT_TASK
 
 
 def _train(args, stage: int, out: str, init: str | None) -> str:

@@ -264,7 +264,8 @@ def test_hard_questions_are_answerable_from_the_scene():
         value, visited = solve(s)
         assert answer_value(s) == value, (s.id, s.question, s.answer)
         assert s.bboxes == [o.bbox(data.IMAGE_SIZE) for o in visited], s.id
-        assert s.reason.split()[-1] == value and 6 <= len(s.objects) <= 12, s.id
+        lo, hi = {"count": (6, 12), "search": data.SEARCH_OBJECTS}.get(s.qtype, data.TWO_HOP_OBJECTS)
+        assert s.reason.split()[-1] == value and lo <= len(s.objects) <= hi, s.id
         for o in s.objects:
             x0, y0, x1, y1 = (np.array(o.bbox(data.IMAGE_SIZE)) * data.IMAGE_SIZE).round().astype(int)
             assert (s.image[y0:y1, x0:x1].reshape(-1, 3) == data.COLOURS[o.colour]).all(1).any(), (s.id, o)

@@ -104,8 +104,11 @@ def test_newest_checkpoint_prefers_rl(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no shipped checkpoints/ here
     with pytest.raises(FileNotFoundError, match="no small-vl checkpoint"):
         ev.newest_checkpoint("runs")
-    (tmp_path / "checkpoints" / "small-vl-sft").mkdir(parents=True)
-    assert ev.newest_checkpoint("runs") == os.path.join("checkpoints", "small-vl-sft")
+    (tmp_path / "checkpoints" / "small-vl-sft").mkdir(parents=True)  # the easy task's: not the default's
+    with pytest.raises(FileNotFoundError, match="no small-vl checkpoint"):
+        ev.newest_checkpoint("runs")
+    (tmp_path / "checkpoints" / "small-vl-hard-sft").mkdir(parents=True)
+    assert ev.newest_checkpoint("runs") == os.path.join("checkpoints", "small-vl-hard-sft")
     (tmp_path / "runs" / "small-vl-sft" / "checkpoint").mkdir(parents=True)
     assert ev.newest_checkpoint("runs").endswith(os.path.join("small-vl-sft", "checkpoint"))
     (tmp_path / "runs" / "small-vl-rl-att" / "checkpoint").mkdir(parents=True)

@@ -153,13 +153,15 @@ def test_bad_model_paths_give_one_line_errors(tmp_path):
         assert message in text and path in text and "\n" not in text, name
 
 
-@pytest.mark.parametrize("name", ["small-vl-base", "small-vl-base-s1", "small-vl-base-s2", "small-vl-sft", "small-vl-sft-text"])
+@pytest.mark.parametrize("name", ["small-vl-base", "small-vl-base-s1", "small-vl-base-s2", "small-vl-sft", "small-vl-sft-text",
+                                  "small-vl-hard-sft", "small-vl-hard-sft-text", "small-vl-hard-sft-strict"])
 def test_shipped_checkpoints_load_and_match_the_code(name):
     """The committed starting points load, hold finite weights, and are what the code builds: small-vl's
-    config (every architecture field) and its tokenizer."""
+    config (every architecture field) and its tokenizer (the task's it records: the hard models' is longer)."""
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", name)
     m, tok = M.load_model(path)
-    ref_tok = M.build_tokenizer()
+    assert M.saved_task(path) == ("hard" if "-hard-" in name else "easy")
+    ref_tok = M.build_tokenizer(M.saved_task(path))
     assert tok.get_vocab() == ref_tok.get_vocab()
     want = M.small_vl_config(ref_tok)
     for part in ("text_config", "vision_config"):

@@ -82,8 +82,13 @@ def test_study_rerun_redoes_only_what_is_missing(done):
 def test_seed_0_uses_the_shipped_stage_1_models_only_at_their_settings():
     quick = study.parse_args(["--quick"])
     assert quick.seeds == [0]
-    assert study.train(quick, "lvr", 0) == os.path.join("checkpoints", "small-vl-sft")
-    assert study.train(quick, "text", 0) == os.path.join("checkpoints", "small-vl-sft-text")
+    assert quick.task == data.DEFAULT_TASK == "hard"
+    assert study.train(quick, "lvr", 0) == os.path.join("checkpoints", "small-vl-hard-sft")
+    assert study.train(quick, "text", 0) == os.path.join("checkpoints", "small-vl-hard-sft-text")
+    assert study.train(quick, "lvr-strict", 0) == os.path.join("checkpoints", "small-vl-hard-sft-strict")
+    easy = study.parse_args(["--quick", "--task", "easy"])
+    assert study.train(easy, "lvr", 0) == os.path.join("checkpoints", "small-vl-sft")  # the easy task's own
+    assert study.shipped(easy, "lvr-strict", 0) is None  # none shipped: the easy study trains it
     assert study.shipped(quick, "lvr", 1) is None and study.shipped(quick, "rl", 0) is None
     for other in (["--sft-args", "--lam 1"], ["--sft-steps", "500"], ["--base", "runs/other-base"], ["--base-steps", "500"]):
         assert study.shipped(study.parse_args(["--quick"] + other), "lvr", 0) is None
@@ -127,19 +132,18 @@ def test_a_shared_base_run_folder_is_trained_once_for_every_seed(tmp_path):
     assert "--seed 0 " in (tmp_path / "base" / study.COMMAND).read_text()
 
 
-def test_hard_study_trains_every_model_on_the_hard_task(tmp_path):
-    """--task hard: no shipped stage-1 model (they are easy's), every run trains on hard (a base of other
-    --base-steps too, from a hard tokenizer), the test questions and the per-type tables are hard's."""
-    assert study.shipped(study.parse_args(["--quick", "--task", "hard"]), "lvr", 0) is None
-    hard = study.parse_args(["--task", "hard"])
-    assert (hard.root, hard.results) == (os.path.join("runs", "study-hard"), os.path.join("results", "hard", ""))
-    args = TINY[2:] + ["--seeds", "0", "--task", "hard", "--root", str(tmp_path / "runs"), "--results", str(tmp_path / "res")]
+def test_easy_study_trains_every_model_on_the_easy_task(tmp_path):
+    """--task easy (the first study's task) stays runnable beside the default: its own folders, every run
+    trains on easy (a base of other --base-steps too), the test questions and the per-type tables are easy's."""
+    easy = study.parse_args(["--task", "easy"])
+    assert (easy.root, easy.results) == (os.path.join("runs", "study-easy"), os.path.join("results", "easy", ""))
+    args = TINY[2:] + ["--seeds", "0", "--task", "easy", "--root", str(tmp_path / "runs"), "--results", str(tmp_path / "res")]
     study.main(args)
     agg = json.load(open(tmp_path / "res" / "study.json"))
-    assert agg["config"]["task"] == "hard"
-    assert set(agg["models"]["lvr"]["normal"]["per_type"]) == set(data.qtypes_of("hard"))
+    assert agg["config"]["task"] == "easy"
+    assert set(agg["models"]["lvr"]["normal"]["per_type"]) == set(data.qtypes_of("easy"))
     for run in ("base-s0", "text-s0", "lvr-s0", "rl-s0", "rl-att-s0"):
-        assert M.saved_task(str(tmp_path / "runs" / run / "checkpoint")) == "hard", run
+        assert M.saved_task(str(tmp_path / "runs" / run / "checkpoint")) == "easy", run
 
 
 def test_study_trains_the_evidence_and_strict_models_with_their_flags(done):
