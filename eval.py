@@ -388,6 +388,30 @@ def run_name(path: str) -> str:
     return name.removesuffix(".jsonl").removesuffix("_log")
 
 
+def quick_eval(model, tok, samples, step: int, log: str, bar, blind: bool = False, never: bool = False, **kw) -> dict:
+    """A trainer's point on its validation curve: greedy accuracy, latent rate, attention share on the latents
+    and accuracy per type on `samples` (a fixed set: the run's validation questions), under the image-blind
+    interface with `blind`; with `never` also the same questions' accuracy with spans forbidden (val_never_acc,
+    the curve in silence). One row into the run's log, one line above the bar. Every rank calls it under
+    torchrun (evaluate splits the questions); rank 0 writes. `kw`: evaluate's decoding options. Greedy
+    decoding draws on no random source, so training's random state is left as it was."""
+    mode = "blind" if blind else "normal"
+    model.eval()
+    s = summarize(evaluate(model, tok, samples, mode=mode, progress=False, **kw))
+    o = s["overall"]
+    row = {"step": step, "val_acc": o["acc"], "val_latent_rate": o["latent_rate"], "val_att_share": o["att_share"],
+           **{f"val_{t}": v["acc"] for t, v in s["per_type"].items()}}
+    if never:
+        row["val_never_acc"] = summarize(evaluate(model, tok, samples, mode=mode, route="none", progress=False,
+                                                  **kw))["overall"]["acc"]
+    model.train()
+    rundir.log(log, row)
+    if P.is_main():
+        bar.write(f"step {step}: val acc {o['acc']:.2f}" + (f" (spans forbidden {row['val_never_acc']:.2f})" if never else "")
+                  + f", latent rate {o['latent_rate']:.2f} | " + " ".join(f"{t} {v['acc']:.2f}" for t, v in s["per_type"].items()))
+    return row
+
+
 def plot(logs: list[str], out: str) -> str:
     """Training curves of train_rl.py logs side by side: reward, accuracy, latent rate, attention share."""
     try:

@@ -19,7 +19,7 @@ import train_sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RL = ["--prompts", "4", "--group", "4", "--max-new-tokens", "16", "--latent-steps", "3", "--lr", "1e-3",
-      "--temperature", "1.0"]
+      "--temperature", "1.0", "--eval-every", "0"]
 
 
 def torchrun(script, args, n=2, wait=True):
