@@ -407,8 +407,9 @@ def quick_eval(model, tok, samples, step: int, log: str, bar, blind: bool = Fals
     model.train()
     rundir.log(log, row)
     if P.is_main():
-        bar.write(f"step {step}: val acc {o['acc']:.2f}" + (f" (spans forbidden {row['val_never_acc']:.2f})" if never else "")
-                  + f", latent rate {o['latent_rate']:.2f} | " + " ".join(f"{t} {v['acc']:.2f}" for t, v in s["per_type"].items()))
+        never_acc = f" (spans forbidden {row['val_never_acc']:.2f})" if never else ""
+        bar.write(f"step {step}: val acc {o['acc']:.2f}{never_acc}, latent rate {o['latent_rate']:.2f} | "
+                  + " ".join(f"{t} {v['acc']:.2f}" for t, v in s["per_type"].items()))
     return row
 
 

@@ -11,7 +11,8 @@ import model as M
 import study
 
 TINY = ["--seeds", "0,1", "--base-steps", "2", "--sft-steps", "2", "--rl-steps", "1", "--n-test", "10",
-        "--n-route", "10", "--sft-args", "--batch-size 4 --eval-every 0 --n-val 8", "--rl-args", "--prompts 2 --group 2 --n-eval 4"]
+        "--n-route", "10", "--sft-args", "--batch-size 4 --eval-every 0 --n-val 8",
+        "--rl-args", "--prompts 2 --group 2 --n-eval 4"]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,8 @@ def test_study_writes_every_model_mode_and_seed(done):
     for mode in ("normal", "never"):  # finding 4 on accuracy, with spans and in silence
         d = agg["paired"][f"rl-att - rl ({mode})"]["overall"]
         assert d["n"] == 20 and d["ci95"][0] <= d["diff"] <= d["ci95"][1]
-        pair = [json.load(open(root / "results" / "runs" / f"{n}-s{s}.json"))["correct"][mode] for s in (0, 1) for n in ("rl", "rl-att")]
+        pair = [json.load(open(root / "results" / "runs" / f"{n}-s{s}.json"))["correct"][mode]
+                for s in (0, 1) for n in ("rl", "rl-att")]
         assert d["diff"] == pytest.approx((sum(pair[1]) + sum(pair[3]) - sum(pair[0]) - sum(pair[2])) / 20)
     md = open(root / "results" / "study.md").read()
     assert "| rl-att - rl (never) |" in md and "| rl-strict | " in md.split("last 50 GRPO steps")[1]
