@@ -388,29 +388,79 @@ def run_name(path: str) -> str:
     return name.removesuffix(".jsonl").removesuffix("_log")
 
 
+def quick_eval(model, tok, samples, step: int, log: str, bar, blind: bool = False, never: bool = False, **kw) -> dict:
+    """A trainer's point on its validation curve: greedy accuracy, latent rate, attention share on the latents
+    and accuracy per type on `samples` (a fixed set: the run's validation questions), under the image-blind
+    interface with `blind`; with `never` also the same questions' accuracy with spans forbidden (val_never_acc,
+    the curve in silence). One row into the run's log, one line above the bar. Every rank calls it under
+    torchrun (evaluate splits the questions); rank 0 writes. `kw`: evaluate's decoding options. Greedy
+    decoding draws on no random source, so training's random state is left as it was."""
+    mode = "blind" if blind else "normal"
+    model.eval()
+    s = summarize(evaluate(model, tok, samples, mode=mode, progress=False, **kw))
+    o = s["overall"]
+    row = {"step": step, "val_acc": o["acc"], "val_latent_rate": o["latent_rate"], "val_att_share": o["att_share"],
+           **{f"val_{t}": v["acc"] for t, v in s["per_type"].items()}}
+    if never:
+        row["val_never_acc"] = summarize(evaluate(model, tok, samples, mode=mode, route="none", progress=False,
+                                                  **kw))["overall"]["acc"]
+    model.train()
+    rundir.log(log, row)
+    if P.is_main():
+        never_acc = f" (spans forbidden {row['val_never_acc']:.2f})" if never else ""
+        bar.write(f"step {step}: val acc {o['acc']:.2f}{never_acc}, latent rate {o['latent_rate']:.2f} | "
+                  + " ".join(f"{t} {v['acc']:.2f}" for t, v in s["per_type"].items()))
+    return row
+
+
+CURVES = (("reward", "reward"), ("acc", "rollout accuracy"), ("val_acc", "validation accuracy (dashed: spans forbidden)"),
+          ("latent_rate", "latent rate"), ("att_share", "attention share on latents"),
+          ("zero_spread", "groups with equal rewards (zero_spread)"))
+
+
+def run_group(name: str) -> str:
+    """A run's name without its seed suffix ('rl-att-s2' -> 'rl-att')."""
+    head, _, seed = name.rpartition("-s")
+    return head if head and seed.isdigit() else name
+
+
 def plot(logs: list[str], out: str) -> str:
-    """Training curves of train_rl.py logs side by side: reward, accuracy, latent rate, attention share."""
+    """Curves of train_rl.py logs: reward, rollout accuracy, latent rate, attention share and the share of
+    equal-reward groups, each a moving average over ~5% of the run, and the validation curve where a log has
+    one (--eval-every: val_acc, dashed val_never_acc with spans forbidden). A colour per run, its seeds' logs
+    (names ending -sN, run_group) overlaid in it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("--plot needs matplotlib: pip install matplotlib") from None
-    keys = [("reward", "reward"), ("acc", "accuracy"), ("latent_rate", "latent rate"), ("att_share", "attention share on latents")]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.4))
+    colours = {}
     for path in logs:
-        rows = [json.loads(line) for line in open(path) if '"reward"' in line]
-        if not rows:
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        steps, val = [r for r in rows if "reward" in r], [r for r in rows if "val_acc" in r]
+        if not steps:
             raise ValueError(f"{path}: no train_rl.py rows (with 'reward') in this log")
-        for ax, (k, _) in zip(axes, keys):
-            y = np.array([r[k] for r in rows], dtype=float)
+        group = run_group(run_name(path))
+        label = None if group in colours else group
+        colour = colours.setdefault(group, f"C{len(colours) % 10}")
+        for ax, (k, _) in zip(axes.flat, CURVES):
+            if k == "val_acc":
+                for key, ls in (("val_acc", "-"), ("val_never_acc", "--")):
+                    pts = [(r["step"], r[key]) for r in val if key in r]
+                    if pts:
+                        ax.plot(*zip(*pts), ls=ls, marker=".", color=colour, lw=1)
+                continue
+            y = np.array([r.get(k) for r in steps], dtype=float)  # a key an older log lacks: no line
             w = max(1, len(y) // 20)  # light smoothing: moving average over ~5% of the run
-            ax.plot([r["step"] for r in rows][w - 1:], np.convolve(y, np.ones(w) / w, "valid"),
-                    label=run_name(path))
-    for ax, (_, title) in zip(axes, keys):
-        ax.set_title(title)
+            ax.plot([r["step"] for r in steps][w - 1:], np.convolve(y, np.ones(w) / w, "valid"), color=colour, lw=1,
+                    label=label)
+    for ax, (_, title) in zip(axes.flat, CURVES):
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
-    axes[0].legend()
+    axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     return out

@@ -22,8 +22,12 @@ their spans are, rollout sampling). Seed 0's stage-1 models are the shipped
 checkpoints/small-vl-sft and checkpoints/small-vl-sft-text (what train_sft.py trains for seed 0; README,
 "Repeat runs"), so --quick is the full study's seed 0 and shares its runs. Work units (a training run, a
 model's evaluation) are kept under --root; an interrupted study run again continues where it stopped.
-Writes to --results: one JSON per model and seed (summaries and per-question correctness), study.json
-(mean and spread across seeds, paired differences with 95% intervals), study.md, and PNG plots.
+Writes to --results: one JSON per model and seed (summaries and per-question correctness) and each RL run's
+log (runs/NAME-sSEED_log.jsonl), study.json (mean and spread across seeds, paired differences with 95%
+intervals, among them rl-att - rl under normal decoding and with spans forbidden (never); per RL model
+`train`: zero_spread, latent rate and attention share over its last 50 GRPO steps), study.md, and PNG plots
+(ablation.png; rl_curves.png: the RL runs' training and validation curves, train_rl.py --eval-every, whose
+default of every 25 steps the study keeps: about 4 s a point for small-vl on one CPU core).
 
 Routing (finding 3): on --n-route validation questions each LVR model is run with latents forced and
 forbidden; the types where forcing scored higher are routed to latents on the test split (--route).
@@ -36,6 +40,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import sys
 import time
 
@@ -51,6 +56,7 @@ import train_sft
 MODELS = ("text", "lvr", "rl", "rl-att", "evidence", "lvr-strict", "rl-strict", "rl-att-strict")
 LVR_MODELS = MODELS[1:]  # every model that may open latent spans: evaluated under every arm
 SFT_MODELS = ("text", "lvr", "lvr-strict")
+RL_MODELS = tuple(m for m in MODELS if m not in SFT_MODELS)  # trained by train_rl.py: a log of GRPO steps each
 STRICT = ("lvr-strict", "rl-strict", "rl-att-strict")  # trained under the image-blind interface (--strict)
 LATENT_MODES = ev.ARMS + tuple(f"K={k}" for k in ev.K_SWEEP) + ("force", "never", "routed")  # "normal" first
 SHIPPED = {"lvr": "", "text": "-text", "lvr-strict": "-strict"}  # seed 0's stage-1 models (rundir.shipped_sft kinds)
@@ -270,9 +276,49 @@ def aggregate(runs: dict, task: str = "easy") -> dict:
 
 FLIP_KEYS = ("edited_acc", "paired_flip", "change_rate", "false_flip")
 COMPARISONS = (("text", "lvr", "normal"), ("lvr", "rl", "normal"), ("lvr", "rl-att", "normal"), ("rl", "rl-att", "normal"),
+               ("rl", "rl-att", "never"),  # finding 4 in silence: both RL models with spans forbidden
                ("lvr", "evidence", "normal"), ("rl", "evidence", "normal"), ("rl-att", "evidence", "normal"),
                ("lvr", "lvr-strict", "normal"), ("lvr", "lvr-strict", "blind"), ("lvr-strict", "rl-strict", "blind"),
                ("lvr-strict", "rl-att-strict", "blind"), ("rl-strict", "rl-att-strict", "blind"))
+
+
+# ------------------------------------------------------------------------------ the RL runs' logs
+LAST_STEPS = 50  # the end of an RL run, which its training means are taken over
+TRAIN_KEYS = ("zero_spread", "latent_rate", "att_share")
+
+
+def rl_logs(a) -> dict:
+    """Each RL run's train_rl.py log, copied next to its evaluation (RESULTS/runs/NAME-sSEED_log.jsonl: the file
+    behind its curves and its training means): {name: [path per seed]}."""
+    out = {}
+    for name in RL_MODELS:
+        out[name] = []
+        for seed in a.seeds:
+            src = os.path.join(a.root, f"{name}-s{seed}", rundir.LOG)
+            dst = os.path.join(a.results, "runs", f"{name}-s{seed}_log.jsonl")
+            if os.path.isfile(src):
+                shutil.copyfile(src, dst)
+            if not os.path.isfile(dst):
+                raise FileNotFoundError(f"{src}: no training log of {name} seed {seed}")
+            out[name].append(dst)
+    return out
+
+
+def last_steps(log: str, n: int = LAST_STEPS) -> dict:
+    """Means of TRAIN_KEYS over the last n GRPO steps of a train_rl.py log (its rows with zero_spread, not its
+    validation rows) and how many steps that is. zero_spread: the share of groups whose rollouts all got one
+    reward (no gradient); att_share counts 0 at a step where no rollout opened a span."""
+    with open(log) as f:
+        rows = [r for r in map(json.loads, f) if "zero_spread" in r][-n:]
+    if not rows:
+        raise ValueError(f"{log}: no train_rl.py step rows (with 'zero_spread')")
+    return {**{k: float(np.mean([r[k] for r in rows])) for k in TRAIN_KEYS}, "steps": len(rows)}
+
+
+def train_means(logs: list[str]) -> dict:
+    """One RL model's last_steps across its seeds' logs."""
+    per = [last_steps(p) for p in logs]
+    return {"window": LAST_STEPS, **{k: spread([x[k] for x in per]) for k in TRAIN_KEYS}, "steps": [x["steps"] for x in per]}
 
 
 def markdown(agg: dict, a) -> str:
@@ -284,7 +330,7 @@ def markdown(agg: dict, a) -> str:
              "|---|---|---|" + "---|" * len(types) + "---|---|---|"]
     for name, modes in agg["models"].items():
         for mode, s in modes.items():
-            if mode in ("routed_types", "flip", "donor"):
+            if mode in ("routed_types", "flip", "donor", "train"):
                 continue
             lines.append(f"| {name} | {mode} | {f(s['acc'])} | " + " | ".join(f(s["per_type"][t]) for t in types)
                          + f" | {f(s['latent_rate'])} | {f(s['att_share'])} | {f(s['latent_r2'])} |")
@@ -298,6 +344,12 @@ def markdown(agg: dict, a) -> str:
     for name, modes in agg["models"].items():
         for arm, d in modes.get("donor", {}).items():
             lines.append(f"| {name} | {arm} | {f(d['lift'])} | {f(d['kept'])} |")
+    lines += ["", f"RL training, the last {LAST_STEPS} GRPO steps: share of groups with equal rewards (zero_spread: no "
+              "gradient), latent rate and attention share of the rollouts:", "",
+              "| model | zero_spread | latent rate | att. share |", "|---|---|---|---|"]
+    for name, modes in agg["models"].items():
+        if "train" in modes:
+            lines.append(f"| {name} | " + " | ".join(f(modes["train"][k]) for k in TRAIN_KEYS) + " |")
     lines += ["", "Paired differences (all seeds pooled, 95% interval):", "",
               "| comparison | overall | " + " | ".join(types) + " |", "|---|---|" + "---|" * len(types)]
     g = lambda d: f"{d['diff']:+.3f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"  # noqa: E731
@@ -308,10 +360,9 @@ def markdown(agg: dict, a) -> str:
     return "\n".join(lines)
 
 
-def plots(a, agg: dict):
+def plots(a, agg: dict, logs: dict):
     try:
-        logs = [os.path.join(a.root, f"{n}-s{s}", "log.jsonl") for n in ("rl", "rl-att", "evidence") for s in a.seeds]
-        print("wrote", ev.plot(logs, os.path.join(a.results, "rl_curves.png")))
+        print("wrote", ev.plot([p for paths in logs.values() for p in paths], os.path.join(a.results, "rl_curves.png")))
         import matplotlib.pyplot as plt
     except ImportError as e:
         print(f"plots skipped: {e}")
@@ -340,9 +391,13 @@ def main(argv=None):
     t0 = time.time()
     try:
         runs = {name: [evaluate(a, name, s) for s in a.seeds] for name in MODELS}
+        logs = rl_logs(a)
+        train = {name: train_means(paths) for name, paths in logs.items()}
     except (M.ModelLoadError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     agg = aggregate(runs, a.task)
+    for name, means in train.items():
+        agg["models"][name]["train"] = means
     agg["config"] = dict(vars(a))
     os.makedirs(a.results, exist_ok=True)
     with open(os.path.join(a.results, "study.json"), "w") as f:
@@ -351,7 +406,7 @@ def main(argv=None):
     with open(os.path.join(a.results, "study.md"), "w") as f:
         f.write(md + "\n")
     print(md)
-    plots(a, agg)
+    plots(a, agg, logs)
     print(f"study done in {math.ceil((time.time() - t0) / 60)} min (this invocation); results in {a.results}/")
 
 

@@ -13,7 +13,9 @@ the ratio refers to the policy that sampled); PPO-clipped policy loss over the s
 code): a slot's log-probability is -||z - h||^2 / (2 sigma^2), z the latent fed during the rollout and h
 the policy's hidden state that produces it, so latents sit inside the ratio and the KL (README says what
 that changes in practice); `mask` (LVR's GRPO_latent): latent slots carry no policy gradient.
-Writes OUT/checkpoint (HF format), OUT/trainer_state.pt, OUT/log.jsonl (rundir.py).
+Writes OUT/checkpoint (HF format), OUT/trainer_state.pt, OUT/log.jsonl (rundir.py): a row per step, and with
+--eval-every N (default 25) at step 0, every N steps and at the end a validation row (greedy accuracy on the
+same --n-eval validation questions, latent rate, attention share, per type; val_never_acc: spans forbidden).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from tqdm import tqdm
 
 import benchmarks
 import data
+import eval as ev
 import lvr
 import model as M
 import parallel as P
@@ -92,6 +95,12 @@ def parse_args(argv=None):
     p.add_argument("--train-vision", action="store_true", help="also train the vision tower")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and the sampling")
     p.add_argument("--save-every", type=rundir.at_least(1), default=50, help="write a checkpoint every N steps (and at the end)")
+    p.add_argument("--eval-every", type=rundir.at_least(0),
+                   help="validation curve: a greedy pass over --n-eval fixed validation questions of the task at step 0, "
+                        "every N steps and at the end, normal and with spans forbidden, into the log (val_acc, "
+                        "val_never_acc, ...; blind under --strict); 0 = never; default 25, 0 with --data (no questions "
+                        "held out)")
+    p.add_argument("--n-eval", type=rundir.at_least(1), default=100, help="validation questions of --eval-every")
     rundir.add_run_args(p)
     p.add_argument("--micro-batch", type=rundir.at_least(1),
                    help="rollouts per scoring forward/backward, gradients accumulated (default: all of a step's for a "
@@ -120,6 +129,9 @@ def parse_args(argv=None):
         p.error("--strict hides the image from the answer: the relative attention reward (latents / image) is undefined")
     if not 0 <= a.evidence_eta <= 1:
         p.error("--evidence-eta must be in [0, 1]")
+    if a.eval_every and a.data:
+        p.error("argument --eval-every: --data holds no validation questions (every row trains); pass --eval-every 0")
+    a.eval_every = (0 if a.data else 25) if a.eval_every is None else a.eval_every
     return a
 
 
@@ -455,6 +467,9 @@ def train(args) -> str:
         penalty.best = dict(state["length_penalty"])
         log = rundir.start_log(args.out, step)
         bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="grpo", disable=not P.is_main())
+        val = stream.val(args.n_eval) if args.eval_every else None
+        if val and step == 0:  # the curve's starting point: the model RL starts from
+            validate(args, model, tok, val, log, 0, bar)
         for step in bar:
             for g in opt.param_groups:
                 g["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
@@ -466,10 +481,19 @@ def train(args) -> str:
             bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['acc']:.2f}", latent=f"{row['latent_rate']:.2f}",
                             att=f"{row['att_share']:.3f}")
             streak = rundir.skip_streak(streak, row["skipped"], step + 1, args.steps)
+            if val and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+                validate(args, model, tok, val, log, step + 1, bar)
             if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
                 rundir.save(args.out, model, tok, {"step": step + 1, "skips": skips, "length_penalty": penalty.best,
                                                    "args": vars(args)}, dtype, opt)
     return os.path.join(args.out, rundir.CKPT)
+
+
+def validate(args, model, tok, val, log, step, bar):
+    """The validation curve's point at `step` (eval.quick_eval): the questions decoded as the rollouts are (length
+    cap, latent steps, decoder, blind under --strict) but greedily, then again with spans forbidden."""
+    ev.quick_eval(model, tok, val, step, log, bar, blind=args.strict, never=True, latent_steps=args.latent_steps,
+                  max_new_tokens=args.max_new_tokens, cache=args.cache)
 
 
 def main(argv=None):

@@ -424,23 +424,13 @@ def _train(args, stage: int, out: str, init: str | None) -> str:
         bar.set_postfix({k: f"{row[k]:.3f}" for k in ("ground", "coord", "point", "ce", "mse") if k in row})
         streak = rundir.skip_streak(streak, skipped, step + 1, total)
         if args.eval_every and (step + 1) % args.eval_every == 0:
-            quick_eval(args, model, tok, stream, log, step + 1, bar)
+            ev.quick_eval(model, tok, stream.val(100), step + 1, log, bar, blind=getattr(args, "strict", False),
+                          latent_steps=args.latent_steps)
         if (step + 1) % args.save_every == 0 or step + 1 == total:
             probe_state = {k: v for k, v in probe.state_dict().items() if not k.startswith("embed.")}  # the model's
             rundir.save(out, model, tok, {"step": step + 1, "probe": probe_state, "skips": skips, "args": vars(args)},
                         state["dtype"], opt)
     return os.path.join(out, rundir.CKPT)
-
-
-def quick_eval(args, model, tok, stream, log, step, bar):
-    """Greedy accuracy on 100 validation questions, into the log (a coarse learning curve)."""
-    model.eval()
-    quick = ev.summarize(ev.evaluate(model, tok, stream.val(100), latent_steps=args.latent_steps, progress=False,
-                                     mode="blind" if getattr(args, "strict", False) else "normal"))
-    model.train()
-    rundir.log(log, {"step": step, "val_acc": quick["overall"]["acc"], "val_latent_rate": quick["overall"]["latent_rate"],
-                   **{f"val_{t}": v["acc"] for t, v in quick["per_type"].items()}})
-    bar.write(f"step {step}: val acc {quick['overall']['acc']:.2f} " + " ".join(f"{t} {v['acc']:.2f}" for t, v in quick["per_type"].items()))
 
 
 def base_model(args) -> str:

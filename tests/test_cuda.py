@@ -60,8 +60,11 @@ def test_bf16_grpo_run_on_cuda(gpu, tmp_path):
     M.save_checkpoint(*gpu, ckpt)
     out = str(tmp_path / "rl")
     train_rl.main(["--model", ckpt, "--steps", "2", "--out", out, "--prompts", "2", "--group", "4",
-                   "--max-new-tokens", "16", "--latent-steps", "3", "--temperature", "1.0", "--device", "cuda"])
+                   "--max-new-tokens", "16", "--latent-steps", "3", "--temperature", "1.0", "--device", "cuda",
+                   "--eval-every", "1", "--n-eval", "4"])
     rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert [r["step"] for r in rows if "val_acc" in r] == [0, 1, 2]  # the validation curve on the default decoder
+    rows = [r for r in rows if "val_acc" not in r]
     assert [r["step"] for r in rows] == [1, 2] and all(not r["skipped"] for r in rows)
     assert all(0 <= r["att_share"] <= 1 for r in rows)
     M.load_model(os.path.join(out, "checkpoint"), device="cuda")

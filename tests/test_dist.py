@@ -19,7 +19,8 @@ import train_sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RL = ["--prompts", "4", "--group", "4", "--max-new-tokens", "16", "--latent-steps", "3", "--lr", "1e-3",
-      "--temperature", "1.0"]
+      "--temperature", "1.0", "--eval-every", "0"]
+CURVE = ["--eval-every", "1", "--n-eval", "6"]  # validation rows at steps 0 and 1
 
 
 def torchrun(script, args, n=2, wait=True):
@@ -47,17 +48,21 @@ def max_diff(a, b):
 @pytest.fixture(scope="module")
 def one_rl(tiny_ckpt, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("one") / "rl")
-    train_rl.main(["--model", tiny_ckpt, "--steps", "1", "--out", out] + RL)
+    train_rl.main(["--model", tiny_ckpt, "--steps", "1", "--out", out] + RL + CURVE)
     return out
 
 
 @pytest.mark.parametrize("mode", [[], ["--zero"], ["--fsdp"]], ids=["ddp", "zero", "fsdp"])
 def test_grpo_step_under_torchrun_equals_one_process(tiny_ckpt, one_rl, tmp_path, mode):
     """2 ranks x 2 questions = 1 process x 4 questions: the same rollouts (logged rewards, lengths, latent
-    rate equal exactly), loss and weights equal to float rounding (seen: 4e-7 after the step, lr 1e-4)."""
+    rate equal exactly), loss and weights equal to float rounding (seen: 4e-7 after the step, lr 1e-4); the
+    validation rows (each rank decodes its share of the questions, rank 0 writes) as one process's."""
     out = str(tmp_path / "two")
-    torchrun("train_rl.py", ["--model", tiny_ckpt, "--steps", "1", "--out", out] + RL + mode)
-    a, b = rows(one_rl)[0], rows(out)[0]
+    torchrun("train_rl.py", ["--model", tiny_ckpt, "--steps", "1", "--out", out] + RL + CURVE + mode)
+    assert [(r["step"], "val_acc" in r) for r in rows(out)] == [(0, True), (1, False), (1, True)]
+    for va, vb in zip(rows(one_rl)[::2], rows(out)[::2]):
+        assert va.keys() == vb.keys() and all(vb[k] == (va[k] if va[k] is None else pytest.approx(va[k], abs=1e-5)) for k in va)
+    a, b = rows(one_rl)[1], rows(out)[1]
     for key in ("reward", "acc", "format", "length", "latent_rate", "zero_spread", "kept_groups"):
         assert a[key] == b[key], key
     assert b["loss"] == pytest.approx(a["loss"], abs=1e-6) and b["kl"] == pytest.approx(a["kl"], abs=1e-6)

@@ -123,6 +123,14 @@ def test_plot_writes_a_png_or_says_what_is_missing(tmp_path):
         path.write_text("".join(json.dumps({"step": i + 1, "reward": 0.5 + slope * i, "acc": 0.4, "latent_rate": 0.9 - 0.01 * i,
                                             "att_share": 0.1 + slope * i}) + "\n" for i in range(30)))
         logs.append(str(path))
+    for seed in (0, 1):  # a study's copies (RUN-sSEED_log.jsonl): validation rows and zero_spread
+        path = tmp_path / f"rl-att-s{seed}_log.jsonl"
+        path.write_text("".join(json.dumps({"step": i, "val_acc": 0.5, "val_never_acc": 0.4}) + "\n" + json.dumps(
+            {"step": i + 1, "reward": 0.5, "acc": 0.4, "latent_rate": 0.9, "att_share": 0.1, "zero_spread": 0.5}) + "\n"
+            for i in range(30)))
+        logs.append(str(path))
+    assert [ev.run_group(ev.run_name(p)) for p in logs] == ["small-vl-rl", "small-vl-rl-att", "rl-att", "rl-att"]
+    assert ev.run_group("rl-strict") == "rl-strict" and ev.run_group("rl-att-strict-s2") == "rl-att-strict"
     png = str(tmp_path / "curves.png")
     if importlib.util.find_spec("matplotlib") is None:
         with pytest.raises(SystemExit, match="needs matplotlib"):

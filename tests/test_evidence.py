@@ -118,8 +118,10 @@ def test_train_rl_with_evidence_and_strict_end_to_end(tiny_ckpt, tmp_path, monke
     monkeypatch.setattr(lvr, "generate", lambda *a, **k: seen.append(k.get("blind")) or real(*a, **k))
     out = tmp_path / "rl"
     train_rl.main(["--model", tiny_ckpt, "--out", str(out), "--steps", "2", "--prompts", "2", "--group", "2",
-                   "--max-new-tokens", "10", "--latent-steps", "2", "--save-every", "2"] + extra)
+                   "--max-new-tokens", "10", "--latent-steps", "2", "--save-every", "2", "--n-eval", "4"] + extra)
     rows = [json.loads(x) for x in open(out / "log.jsonl")]
+    assert [r["step"] for r in rows if "val_acc" in r] == [0, 2]  # the validation curve: decoded blind under --strict too
+    rows = [r for r in rows if "val_acc" not in r]
     assert len(rows) == 2 and all(r["skipped"] is False for r in rows)
     assert set(seen) == {"--strict" in extra}
     if "--evidence-weight" in extra:

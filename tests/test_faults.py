@@ -22,7 +22,8 @@ import train_sft
 from test_benchmarks import write_tsv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RL = ["--prompts", "2", "--group", "4", "--max-new-tokens", "12", "--latent-steps", "3", "--lr", "1e-3", "--temperature", "1.0"]
+RL = ["--prompts", "2", "--group", "4", "--max-new-tokens", "12", "--latent-steps", "3", "--lr", "1e-3", "--temperature", "1.0",
+      "--eval-every", "0"]
 SFT = ["--batch-size", "4", "--n-val", "4", "--eval-every", "0"]
 
 
@@ -271,7 +272,8 @@ NO_GPU = [] if torch.cuda.is_available() else [["--device", "cuda"]]
 BAD_ANY = [["--device", "foo"], ["--device", "cuda:99"]] + NO_GPU  # issue 25
 BAD_RL = [["--group", "1"], ["--sigma", "0"], ["--temperature", "0"], ["--save-every", "0"], ["--ppo-epochs", "0"],
           ["--max-new-tokens", "0"], ["--att-layers", "a"], ["--top-p", "0"], ["--prompts", "0"], ["--steps", "0"],
-          ["--lr", "-1"], ["--clip-grad", "-1"], ["--warmup", "-5"], ["--beta", "-1"]] + BAD_ANY
+          ["--lr", "-1"], ["--clip-grad", "-1"], ["--warmup", "-5"], ["--beta", "-1"], ["--eval-every", "-1"],
+          ["--n-eval", "0"], ["--eval-every", "5", "--data", "rows.jsonl"]] + BAD_ANY
 BAD_SFT = [["--latent-steps", "0"], ["--save-every", "0"], ["--batch-size", "0"], ["--steps", "0"],
            ["--lr", "-1"], ["--warmup", "-5"], ["--n-val", "0"], ["--n-val", "-5"], ["--max-pixels", "-1"]] + BAD_ANY
 BAD_EVAL = [["--n", "0"], ["--temperature", "-1"], ["--max-pixels", "-1"]] + BAD_ANY

@@ -11,7 +11,8 @@ import model as M
 import study
 
 TINY = ["--seeds", "0,1", "--base-steps", "2", "--sft-steps", "2", "--rl-steps", "1", "--n-test", "10",
-        "--n-route", "10", "--sft-args", "--batch-size 4 --eval-every 0 --n-val 8", "--rl-args", "--prompts 2 --group 2"]
+        "--n-route", "10", "--sft-args", "--batch-size 4 --eval-every 0 --n-val 8",
+        "--rl-args", "--prompts 2 --group 2 --n-eval 4"]
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +44,55 @@ def test_study_writes_every_model_mode_and_seed(done):
     force = agg["models"]["lvr"]["force"]["latent_rate"]["mean"]
     never = agg["models"]["lvr"]["never"]["latent_rate"]["mean"]
     assert (force, never) == (1.0, 0.0)
-    d = agg["paired"]["rl-att - rl (normal)"]["overall"]
-    assert d["n"] == 20 and d["ci95"][0] <= d["diff"] <= d["ci95"][1]
+    for mode in ("normal", "never"):  # finding 4 on accuracy, with spans and in silence
+        d = agg["paired"][f"rl-att - rl ({mode})"]["overall"]
+        assert d["n"] == 20 and d["ci95"][0] <= d["diff"] <= d["ci95"][1]
+        pair = [json.load(open(root / "results" / "runs" / f"{n}-s{s}.json"))["correct"][mode]
+                for s in (0, 1) for n in ("rl", "rl-att")]
+        assert d["diff"] == pytest.approx((sum(pair[1]) + sum(pair[3]) - sum(pair[0]) - sum(pair[2])) / 20)
     md = open(root / "results" / "study.md").read()
+    assert "| rl-att - rl (never) |" in md and "| rl-strict | " in md.split("last 50 GRPO steps")[1]
     assert "| rl-att | routed |" in md and "| evidence | edit |" in md and "| rl-att-strict | blind+donor |" in md
+
+
+def test_study_records_each_rl_run_s_last_steps_and_curve(done):
+    """Per RL model and seed: its log copied into the results with its validation curve (steps 0 and 1, spans
+    forbidden too), and zero_spread, latent rate and attention share over its last steps in study.json."""
+    root, _ = done
+    agg = json.load(open(root / "results" / "study.json"))
+    assert {n for n, m in agg["models"].items() if "train" in m} == set(study.RL_MODELS)
+    for name in study.RL_MODELS:
+        logs = [root / "results" / "runs" / f"{name}-s{seed}_log.jsonl" for seed in (0, 1)]
+        assert [l.read_text() for l in logs] == [(root / "runs" / f"{name}-s{s}" / "log.jsonl").read_text() for s in (0, 1)]
+        train = agg["models"][name]["train"]
+        for k in study.TRAIN_KEYS:
+            assert train[k]["seeds"] == [study.last_steps(str(l))[k] for l in logs]
+        assert train["steps"] == [1, 1]
+        val = [json.loads(x) for x in logs[0].read_text().splitlines() if "val_acc" in x]
+        assert [r["step"] for r in val] == [0, 1] and all("val_never_acc" in r for r in val)
+
+
+def test_last_steps_means_against_a_hand_made_log(tmp_path):
+    """The last 50 GRPO steps of an 80-step log, validation rows (no zero_spread) in between left out."""
+    log = tmp_path / "log.jsonl"
+    rows = []
+    for step in range(1, 81):
+        rows.append({"step": step, "reward": 0.5, "zero_spread": step / 100, "latent_rate": 1.0 if step <= 40 else 0.5,
+                     "att_share": 0.2})
+        if step % 25 == 0:
+            rows.append({"step": step, "val_acc": 0.9, "val_latent_rate": 0.0})
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = study.last_steps(str(log))
+    assert got["steps"] == 50 and got["zero_spread"] == pytest.approx((31 + 80) / 2 / 100)
+    assert got["latent_rate"] == pytest.approx((10 * 1.0 + 40 * 0.5) / 50) and got["att_share"] == pytest.approx(0.2)
+    assert study.last_steps(str(log), 5)["zero_spread"] == pytest.approx(0.78)
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))  # steps 1, 2, 3
+    assert study.last_steps(str(short)) == pytest.approx({"zero_spread": 0.02, "latent_rate": 1.0, "att_share": 0.2, "steps": 3})
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text(json.dumps({"step": 1, "val_acc": 0.5}) + "\n")
+    with pytest.raises(ValueError, match="sft.jsonl: no train_rl.py step rows"):
+        study.last_steps(str(sft))
 
 
 def test_each_seed_trains_from_its_own_base(done):

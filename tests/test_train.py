@@ -88,7 +88,7 @@ def test_sft_bad_data_path_is_one_line_error(tmp_path):
 
 # --------------------------------------------------------------------------------------- GRPO
 TINY_RL = ["--prompts", "2", "--group", "4", "--max-new-tokens", "16", "--latent-steps", "3", "--lr", "1e-3",
-           "--temperature", "1.0"]
+           "--temperature", "1.0", "--eval-every", "0"]
 
 
 def test_rl_two_steps_write_a_checkpoint_eval_loads(tiny_ckpt, tmp_path, samples):
@@ -116,6 +116,38 @@ def test_rl_resume_equals_uninterrupted(tiny_ckpt, tmp_path):  # the kill -9 cas
         assert a[1][key] == pytest.approx(b[1][key], abs=1e-6), key
     wa, wb = weights(full), weights(part)
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
+
+
+def test_rl_validation_curve_rows_and_unchanged_training(tmp_path):
+    """--eval-every 2 over 3 steps: validation rows at steps 0, 2 and 3 (the end), each after its step's training
+    row, with every key; the last equals eval.py on the saved checkpoint and the same questions, normal and with
+    spans forbidden; the training rows and the final weights are those of a run without the curve. From the
+    shipped LVR SFT model on the hard task: it answers some questions, and differently without spans."""
+    start = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "small-vl-sft")
+    common = ["--model", start, "--task", "hard", "--steps", "3", "--save-every", "3"] + TINY_RL
+    plain, curve = str(tmp_path / "plain"), str(tmp_path / "curve")
+    train_rl.main(common + ["--out", plain])
+    train_rl.main(common + ["--out", curve, "--eval-every", "2", "--n-eval", "8"])
+    log = rows(curve)
+    assert [(r["step"], "val_acc" in r) for r in log] == [(0, True), (1, False), (2, False), (2, True), (3, False), (3, True)]
+    questions = data.make_split("val", 8, 0, task="hard")
+    keys = {"step", "val_acc", "val_latent_rate", "val_att_share", "val_never_acc"} | {f"val_{s.qtype}" for s in questions}
+    val = [r for r in log if "val_acc" in r]
+    assert all(set(r) == keys for r in val)
+    model, tok = M.load_model(os.path.join(curve, "checkpoint"))
+    normal = ev.evaluate(model, tok, questions, latent_steps=3, max_new_tokens=16, progress=False)
+    never = ev.evaluate(model, tok, questions, latent_steps=3, max_new_tokens=16, route="none", progress=False)
+    s, n = ev.summarize(normal), ev.summarize(never)
+    assert s["overall"]["acc"] != n["overall"]["acc"] and s["overall"]["latent_rate"] > 0  # the passes are told apart
+    assert val[-1]["val_acc"] == s["overall"]["acc"] and val[-1]["val_never_acc"] == n["overall"]["acc"]
+    assert val[-1]["val_latent_rate"] == s["overall"]["latent_rate"]
+    assert val[-1]["val_att_share"] == pytest.approx(s["overall"]["att_share"], abs=1e-6)
+    assert all(val[-1][f"val_{t}"] == v["acc"] for t, v in s["per_type"].items())
+    assert val[0]["val_att_share"] != pytest.approx(val[-1]["val_att_share"], abs=1e-6)  # each row is its step's model
+    train = lambda out: [{k: v for k, v in r.items() if not k.startswith("t_")} for r in rows(out) if "reward" in r]  # noqa: E731
+    assert train(curve) == train(plain)
+    wa, wb = weights(plain), weights(curve)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_rl_nan_loss_skips_the_update(tiny_ckpt, tmp_path, monkeypatch):
@@ -247,7 +279,7 @@ def test_latent_positions_in_the_policy_gradient(tiny, samples, mode):
 def test_attention_reward_enters_only_with_its_weight(tiny_ckpt, tmp_path):
     out0, out1 = str(tmp_path / "w0"), str(tmp_path / "w1")
     args = ["--model", tiny_ckpt, "--steps", "1", "--prompts", "2", "--group", "4", "--max-new-tokens", "16",
-            "--latent-steps", "3", "--temperature", "1.0"]
+            "--latent-steps", "3", "--temperature", "1.0", "--eval-every", "0"]
     train_rl.main(args + ["--out", out0, "--att-weight", "0"])
     train_rl.main(args + ["--out", out1, "--att-weight", "1"])
     r0, r1 = rows(out0)[0], rows(out1)[0]
