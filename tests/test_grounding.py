@@ -78,6 +78,20 @@ def test_box_cells_and_their_tokens_on_a_hand_made_box(tiny, samples):
     assert prompt["attention_mask"][:, 0].tolist() != [1, 1]  # the two prompts are padded differently
 
 
+def test_answer_tokens_by_position(tiny):
+    """After the last <|lvr_end|>; all the text without one; a span cut open at the end: its marker and slots
+    are not answer tokens, the text before it is; padding never."""
+    m, tok = tiny
+    ids = M.lvr_token_ids(m)
+    S, L, E, eos, pad = ids["lvr_start_id"], ids["lvr_id"], ids["lvr_end_id"], tok.eos_token_id, tok.pad_token_id
+    w = tok.convert_tokens_to_ids("red")
+    rows = [[S, L, L, E, w, w, eos, pad, pad], [w, w, eos, pad, pad, pad, pad, pad, pad],
+            [S, L, E, w, S, L, L, pad, pad], [w, S, L, L, pad, pad, pad, pad, pad], [S, L, E, w, S, L, E, w, eos]]
+    tokens = torch.tensor(rows)
+    got = reward.answer_mask(tokens, tokens == L, tokens != pad, m.config)
+    assert [r.nonzero()[:, 0].tolist() for r in got] == [[4, 5, 6], [0, 1, 2], [3], [0], [7, 8]]
+
+
 def test_grounding_equals_eager_attention_by_hand(sharp, samples):
     """Hand-made replies: one span, one short span, two spans, none (all its text is the answer); left-padded
     prompts; every layer. The fused share from the scoring forward equals the eager oracle; r_attn unchanged."""
