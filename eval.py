@@ -27,7 +27,9 @@ dataset, its pixel bounds for a real checkpoint (min/max pixels 1280*28*28 / 819
 judge-free verdict and metrics (vlmeval_rules.py), with the share of replies its rules decide (the rest
 would go to its API judge and score 0 here) and how many replies the lenient checker judges otherwise;
 --protocol lenient sends our own prompt and scores with the RL reward's checker.
-Accuracy intervals are 95% Wilson intervals; paired differences against normal (same questions) carry a
+Grounding (the paper's "better visual grounding"): of the attention the answer tokens pay to the image, the
+share inside the question's boxes, per layer band and over all layers (evaluate says how; synthetic questions
+only, which have boxes). Accuracy intervals are 95% Wilson intervals; paired differences against normal (same questions) carry a
 95% normal-approximation interval of the mean per-question difference.
 """
 from __future__ import annotations
@@ -143,7 +145,13 @@ def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, bat
              protocol="lenient", cache=None) -> list[dict]:
     """Batched decoding (greedy, or sampling with one generator per question seeded by (`seed`, its
     index)); one record per question, with the rollout's attention share on its latents (reward.py's
-    r_attn, None without a span). `protocol` decides "correct" (benchmarks.verdicts; the paper's seven also
+    r_attn, None without a span) and its visual grounding (None for a question without boxes): of the
+    attention its answer tokens (reward.answer_mask: the reply after its last <|lvr_end|>, all of it without a
+    span) pay to the image's visual tokens, the share on those whose cells overlap the question's boxes
+    (lvr.box_cells: the cells of the stage-1 targets), heads and answer tokens averaged, per layer band
+    (layer_bands) and over all layers (grounding_record), from the same scoring forward as r_attn. Under the
+    blind arms the answer after a span cannot see the image: its grounding is None (undefined, not 0), while
+    a reply without a span sees it and keeps one. `protocol` decides "correct" (benchmarks.verdicts; the paper's seven also
     get both verdicts and VLMEvalKit's judge flag).
 
     mode: one of lvr.MODES; "shuffle" (each question is fed the latents the next question of its batch
@@ -201,7 +209,11 @@ def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, bat
             given = own_latents[rows][:, :DONOR_K if base == "donor-k4" else latent_steps]
         roll = P.run(model, lvr.generate, model, tok, prompt, mode=base if base in lvr.MODES else "normal",
                      generator=gens, given=given, blind=blind, **kw)
-        share = P.run(model, reward.score_rollout, model, roll, att_layers, blind=blind)[1].cpu()
+        cells = [lvr.box_cells(model, s) for s in chunk] if any(s.bboxes for s in chunk) else None
+        scored = P.run(model, reward.score_rollout, model, roll, att_layers, blind=blind, cells=cells)
+        share = scored[1].cpu()
+        ground = [grounding_record(g, c, p, model.config.image_token_id) if s.bboxes else None
+                  for g, c, p, s in zip(scored[2].cpu(), cells, prompt["input_ids"], chunk)] if cells else [None] * len(chunk)
         fit = latent_fit(model, prompt, chunk, roll, latent_steps) if base == "normal" and not blank else None
         for j, s in enumerate(chunk):
             text = tok.decode(roll.tokens[j][roll.mask[j]], skip_special_tokens=False)
@@ -209,7 +221,7 @@ def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, bat
             opened = bool(roll.opened[j])
             rec = {"id": s.id, "qtype": s.qtype, "answer": s.answer, "pred": pred,
                    **benchmarks.verdicts(text, s, protocol),
-                   "opened": opened, "att_share": float(share[j]) if opened else None, "text": text,
+                   "opened": opened, "att_share": float(share[j]) if opened else None, "grounding": ground[j], "text": text,
                    "latent_fit": fit[j] if fit is not None and opened else None,
                    "chance": 1 / n_options(s) if s.choices or len(s.answer) == 1 else 0.0}
             if pairs is not None:
@@ -223,6 +235,25 @@ def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, bat
             records.append(rec)
     decode.release(model)
     return finish_fit(records if whole else [r for rs in P.gather_objects(records) for r in rs], latent_steps)
+
+
+def layer_bands(n: int) -> dict[str, list[int]]:
+    """The n decoder layers in bands: early and late the first and last round(n / 3) (at least one), middle
+    the rest (left out when empty). small-vl's 4 layers: early [0], middle [1, 2], late [3]; 2 layers: early
+    [0], late [1]; 1 layer: early and late both [0]; 36 (3B): 12 each; 28 (7B): 9, 10, 9."""
+    k = max(1, round(n / 3))
+    bands = {"early": list(range(k)), "middle": list(range(k, n - k)), "late": list(range(n - k, n))}
+    return {b: layers for b, layers in bands.items() if layers}
+
+
+def grounding_record(per_layer: torch.Tensor, cells: list[int], ids: torch.Tensor, image_id: int) -> dict | None:
+    """A record's grounding from its per-layer shares (reward.grounding): the mean per band (layer_bands) and
+    over all layers, and `uniform`, what attention spread evenly over the prompt's image tokens would score
+    (the box cells' share of them). None when the answer tokens pay the image nothing (NaN: none, or blind)."""
+    if torch.isnan(per_layer).any():
+        return None
+    bands = {b: float(per_layer[layers].mean()) for b, layers in layer_bands(len(per_layer)).items()}
+    return {**bands, "all": float(per_layer.mean()), "uniform": len(cells) / int((ids == image_id).sum())}
 
 
 def latent_fit(model, prompt, samples, roll, K: int) -> list[list] | None:
@@ -262,10 +293,13 @@ def summarize(records: list[dict]) -> dict:
     def stats(rs):
         k, n = sum(r["correct"] for r in rs), len(rs)
         shares = [r["att_share"] for r in rs if r.get("att_share") is not None]
+        grounds = [r["grounding"] for r in rs if r.get("grounding") is not None]
         fit = np.array([r["latent_fit"] for r in rs if r.get("latent_fit") is not None]).reshape(-1, 3)
         return {"acc": k / max(n, 1), "ci95": list(wilson(k, n)), "n": n,
                 "latent_rate": sum(r["opened"] for r in rs) / max(n, 1),
                 "att_share": float(np.mean(shares)) if shares else None,
+                "grounding": {**{k: float(np.mean([g[k] for g in grounds])) for k in grounds[0]}, "n": len(grounds)}
+                if grounds else None,
                 "latent_cos": float(fit[:, 0].mean()) if len(fit) else None,
                 "latent_r2": float(1 - fit[:, 1].sum() / fit[:, 2].sum()) if len(fit) else None,
                 "chance": float(np.mean([r.get("chance", 0.0) for r in rs])) if rs else 0.0}
@@ -331,24 +365,26 @@ def compare(results: dict) -> dict:
 
 
 def table(summaries: dict) -> str:
-    """Markdown: a row per mode; accuracy overall (95% CI) and per type, latent rate, attention share,
-    and with --compare the paired difference against normal."""
+    """Markdown: a row per mode; accuracy overall (95% CI) and per type, latent rate, attention share, grounding
+    (all layers; the chance row: what attention spread evenly over the image scores), and with --compare the
+    paired difference against normal."""
     types = list(next(iter(summaries.values()))["per_type"])
     diff = any("vs_normal" in s for s in summaries.values())
-    head = "| mode | overall [95% CI] | " + " | ".join(types) + " | latent rate | att. share |" + (" vs normal [95% CI] |" if diff else "")
-    rows = [head, "|" + "---|" * (len(types) + 4 + diff)]
+    head = "| mode | overall [95% CI] | " + " | ".join(types) + " | latent rate | att. share | grounding |" + (" vs normal [95% CI] |" if diff else "")
+    rows = [head, "|" + "---|" * (len(types) + 5 + diff)]
+    g = lambda o, k: "-" if o.get("grounding") is None else f"{o['grounding'][k]:.3f}"  # noqa: E731
     for mode, s in summaries.items():
         o = s["overall"]
         share = "-" if o["att_share"] is None else f"{o['att_share']:.3f}"
         cells = [f"{o['acc']:.3f} [{o['ci95'][0]:.2f}, {o['ci95'][1]:.2f}]"] + [f"{s['per_type'][t]['acc']:.3f}" for t in types]
-        row = f"| {mode} | " + " | ".join(cells) + f" | {o['latent_rate']:.2f} | {share} |"
+        row = f"| {mode} | " + " | ".join(cells) + f" | {o['latent_rate']:.2f} | {share} | {g(o, 'all')} |"
         if diff:
             v = s.get("vs_normal", {}).get("overall")
             row += f" {v['diff']:+.3f} [{v['ci95'][0]:+.2f}, {v['ci95'][1]:+.2f}] |" if v else " - |"
         rows.append(row)
     s = next(iter(summaries.values()))
     rows.append("| *chance* | " + " | ".join(f"{v['chance']:.3f}" for v in [s["overall"]] + [s["per_type"][t] for t in types])
-                + " | | |" + (" |" if diff else ""))
+                + f" | | | {g(s['overall'], 'uniform')} |" + (" |" if diff else ""))
     iv = lambda r: "-" if r["rate"] is None else f"{r['rate']:.3f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"  # noqa: E731
     for m, s in summaries.items():
         if "flip" in s:

@@ -506,6 +506,22 @@ def region_tokens(box, gh: int, gw: int) -> list[int]:
     return [r * gw + c for r in range(r0, min(r1, gh - 1) + 1) for c in range(c0, min(c1, gw - 1) + 1)]
 
 
+def box_cells(model, sample) -> list[int]:
+    """Raster indices of the merged visual tokens of a sample's first image whose cells overlap any of its
+    boxes (region_tokens on the image's merged grid): the cells of its stage-1 targets."""
+    grid = M.merged_grid(sample.load_image().shape, model)
+    return sorted({c for b in sample.bboxes for c in region_tokens(b, *grid)})
+
+
+def box_keys(input_ids, image_id: int, cells: list[list[int]]) -> torch.Tensor:
+    """(B, L) bool: the positions of each row's image tokens whose raster index (the k-th image token of the
+    row is merged visual token k of its first image) is in cells[row]."""
+    out = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+    for i, c in enumerate(cells):
+        out[i, (input_ids[i] == image_id).nonzero()[c, 0]] = True
+    return out
+
+
 def chunks(n: int, k: int) -> list[tuple[int, int]]:
     """Adaptive-average-pool windows that map n items onto k slots."""
     return [(math.floor(i * n / k), math.ceil((i + 1) * n / k)) for i in range(k)]

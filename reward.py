@@ -209,16 +209,52 @@ def attention_reward(qk: dict, prompt: dict, tokens, latent_mask, completion_mas
     return torch.stack(out).mean(0) * keys.any(1)
 
 
-def score_rollout(model, roll, layers, variant: str = "share", vision_grad: bool = False, blind: bool = False):
+def answer_mask(tokens, latent_mask, mask, cfg) -> torch.Tensor:
+    """(N, T) bool: each reply's answer tokens: its real tokens after its last <|lvr_end|> (all of them when
+    it has none: no span, or one left open), latent slots and <|lvr_start|> / <|lvr_end|> excluded; EOS included."""
+    pos = torch.arange(tokens.shape[1], device=tokens.device)[None]
+    last_end = torch.where(tokens == cfg.lvr_end_id, pos, -1).amax(1)
+    markers = (tokens == cfg.lvr_start_id) | (tokens == cfg.lvr_end_id)
+    return (pos > last_end[:, None]) & mask & ~latent_mask & ~markers
+
+
+def grounding(qk: dict, prompt: dict, tokens, latent_mask, completion_mask, cfg, box, blind: bool = False) -> torch.Tensor:
+    """(N, layers) per rollout and captured layer (in layer order): of the attention its answer tokens
+    (answer_mask) pay to the prompt's image tokens, the share on `box`'s ((N, L0) bool over the prompt: the
+    visual tokens inside the question's boxes, lvr.box_keys), heads and answer tokens averaged:
+    mean mass on the box keys / mean mass on all image keys. NaN where the answer tokens pay the image
+    nothing: no answer token, or under `blind` after a span (the blind interface hides the image from them)."""
+    queries = answer_mask(tokens, latent_mask, completion_mask, cfg)
+    pad = lambda m: F.pad(m, (prompt["input_ids"].shape[1], 0))  # noqa: E731
+    full_mask = torch.cat([prompt["attention_mask"], completion_mask.long()], 1)
+    image = torch.cat([prompt["input_ids"], tokens], 1) == cfg.image_token_id
+    hide = dict(hidden_keys=image, blind_queries=pad(lvr.post_span(tokens, cfg.lvr_end_id))) if blind else {}
+    out = []
+    for layer in sorted(qk):
+        q, k = (x.detach() for x in qk[layer])
+        on_box = attention_share(q, k, pad(queries), F.pad(box, (0, tokens.shape[1])), full_mask, **hide)
+        on_image = attention_share(q, k, pad(queries), image, full_mask, **hide)
+        out.append(torch.where(on_image > 0, on_box / on_image, float("nan")))
+    return torch.stack(out, 1)
+
+
+def score_rollout(model, roll, layers, variant: str = "share", vision_grad: bool = False, blind: bool = False,
+                  cells: list[list[int]] | None = None):
     """The scoring forward of a rollout (lvr.score_forward) and, fused into it, r_attn at `layers`:
     (hidden states predicting each completion position, r_attn per rollout; zeros without layers).
-    `blind`: both under the image-blind mask (lvr.py)."""
-    with capture_qk(model, layers) as qk:
+    `blind`: both under the image-blind mask (lvr.py). With `cells` (per prompt row of roll.prompt, the
+    raster indices of its boxes' visual tokens, lvr.box_cells) every decoder layer is captured and the
+    grounding per layer ((N, layers), grounding()) comes third, from the same forward."""
+    every = range(model.config.text_config.num_hidden_layers) if cells is not None else layers
+    with capture_qk(model, sorted(set(layers) | set(every))) as qk:
         h = lvr.score_forward(model, roll, vision_grad, blind)
-    if not layers:
-        return h, torch.zeros(roll.tokens.shape[0], device=h.device)
-    return h, attention_reward(qk, lvr.row_prompt(roll), roll.tokens, roll.latent_mask, roll.mask, model.config, variant,
-                               blind)
+    rp = lvr.row_prompt(roll)
+    r = attention_reward({l: qk[l] for l in layers}, rp, roll.tokens, roll.latent_mask, roll.mask, model.config, variant,
+                         blind) if layers else torch.zeros(roll.tokens.shape[0], device=h.device)
+    if cells is None:
+        return h, r
+    box = lvr.box_keys(roll.prompt["input_ids"], model.config.image_token_id, cells)[roll.prow.to(h.device)]
+    return h, r, grounding(qk, rp, roll.tokens, roll.latent_mask, roll.mask, model.config, box, blind)
 
 
 def no_latent_fill(r_attn: torch.Tensor, opened: torch.Tensor, G: int, mode: str) -> torch.Tensor:
@@ -254,12 +290,10 @@ if __name__ == "__main__":
 def box_prototypes(model, feats: list, samples) -> tuple[torch.Tensor, torch.Tensor]:
     """(P, D) p+ of each prompt row (the mean of its first image's merged visual tokens inside the question's
     boxes, detached) and (P,) bool: the question has boxes."""
-    import model as M
     protos, has = [], []
     for f, s in zip(feats, samples):
         if s.bboxes:
-            cells = sorted({c for b in s.bboxes for c in lvr.region_tokens(b, *M.merged_grid(s.load_image().shape, model))})
-            protos.append(f[cells].float().mean(0))
+            protos.append(f[lvr.box_cells(model, s)].float().mean(0))
         else:
             protos.append(f.new_zeros(f.shape[-1], dtype=torch.float32))
         has.append(bool(s.bboxes))

@@ -7,7 +7,8 @@ necessity tests): `evidence`, LVR SFT + GRPO + ReaLVR's evidence loss (train_rl.
 `lvr-strict`, an LVR SFT trained under the image-blind interface (train_sft.py --strict) with its two RL
 runs `rl-strict` and `rl-att-strict` (train_rl.py --strict). study.json carries per model the accuracy of
 every arm (keys such as `blind`, `blind+drop`), `flip` (the edit pairs' metrics against their original
-views) and `donor` (how often the answer moves to the donor's answer).
+views), `donor` (how often the answer moves to the donor's answer) and `grounding` (eval.py's visual grounding per
+layer band, every arm; `grounding_paired`: rl-att - rl and both against lvr, normal and never, 95% intervals).
 
     python study.py              # seeds 0, 1, 2 (seeds 1 and 2 train their stage-1 models: README has the time)
     python study.py --quick      # seed 0 alone: RL from the shipped stage-1 models, the same evaluation
@@ -203,7 +204,8 @@ def evaluate(a, name: str, seed: int) -> dict:
     weights = fingerprint(ckpt)
     if os.path.isfile(path):  # kept unless it is other weights' or lacks a mode (an older version's file)
         old = json.load(open(path))
-        if old.get("weights") == weights and set(modes) <= set(old["summaries"]) and (name == "text" or "flip" in old):
+        if (old.get("weights") == weights and set(modes) <= set(old["summaries"]) and (name == "text" or "flip" in old)
+                and "grounding" in old):
             return old
     print(f"== evaluating {ckpt}")
     model, tok = M.load_model(ckpt)
@@ -216,6 +218,7 @@ def evaluate(a, name: str, seed: int) -> dict:
            "summaries": {m: ev.summarize(r) for m, r in records.items()},
            "flip": {m: ev.flip_metrics(records[b], records[m]) for m, b in ev.PAIRED_BASE.items() if m in records},
            "correct": {m: [int(x["correct"]) for x in r] for m, r in records.items()},
+           "grounding": {m: [x["grounding"]["all"] if x["grounding"] else None for x in r] for m, r in records.items()},
            "qtypes": [x["qtype"] for x in records["normal"]]}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
@@ -253,6 +256,7 @@ def aggregate(runs: dict, task: str = "easy") -> dict:
                 "latent_rate": spread([x["overall"]["latent_rate"] for x in s]),
                 "att_share": spread([x["overall"]["att_share"] for x in s]),
                 "latent_r2": spread([x["overall"].get("latent_r2") for x in s]),
+                "grounding": {k: spread([(x["overall"]["grounding"] or {}).get(k) for x in s]) for k in GROUNDING_KEYS},
                 "per_type": {t: spread([x["per_type"][t]["acc"] for x in s]) for t in s[0]["per_type"]}}
         out["models"][name]["routed_types"] = [r["routed_types"] for r in rs]
         if rs[0].get("flip"):  # the edit pairs: per edit arm, each metric's rate across seeds
@@ -268,6 +272,8 @@ def aggregate(runs: dict, task: str = "easy") -> dict:
             out["paired"][f"{name}: {mode} - normal"] = {
                 "overall": pooled(runs[name], runs[name], "normal", mode),
                 **{t: pooled(runs[name], runs[name], "normal", mode, t) for t in types}}
+    out["grounding_paired"] = {f"{b_} - {a_} ({mode})": pooled_grounding(runs[a_], runs[b_], mode)
+                               for a_, b_, mode in GROUNDING_COMPARISONS}
     for a_, b_, mode in COMPARISONS:
         out["paired"][f"{b_} - {a_} ({mode})"] = {"overall": pooled(runs[a_], runs[b_], mode, mode),
                                                   **{t: pooled(runs[a_], runs[b_], mode, mode, t) for t in types}}
@@ -275,6 +281,16 @@ def aggregate(runs: dict, task: str = "easy") -> dict:
 
 
 FLIP_KEYS = ("edited_acc", "paired_flip", "change_rate", "false_flip")
+GROUNDING_KEYS = ("early", "middle", "late", "all", "uniform")  # eval.grounding_record (no middle band below 3 layers)
+GROUNDING_COMPARISONS = tuple((a_, b_, m) for m in ("normal", "never") for a_, b_ in (("lvr", "rl"), ("lvr", "rl-att"), ("rl", "rl-att")))
+
+
+def pooled_grounding(a_runs: list[dict], b_runs: list[dict], mode: str) -> dict:
+    """Paired difference b - a of the per-question grounding (all layers) under `mode`, over the (seed,
+    question) pairs where both have one, all seeds pooled (diff None without any)."""
+    pairs = [(x, y) for ra, rb in zip(a_runs, b_runs) for x, y in zip(ra["grounding"][mode], rb["grounding"][mode])
+             if x is not None and y is not None]
+    return ev.paired(*zip(*pairs)) if pairs else {"diff": None, "ci95": None, "n": 0}
 COMPARISONS = (("text", "lvr", "normal"), ("lvr", "rl", "normal"), ("lvr", "rl-att", "normal"), ("rl", "rl-att", "normal"),
                ("rl", "rl-att", "never"),  # finding 4 in silence: both RL models with spans forbidden
                ("lvr", "evidence", "normal"), ("rl", "evidence", "normal"), ("rl-att", "evidence", "normal"),
@@ -355,6 +371,15 @@ def markdown(agg: dict, a) -> str:
     g = lambda d: f"{d['diff']:+.3f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"  # noqa: E731
     for k, d in agg["paired"].items():
         lines.append(f"| {k} | {g(d['overall'])} | " + " | ".join(g(d[t]) for t in types) + " |")
+    lines += ["", "Visual grounding: of the attention the answer tokens pay to the image, the share inside the question's "
+              "boxes (eval.py; layer bands early/middle/late, all layers; uniform: attention spread evenly over the image):",
+              "", "| model | mode | " + " | ".join(GROUNDING_KEYS) + " |", "|---|---|" + "---|" * len(GROUNDING_KEYS)]
+    for name, modes in agg["models"].items():
+        for mode in ("normal", "never"):
+            if mode in modes:
+                lines.append(f"| {name} | {mode} | " + " | ".join(f(modes[mode]["grounding"][k]) for k in GROUNDING_KEYS) + " |")
+    lines += [""] + [f"Grounding {k} (pooled, 95% interval): " + ("-" if d["diff"] is None else f"{g(d)} (n {d['n']})")
+                     for k, d in agg["grounding_paired"].items()]
     lines += ["", "Routed types per seed: " + "; ".join(f"{n}: {v['routed_types']}" for n, v in agg["models"].items()
                                                        if n != "text")]
     return "\n".join(lines)

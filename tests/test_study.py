@@ -201,3 +201,32 @@ def test_study_trains_the_evidence_and_strict_models_with_their_flags(done):
         assert "--strict" in cmd(name) and cmd(name).split("starts from ")[1].strip() == \
             study.fingerprint(str(root / "runs" / "lvr-strict-s1" / "checkpoint"))
     assert "--att-weight 1.0" in cmd("rl-att-strict") and "--att-weight 0 " in cmd("rl-strict")
+
+
+def test_study_carries_the_grounding_and_its_paired_differences(done):
+    """Per model and seed the per-question grounding of every arm; study.json its mean across seeds per band
+    and the paired differences (rl-att - rl under normal and never) equal to the hand-pooled ones; a run file
+    of an older version, without grounding, is evaluated again."""
+    root, args = done
+    runs = {n: [json.load(open(root / "results" / "runs" / f"{n}-s{s}.json")) for s in (0, 1)] for n in ("rl", "rl-att")}
+    agg = json.load(open(root / "results" / "study.json"))
+    for name, rs in runs.items():
+        for r in rs:
+            assert set(r["grounding"]) == set(r["correct"]) and all(len(v) == 10 for v in r["grounding"].values())
+            assert None not in r["grounding"]["never"]  # synthetic questions have boxes; no span: nothing is blind
+        for band in study.GROUNDING_KEYS:  # small-vl's 4 layers: early, middle, late
+            want = [r["summaries"]["never"]["overall"]["grounding"][band] for r in rs]
+            assert agg["models"][name]["never"]["grounding"][band]["seeds"] == pytest.approx(want)
+    for mode in ("normal", "never"):
+        d = agg["grounding_paired"][f"rl-att - rl ({mode})"]
+        pairs = [(x, y) for a, b in zip(runs["rl"], runs["rl-att"]) for x, y in zip(a["grounding"][mode], b["grounding"][mode])
+                 if x is not None and y is not None]
+        assert d["n"] == len(pairs) and d["diff"] == pytest.approx(sum(y - x for x, y in pairs) / len(pairs))
+    md = open(root / "results" / "study.md").read()
+    assert "| rl-att | never |" in md and "Grounding rl-att - rl (never)" in md
+    path = root / "results" / "runs" / "lvr-s0.json"
+    older = json.load(open(path))
+    del older["grounding"]
+    json.dump(older, open(path, "w"))
+    study.main(args)
+    assert "grounding" in json.load(open(path))
