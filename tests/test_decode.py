@@ -12,6 +12,7 @@ import bench_rollout
 import decode
 import lvr
 import model as M
+import reward
 import train_rl
 from test_train import one_step
 
@@ -73,6 +74,14 @@ def test_static_equals_dynamic_and_oracle_in_every_mode(tiny, prompt, mode, blin
     if mode != "drop":
         assert greedy.latent_mask.any() and sampled.latent_mask.any(), "the test needs latent steps"
     assert greedy.forced[:, 0].sum() == 6  # the three forced opens, twice each
+
+
+@pytest.mark.parametrize("blind", [False, True])
+def test_eager_attention(tiny, prompt, blind):
+    """Eager attention: the static step's additive float key mask (sdpa takes a boolean one)."""
+    m, tok = tiny
+    with reward.eager_attention(m):
+        three_ways(m, tok, prompt, G=2, force=FORCE.repeat_interleave(2), temperature=1.0, top_p=0.9, blind=blind)
 
 
 @pytest.fixture
