@@ -3,7 +3,8 @@
 lvr.generate prefills the prompts as its dynamic decoder does; decode_static then copies the prompts' KV G
 times into preallocated per-layer buffers (StaticKV) and runs one fixed-shape, host-sync-free step per token
 (Decoder.step: banned tokens masked by a precomputed bias, sampling from pre-drawn uniforms, the latent state
-machine in tensors, finished rows stepping on pad, `done` read every CHECK_EVERY steps). cache="static" runs
+machine in tensors, finished rows stepping on pad, `done` read every CHECK_EVERY steps; under blind=True each
+row's image keys masked from its first `<|lvr_end|>` on, by a per-row flag kept in the step). cache="static" runs
 that step eagerly (any device; tested against the dynamic decoder on the CPU), cache="graph" captures it once
 as a CUDA graph and replays it, with the rollout weights as one bf16 copy per call (rollout_weights).
 
@@ -47,9 +48,12 @@ class Decoder:
     precomputed bias; the uniforms and the noise drawn before the step into `u` and `noise`), advances the
     latent state machine (in tensors), records the step at row `t` of the output buffers, writes the next
     input into `x` (a token embedding, or at a latent slot the fed vector), its 3-D M-RoPE position into
-    `pos`, marks KV column `at` in the full-length attention `mask` and runs the language model's one-token
-    forward over the StaticKV, which writes `h`. Finished rows keep stepping on pad, so no shape changes;
-    nothing in the step reads a value back to the host."""
+    `pos`, marks KV column `at` in the (N, L) key mask `attn`, writes the forward's `mask` from it
+    (lvr.step_mask: a row that has fed its `<|lvr_end|>`, `seen_end`, no longer sees its `image_keys`, which
+    are all False unless the call is blind) and runs the language model's one-token forward over the
+    StaticKV, which writes `h`. Finished rows keep stepping on pad, so no shape changes; nothing in the step
+    reads a value back to the host. Blind or not is only what `load` puts in `image_keys`: one decoder (and
+    one captured graph) serves both."""
 
     def __init__(self, model, spec: dict, N: int, L: int, T: int, kv_like: list, h_like, x_dtype):
         lm = model.model.language_model
@@ -65,7 +69,10 @@ class Decoder:
         self.at = torch.zeros(1, dtype=torch.long, device=dev)  # the KV column the step writes
         self.t = torch.zeros(1, dtype=torch.long, device=dev)  # the step's index in this call
         self.kv = StaticKV(self.keys, self.values, self.at)
-        self.bool_mask = impl == "sdpa"  # sdpa: True = attend; eager: an additive float mask
+        self.attn = torch.zeros(N, L, dtype=torch.bool, device=dev)  # the keys a row may attend (padding, unwritten)
+        self.image_keys = torch.zeros(N, L, dtype=torch.bool, device=dev)  # blind: the row's image columns
+        self.seen_end = torch.zeros(N, dtype=torch.bool, device=dev)  # blind: the row has fed its <|lvr_end|>
+        self.bool_mask = impl == "sdpa"  # the forward's mask. sdpa: True = attend; eager: an additive float mask
         self.mask = torch.zeros(N, 1, 1, L, dtype=torch.bool if self.bool_mask else x_dtype, device=dev)
         self.masks = {t: self.mask for t in set(model.config.text_config.layer_types)}
         self.x = torch.zeros(N, 1, D, dtype=x_dtype, device=dev)
@@ -104,27 +111,27 @@ class Decoder:
         kv = tuple((tuple(k.shape[1::2]), k.dtype, tuple(v.shape[1::2]), v.dtype) for k, v in zip(keys, values))
         return (tuple(sorted(spec.items())), N, L, T, kv, tuple(h.shape[1:]), h.dtype, h.device, x_dtype, graph)
 
-    def load(self, dyn, h, nxt, attn, force, given, L0: int):
+    def load(self, dyn, h, nxt, attn, image_keys, force, given, L0: int):
         """A call's starting state: the prompts' KV (P rows of a prefilled DynamicCache) copied G times into the
-        buffers' first L0 columns (the rest zeroed), the prompt's attention mask, each row's last hidden state and
-        next position, and the step counters at 0 / column L0."""
+        buffers' first L0 columns (the rest zeroed), the prompt's attention mask, its image columns per row
+        (`image_keys` (N, L0) bool under blind, else None: none hidden), each row's last hidden state and next
+        position, and the step counters at 0 / column L0."""
         G = self.N // dyn.layers[0].keys.shape[0]
         for layer, k, v in zip(dyn.layers, self.keys, self.values):
             for buf, src in ((k, layer.keys), (v, layer.values)):
                 buf[:, :, :L0].unflatten(0, (-1, G)).copy_(src[:, None])
                 buf[:, :, L0:].zero_()
-        self.mask.zero_()
-        if self.bool_mask:
-            self.mask[:, 0, 0, :L0] = attn.bool()
-        else:
-            self.mask.fill_(torch.finfo(self.mask.dtype).min)
-            self.mask[:, 0, 0, :L0].masked_fill_(attn.bool(), 0.0)
+        self.attn.zero_()
+        self.attn[:, :L0] = attn.bool()
+        self.image_keys.zero_()
+        if image_keys is not None:
+            self.image_keys[:, :L0] = image_keys
         self.h.copy_(h)
         self.nxt.copy_(nxt)
         self.force.copy_(force)
         if self.given is not None:
             self.given.copy_(given)
-        for buf in (self.first, self.in_lat, self.left, self.done, self.t, *self.out.values()):
+        for buf in (self.first, self.in_lat, self.left, self.done, self.seen_end, self.t, *self.out.values()):
             buf.zero_()
         self.at.fill_(L0)
 
@@ -165,9 +172,12 @@ class Decoder:
         left.copy_(torch.where(feed, left - 1, torch.where(entered, torch.full_like(left, K), left)))
         in_lat.copy_((in_lat & feed) | entered)
         done.copy_(done | (token[:, None] == self.eos).any(1))
+        self.seen_end.copy_(self.seen_end | (token == s["end"]))  # the token fed now is a blind query from its span's end on
         self.x.copy_(torch.where(feed[:, None], vec.to(h.dtype), self.model.get_input_embeddings()(token))[:, None])
         self.pos.copy_((self.nxt + t).view(1, N, 1).expand(3, N, 1))
-        self.mask.index_fill_(3, self.at, True if self.bool_mask else 0.0)
+        self.attn.index_fill_(1, self.at, True)
+        keys = lvr.step_mask(self.attn, self.image_keys, self.seen_end)
+        self.mask.copy_((keys if self.bool_mask else torch.where(keys, 0.0, torch.finfo(self.mask.dtype).min))[:, None, None])
         with lvr._span("lvr.forward"):
             out = self.model.model.language_model(inputs_embeds=self.x, attention_mask=self.masks, position_ids=self.pos,
                                                   cache=self.kv, use_cache=True)
@@ -192,8 +202,8 @@ class Decoder:
 
     def _capture(self):
         def harmless():
-            self.mask.fill_(True if self.bool_mask else 0.0)
-            for buf in (self.t, self.at, self.in_lat, self.left, self.done):
+            self.attn.fill_(True)
+            for buf in (self.t, self.at, self.in_lat, self.left, self.done, self.seen_end):
                 buf.zero_()
         side = torch.cuda.Stream(self.h.device)
         side.wait_stream(torch.cuda.current_stream(self.h.device))
@@ -246,9 +256,11 @@ def release(model):
     model.__dict__.pop("_lvr_weights", None)
 
 
-def decode_static(model, prompt, feats, pos, nxt, attn, G, N, T, force, given, generator, spec, graph, keep, all_ranks):
+def decode_static(model, prompt, feats, pos, nxt, attn, image_keys, G, N, T, force, given, generator, spec, graph, keep,
+                  all_ranks):
     """Prefill as the dynamic decoder does, then the Decoder's fixed-shape step T times at most, `done` read
-    every CHECK_EVERY steps. Returns what _decode_dynamic does."""
+    every CHECK_EVERY steps. `image_keys` (N, L0) bool: blind decoding (Decoder.load); None: not blind. Returns
+    what _decode_dynamic does."""
     from transformers import DynamicCache
     dev = prompt["input_ids"].device
     x = lvr.embed(model, prompt["input_ids"], feats=feats)
@@ -267,7 +279,7 @@ def decode_static(model, prompt, feats, pos, nxt, attn, G, N, T, force, given, g
         dec.params = _param_ptrs(model)
         if graph:
             dec.capture()
-    dec.load(dyn, h, nxt, attn, force, given, L0)
+    dec.load(dyn, h, nxt, attn, image_keys, force, given, L0)
     del dyn, kv_like
     lvr._sync(dev)
     t1 = time.perf_counter()

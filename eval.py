@@ -180,8 +180,7 @@ def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, bat
     force = route_force(samples, route)
     gen = lambda idx: [torch.Generator(device=model.device).manual_seed(seed * 1_000_003 + j) for j in idx]  # noqa: E731
     kw = dict(max_new_tokens=max_new_tokens, latent_steps=latent_steps, temperature=temperature, top_p=top_p,
-              all_ranks=sharded, cache=None if blind else cache,  # blind decoding is the dynamic decoder's
-              keep=True)  # batches of one shape reuse the static decoder (released below)
+              all_ranks=sharded, cache=cache, keep=True)  # batches of one shape reuse the static decoder (released below)
     encode = lambda chunk: {k: v.to(model.device) for k, v in M.encode(model, tok, chunk).items()}  # noqa: E731
     batches = [range(i, min(mine.stop, i + batch_size)) for i in range(mine.start, mine.stop, batch_size)]
     own_latents = donor_of = None

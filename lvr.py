@@ -36,9 +36,10 @@ Interventions (inference-time ablations, `mode=`):
 Image-blind answers (`blind=True`, CVRR's strict interface). Every query position from a row's first
 `<|lvr_end|>` on is masked from the image's visual tokens; prompt text and latents stay visible. The
 `<|lvr_end|>` position itself is blind because its state predicts the first answer token, so no token
-after the span is predicted from a state that read the image directly. The one-token decode step needs
-only a per-row key mask (`step_mask`); a full forward over prompt + completion (the no-cache oracle, the
-scoring forward, the stage-1 loss) a 4-D one (`blind_mask`).
+after the span is predicted from a state that read the image directly. The one-token decode step of every
+decoder (dynamic, static, graph) needs only a per-row key mask (`step_mask`: the static step keeps the
+prompt's image columns and a per-row "seen `<|lvr_end|>`" flag in its buffers); a full forward over
+prompt + completion (the no-cache oracle, the scoring forward, the stage-1 loss) a 4-D one (`blind_mask`).
 
 Stage-1 loss (teacher forcing). The response holds `<|lvr_start|> <|lvr|>*S <|lvr_end|> answer`.
 The inputs at the S slots are ground-truth visual tokens of the question's bounding boxes; the hidden
@@ -325,7 +326,8 @@ def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, lat
     cache: "dynamic" (transformers' DynamicCache, a Python loop with host syncs; the reference), "static"
     (preallocated per-layer KV buffers written in place, a fixed-shape step without host syncs: see
     decode.py), "graph" (that same step captured once as a CUDA graph and replayed; CUDA only); None: the
-    default_cache of the prompt's device. The three give the same rollouts (tested on the CPU for static).
+    default_cache of the prompt's device. The three give the same rollouts, blind or not (tested on the CPU for
+    static).
     keep=True keeps the static buffers (and the graph) on the model for the next call of the same shape.
     use_cache=False recomputes the whole sequence at every step (the test oracle for the cache).
     all_ranks=True (FSDP: every forward is a collective) keeps this rank stepping, feeding pad tokens,
@@ -344,9 +346,7 @@ def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, lat
         raise ValueError(f"cache='graph' needs a CUDA device, the prompt is on {dev.type}: use cache='static' or 'dynamic'")
     if cache == "graph" and P.is_sharded(model):
         raise ValueError("cache='graph' cannot run an FSDP-sharded model (its forwards are collectives): use 'dynamic' or 'static'")
-    if blind and cache != "dynamic" and not auto:
-        raise ValueError(f"blind decoding runs on cache='dynamic' (the {cache} decoder has no per-row image mask)")
-    if not use_cache or blind:
+    if not use_cache:
         cache = "dynamic"
     ids = M.lvr_token_ids(model)
     start, lvr, lat_end, end = ids["lvr_start_id"], ids["lvr_id"], ids["lvr_latent_end_id"], ids["lvr_end_id"]
@@ -371,8 +371,9 @@ def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, lat
         try:
             with decode.rollout_weights(model, dev, keep):
                 toks, vecs, lmask, real, forced, steps, t1 = decode.decode_static(
-                    model, prompt, feats, pos, nxt, full["attention_mask"], G, N, max_new_tokens, force, given,
-                    generator, spec, cache == "graph", keep, all_ranks)
+                    model, prompt, feats, pos, nxt, full["attention_mask"],
+                    full["input_ids"] == model.config.image_token_id if blind else None, G, N, max_new_tokens, force,
+                    given, generator, spec, cache == "graph", keep, all_ranks)
         except Exception as e:  # noqa: BLE001 - the default graph path falls back, an explicit request raises
             if not (auto and cache == "graph"):
                 raise

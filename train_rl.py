@@ -123,8 +123,6 @@ def parse_args(argv=None):
         p.error(f"argument --top-p: must be at most 1, got {a.top_p}")
     if a.cache == "graph" and (a.fsdp or torch.device(a.device).type != "cuda"):
         p.error("argument --cache: graph needs CUDA and no --fsdp")
-    if a.strict and a.cache not in (None, "dynamic"):
-        p.error("argument --cache: --strict (image-blind rollouts) decodes with the dynamic decoder")
     if a.strict and a.att_variant == "relative":
         p.error("--strict hides the image from the answer: the relative attention reward (latents / image) is undefined")
     if not 0 <= a.evidence_eta <= 1:

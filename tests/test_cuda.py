@@ -76,13 +76,15 @@ def _decode(m, tok, prompt, cache, **kw):
                         force=torch.tensor([1, 0, 1, -1, 1], device="cuda").repeat_interleave(2), cache=cache, **kw)
 
 
+@pytest.mark.parametrize("blind", [False, True])
 @pytest.mark.parametrize("mode", ["normal", "noise_norm", "repeat"])
-def test_graph_and_static_decoders_equal_the_dynamic_one_on_cuda(gpu, samples, mode):
-    """fp32 on the GPU: the captured step replays what the eager static step and the dynamic loop compute."""
+def test_graph_and_static_decoders_equal_the_dynamic_one_on_cuda(gpu, samples, mode, blind):
+    """fp32 on the GPU: the captured step replays what the eager static step and the dynamic loop compute,
+    image-blind (per-row image keys hidden from each row's <|lvr_end|> on) or not."""
     m, tok = gpu
     prompt = {k: v.cuda() for k, v in M.encode(m, tok, samples).items()}
-    runs = {c: _decode(m, tok, prompt, c, mode=mode) for c in ("dynamic", "static", "graph")}
-    assert runs["dynamic"].latent_mask.any()
+    runs = {c: _decode(m, tok, prompt, c, mode=mode, blind=blind) for c in ("dynamic", "static", "graph")}
+    assert runs["dynamic"].latent_mask.any() and (runs["dynamic"].tokens == m.config.lvr_end_id).any()
     for c in ("static", "graph"):
         for k in ("tokens", "latent_mask", "mask", "forced"):
             assert torch.equal(getattr(runs[c], k), getattr(runs["dynamic"], k)), (c, k)
@@ -107,6 +109,25 @@ def test_graph_decoder_under_autocast_is_the_static_one_and_reuses_its_capture(g
     assert all(p.dtype == torch.float32 for p in m.parameters())
     assert torch.equal(graph.tokens, static.tokens) and (graph.latents.float() - static.latents.float()).abs().max() < 2e-2
     assert torch.equal(again.tokens, graph.tokens) and torch.equal(again.latents, graph.latents)
+
+
+def test_a_kept_graph_serves_blind_and_sighted_calls_on_cuda(gpu, samples):
+    """One captured graph decodes a blind call, a sighted one and a blind one again, each as the eager static
+    step does (blind or not is what Decoder.load puts in the buffers, not part of the capture)."""
+    m, tok = gpu
+    prompt = {k: v.cuda() for k, v in M.encode(m, tok, samples).items()}
+    try:
+        got = [_decode(m, tok, prompt, "graph", keep=True, blind=True)]
+        dec = m._lvr_decoder
+        got += [_decode(m, tok, prompt, "graph", keep=True, blind=b) for b in (False, True)]
+        assert m._lvr_decoder is dec and dec.graph is not None
+    finally:
+        decode.release(m)
+    want = [_decode(m, tok, prompt, "static", blind=b) for b in (True, False, True)]
+    assert want[0].tokens.shape != want[1].tokens.shape or not torch.equal(want[0].tokens, want[1].tokens)
+    for g, w in zip(got, want):
+        assert torch.equal(g.tokens, w.tokens) and torch.equal(g.latent_mask, w.latent_mask)
+        assert (g.latents - w.latents).abs().max() < 1e-4
 
 
 def test_graph_decoder_steps_make_no_host_sync(gpu, samples):

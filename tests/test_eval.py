@@ -153,6 +153,19 @@ def test_bench_counts_tokens_up_to_the_first_eos():
     assert bench.tokens_until_eos(seqs, [eos, 8]) == 4 + 6 + 1
 
 
+@pytest.mark.parametrize("arm", ["blind", "blind+oracle"])
+def test_blind_arms_decode_on_the_decoder_named(tiny, samples, monkeypatch, arm):
+    """--cache static decodes the image-blind arms with the static decoder (no fallback to the dynamic one),
+    reply for reply as the dynamic decoder does."""
+    m, tok = tiny
+    calls, real = [], lvr.generate
+    monkeypatch.setattr(lvr, "generate", lambda *a, **k: calls.append((k["cache"], k["blind"])) or real(*a, **k))
+    recs = {c: ev.evaluate(m, tok, samples, mode=arm, route="all", latent_steps=3, max_new_tokens=10, progress=False,
+                           cache=c) for c in ("static", "dynamic")}
+    assert calls == [("static", True), ("dynamic", True)]
+    assert [r["text"] for r in recs["static"]] == [r["text"] for r in recs["dynamic"]]
+
+
 @pytest.mark.parametrize("arm", ["shuffle", "oracle"])
 def test_shuffle_and_oracle_arms_feed_what_they_say(tiny, samples, monkeypatch, arm):
     """shuffle: each question is fed the latents the next question of its batch generated; oracle: its own
