@@ -473,6 +473,24 @@ def test_default_base_is_the_shipped_one_of_its_seed_at_the_shipped_recipe():
     assert base("--base-steps", "500") == os.path.join("runs", "small-vl-base")  # another recipe than the shipped one
 
 
+def test_rl_starts_from_the_shipped_stage_1_model_of_its_task(monkeypatch, tmp_path):
+    """small-vl RL: the default task's shipped LVR SFT model, the easy task's with --task easy, the strict one
+    with --strict; a run of that task and kind under runs/ comes first; default run folders name another task."""
+    start = lambda *argv: train_rl.initial_model(train_rl.parse_args(list(argv)))  # noqa: E731
+    assert start() == os.path.join("checkpoints", "small-vl-hard-sft")
+    assert start("--task", "easy") == os.path.join("checkpoints", "small-vl-sft")
+    assert start("--strict") == os.path.join("checkpoints", "small-vl-hard-sft-strict")
+    assert train_rl.parse_args([]).out == os.path.join("runs", "small-vl-rl-att")
+    assert train_rl.parse_args(["--task", "easy"]).out == os.path.join("runs", "small-vl-rl-att-easy")
+    assert train_sft.parse_args(["--task", "easy", "--no-latents"]).out == os.path.join("runs", "small-vl-sft-text-easy")
+    repo = os.getcwd()
+    monkeypatch.chdir(tmp_path)
+    os.symlink(os.path.join(repo, "checkpoints"), "checkpoints")
+    os.makedirs(os.path.join("runs", "small-vl-sft-easy", "checkpoint"))
+    assert start("--task", "easy") == os.path.join("runs", "small-vl-sft-easy", "checkpoint")
+    assert start() == os.path.join("checkpoints", "small-vl-hard-sft")  # the easy run is not the hard task's
+
+
 def test_hard_task_is_recorded_and_followed(tiny_ckpt, tmp_path):
     """Stage 1 on the hard task from an easy-task model: the hard words get embedding rows, config.json
     records the task, and --resume, eval.py and train_rl.py follow it without being told."""
