@@ -56,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=rundir.at_least(1), default=300, help="GRPO steps")
     p.add_argument("--prompts", type=rundir.at_least(1), default=8, help="questions per step")
     p.add_argument("--group", type=rundir.at_least(2), default=8, help="G: rollouts per question (at least 2)")
-    p.add_argument("--temperature", type=rundir.positive(), default=0.5, help="rollout sampling temperature")
+    p.add_argument("--temperature", type=rundir.positive(), default=1.0,
+                   help="rollout sampling temperature (1.0: on the hard task 0.5 left two thirds of the groups without reward spread)")
     p.add_argument("--top-p", type=rundir.positive(), default=0.99, help="rollout nucleus sampling")
     p.add_argument("--max-new-tokens", type=rundir.at_least(1), default=32, help="rollout length cap (latent steps included)")
     p.add_argument("--latent-steps", type=rundir.at_least(0), default=8, help="K: latent steps per span")
