@@ -291,6 +291,8 @@ def pooled_grounding(a_runs: list[dict], b_runs: list[dict], mode: str) -> dict:
     pairs = [(x, y) for ra, rb in zip(a_runs, b_runs) for x, y in zip(ra["grounding"][mode], rb["grounding"][mode])
              if x is not None and y is not None]
     return ev.paired(*zip(*pairs)) if pairs else {"diff": None, "ci95": None, "n": 0}
+
+
 COMPARISONS = (("text", "lvr", "normal"), ("lvr", "rl", "normal"), ("lvr", "rl-att", "normal"), ("rl", "rl-att", "normal"),
                ("rl", "rl-att", "never"),  # finding 4 in silence: both RL models with spans forbidden
                ("lvr", "evidence", "normal"), ("rl", "evidence", "normal"), ("rl-att", "evidence", "normal"),
