@@ -149,8 +149,8 @@ def base_checkpoint(a, seed: int) -> str:
 
 
 def task_args(a) -> list[str]:
-    """--task for the trainers; none for easy, so the easy study's run folders keep their recorded commands."""
-    return [] if a.task == "easy" else ["--task", a.task]
+    """--task for the trainers, always: their default is data.DEFAULT_TASK."""
+    return ["--task", a.task]
 
 
 def shipped(a, name: str, seed: int) -> str | None:
