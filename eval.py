@@ -620,7 +620,7 @@ def write_json(path: str, obj):
 
 def output_path(a) -> str:
     """--out (its folder must exist), else eval_<split or bench>.json beside the model if that folder is
-    writable, else in the current folder (said in one line)."""
+    writable and not a shipped (committed) model, else runs/eval_<model>_<split or bench>.json (said in one line)."""
     if a.out:
         if os.path.isdir(a.out):
             raise ValueError(f"--out {a.out} is a folder: give the results file's name")
@@ -629,11 +629,13 @@ def output_path(a) -> str:
             raise FileNotFoundError(f"--out {a.out}: folder {folder} does not exist")
         return a.out
     name = f"eval_{a.bench or a.split}.json"
-    if os.path.isdir(a.model) and os.access(a.model, os.W_OK):
+    shipped = os.path.abspath(a.model).startswith(os.path.abspath(rundir.SHIPPED) + os.sep)
+    if os.path.isdir(a.model) and os.access(a.model, os.W_OK) and not shipped:
         return os.path.join(a.model, name)
-    out = f"eval_{os.path.basename(os.path.normpath(a.model))}_{a.bench or a.split}.json"
+    out = os.path.join(rundir.RUNS, f"eval_{os.path.basename(os.path.normpath(a.model))}_{a.bench or a.split}.json")
     if P.is_main():
-        print(f"{a.model} is not a writable folder: results go to {out}")
+        os.makedirs(rundir.RUNS, exist_ok=True)
+        print(f"{a.model} is {'a shipped model' if shipped else 'not a writable folder'}: results go to {out}")
     return out
 
 

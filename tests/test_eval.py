@@ -1,4 +1,5 @@
 """eval.py: modes and routing do what they claim, intervals, paired differences, benchmarks, plots, errors."""
+import argparse
 import importlib.util
 import json
 import os
@@ -97,6 +98,17 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path):
         ev.main(["--model", tiny_ckpt, "--bench", "mmvp", "--bench-root", str(tmp_path)])
     with pytest.raises(SystemExit, match="model path not found"):
         ev.main(["--model", str(tmp_path / "nothing")])
+
+
+def test_results_of_a_shipped_model_stay_out_of_its_committed_folder(tmp_path, monkeypatch):
+    """eval.py's default results file: beside a trained model, but never inside checkpoints/ (committed)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "checkpoints" / "small-vl-hard-sft").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / "checkpoint").mkdir(parents=True)
+    args = lambda model: argparse.Namespace(out=None, bench=None, split="test", model=model)  # noqa: E731
+    shipped = ev.output_path(args(os.path.join("checkpoints", "small-vl-hard-sft")))
+    assert shipped == os.path.join("runs", "eval_small-vl-hard-sft_test.json") and os.path.isdir("runs")
+    assert ev.output_path(args(os.path.join("runs", "r", "checkpoint"))) == os.path.join("runs", "r", "checkpoint", "eval_test.json")
 
 
 def test_newest_checkpoint_prefers_rl(tmp_path, monkeypatch):
