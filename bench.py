@@ -183,7 +183,7 @@ def grpo_steps(model_dir, argv, device, steps=1, bf16_start=False):
     """`steps` GRPO steps (train_rl.grpo_step with train_rl's options `argv`, data and seeds as in a run)
     from `model_dir`, vision tower frozen: (the trained parameters by name, their start values, the last
     log row). bf16_start: the weights first rounded to bf16, so fp32 and bf16 runs start alike."""
-    import data
+    import datafiles
     import model as M
     import reward
     import train_rl
@@ -200,7 +200,7 @@ def grpo_steps(model_dir, argv, device, steps=1, bf16_start=False):
     start = {n: p.detach().clone() for n, p in named}
     opt = torch.optim.AdamW([p for _, p in named], lr=args.lr, weight_decay=0.0)
     torch.manual_seed(0)
-    stream, penalty = data.Stream(args), reward.LengthPenalty()
+    stream, penalty = datafiles.Stream(args), reward.LengthPenalty()
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)

@@ -34,6 +34,7 @@ import sys
 from dataclasses import dataclass, field
 
 import data
+import datafiles
 import reward
 import vlmeval_rules
 
@@ -52,7 +53,7 @@ class BenchSample(data.Sample):
 
 # --------------------------------------------------------------------------------------- loading
 def bench_image(path: str) -> str:
-    data.image_size(path)
+    datafiles.image_size(path)
     return path
 
 
@@ -101,7 +102,7 @@ def split_options(text: str, field: str) -> tuple[str, list[str]]:
 def csv_rows(path: str, columns: tuple, delimiter: str = ",") -> list[tuple[int, dict]]:
     """(line number where it starts, row) for each record of a CSV/TSV file whose header must name `columns`."""
     csv.field_size_limit(2**31 - 1)  # VLMEvalKit TSVs hold whole base64 images in one field
-    with open(data.benchmark_file(path), newline="", encoding="utf-8-sig") as f:
+    with open(datafiles.benchmark_file(path), newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
@@ -131,7 +132,7 @@ def load_blink(root: str, split: str = "val") -> list[data.Sample]:
             if (image := row.get(f"image_{k}")) is not None:
                 if not image.get("bytes"):
                     raise ValueError(f"image_{k} holds no image bytes")
-                data.image_size(image["bytes"], f"image_{k}")
+                datafiles.image_size(image["bytes"], f"image_{k}")
                 images.append(image["bytes"])
         if not images:
             raise ValueError("missing field 'image_1'")
@@ -143,7 +144,7 @@ def load_blink(root: str, split: str = "val") -> list[data.Sample]:
         missing = [c for c in ("idx", "question", "choices", "answer", "image_1") if c not in table.column_names]
         if missing:
             raise ValueError(f"{path}: missing column {missing[0]!r}")
-        samples += data.parse_rows(path, enumerate(table.to_pylist()), lambda row: parse(row, task))
+        samples += datafiles.parse_rows(path, enumerate(table.to_pylist()), lambda row: parse(row, task))
     return samples
 
 
@@ -152,11 +153,11 @@ def load_cvbench(root: str) -> list[data.Sample]:
     path = os.path.join(root, "test.jsonl")
 
     def parse(line):
-        row = data.json_object(line)
+        row = datafiles.json_object(line)
         image = bench_image(os.path.join(root, str(need(row, "image"))))
         return mc_sample(f"cvbench-{need(row, 'idx')}", need(row, "task"), need(row, "question"),
                          need(row, "choices"), need(row, "answer"), [image])
-    return data.parse_rows(path, data.records(path), parse)
+    return datafiles.parse_rows(path, datafiles.records(path), parse)
 
 
 def load_mmvp(root: str) -> list[data.Sample]:
@@ -172,7 +173,7 @@ def load_mmvp(root: str) -> list[data.Sample]:
             raise ValueError(f"malformed field 'Options': text before '(a)': {head!r}")
         image = bench_image(os.path.join(root, "MMVP Images", f"{index}.jpg"))
         return mc_sample(f"mmvp-{index}", "mmvp", need(row, "Question"), options, need(row, "Correct Answer"), [image])
-    return data.parse_rows(path, csv_rows(path, ("Index", "Question", "Options", "Correct Answer")), parse)
+    return datafiles.parse_rows(path, csv_rows(path, ("Index", "Question", "Options", "Correct Answer")), parse)
 
 
 def load_vstar(root: str) -> list[data.Sample]:
@@ -180,14 +181,14 @@ def load_vstar(root: str) -> list[data.Sample]:
     path = os.path.join(root, "test_questions.jsonl")
 
     def parse(line):
-        row = data.json_object(line)
+        row = datafiles.json_object(line)
         question, options = split_options(str(need(row, "text")), "text")
         if not question:
             raise ValueError("field 'text' has no question before its options")
         image = bench_image(os.path.join(root, str(need(row, "image"))))
         return mc_sample(f"vstar-{need(row, 'question_id')}", need(row, "category"), question, options,
                          need(row, "label"), [image])
-    return data.parse_rows(path, data.records(path), parse)
+    return datafiles.parse_rows(path, datafiles.records(path), parse)
 
 
 def tsv_image(row: dict, by_index: dict) -> bytes:
@@ -198,7 +199,7 @@ def tsv_image(row: dict, by_index: dict) -> bytes:
         raw = base64.b64decode(image, validate=True)
     except binascii.Error:
         raise ValueError("field 'image' is not a base64 image") from None
-    data.image_size(raw, "in field 'image'")
+    datafiles.image_size(raw, "in field 'image'")
     return raw
 
 
@@ -278,9 +279,9 @@ def load_vlmevalkit_tsv(path: str, bench: str | None = None) -> list[data.Sample
                 answer = data.OPTION_LETTERS[options.index(answer)]  # MathVista gives the option's text
             sample = mc_sample(sid, qtype, question, options, answer, [image])
         else:
-            letters = data.OPTION_LINE_RE.findall(question)
+            letters = datafiles.OPTION_LINE_RE.findall(question)
             if len(answer) == 1 and answer in data.OPTION_LETTERS and letters:
-                data.check_letter(question, answer)  # MathVerse: options inside the question, answer a letter
+                datafiles.check_letter(question, answer)  # MathVerse: options inside the question, answer a letter
             precision = None if blank(row.get("precision")) else int(float(row["precision"]))
             sample = data.Sample(question=question, answer=answer, reason="", qtype=str(qtype), bboxes=[],
                                  image_path=image, id=sid, precision=precision)
@@ -288,7 +289,7 @@ def load_vlmevalkit_tsv(path: str, bench: str | None = None) -> list[data.Sample
             return sample
         return BenchSample(**vars(sample), bench=bench, row=row,
                            prompts={"lenient": sample.question, "vlmeval": vlmeval_rules.prompt(bench, row)})
-    return data.parse_rows(path, rows, parse)
+    return datafiles.parse_rows(path, rows, parse)
 
 
 def mmvp_pair_accuracy(ids_correct: dict[str, bool]) -> float:

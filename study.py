@@ -51,6 +51,7 @@ import data
 import eval as ev
 import model as M
 import rundir
+import summary
 import train_rl
 import train_sft
 
@@ -192,7 +193,7 @@ def train(a, name: str, seed: int) -> str:
 def routed_types(model, tok, a, seed: int) -> list[str]:
     """Question types where forcing latents beat forbidding them on validation questions."""
     val = data.make_split("val", a.n_route, seed, task=a.task)
-    acc = {r: ev.summarize(ev.evaluate(model, tok, val, route=r, progress=False))["per_type"] for r in ("all", "none")}
+    acc = {r: summary.summarize(ev.evaluate(model, tok, val, route=r, progress=False))["per_type"] for r in ("all", "none")}
     return [t for t in acc["all"] if acc["all"][t]["acc"] > acc["none"][t]["acc"]]
 
 
@@ -215,8 +216,8 @@ def evaluate(a, name: str, seed: int) -> dict:
     plan = {m: {"route": routes[m]} if m in routes else {"mode": m} for m in modes}
     records = {m: ev.evaluate(model, tok, test, **kw) for m, kw in plan.items()}
     out = {"model": name, "seed": seed, "checkpoint": ckpt, "weights": weights, "routed_types": route,
-           "summaries": {m: ev.summarize(r) for m, r in records.items()},
-           "flip": {m: ev.flip_metrics(records[b], records[m]) for m, b in ev.PAIRED_BASE.items() if m in records},
+           "summaries": {m: summary.summarize(r) for m, r in records.items()},
+           "flip": {m: summary.flip_metrics(records[b], records[m]) for m, b in ev.PAIRED_BASE.items() if m in records},
            "correct": {m: [int(x["correct"]) for x in r] for m, r in records.items()},
            "grounding": {m: [x["grounding"]["all"] if x["grounding"] else None for x in r] for m, r in records.items()},
            "qtypes": [x["qtype"] for x in records["normal"]]}
@@ -242,7 +243,7 @@ def pooled(a_runs: list[dict], b_runs: list[dict], mode_a: str, mode_b: str, qty
         keep = [qtype is None or t == qtype for t in ra["qtypes"]]
         xa += [c for c, k in zip(ra["correct"][mode_a], keep) if k]
         xb += [c for c, k in zip(rb["correct"][mode_b], keep) if k]
-    return ev.paired(xa, xb)
+    return summary.paired(xa, xb)
 
 
 def aggregate(runs: dict, task: str = "easy") -> dict:
@@ -290,7 +291,7 @@ def pooled_grounding(a_runs: list[dict], b_runs: list[dict], mode: str) -> dict:
     question) pairs where both have one, all seeds pooled (diff None without any)."""
     pairs = [(x, y) for ra, rb in zip(a_runs, b_runs) for x, y in zip(ra["grounding"][mode], rb["grounding"][mode])
              if x is not None and y is not None]
-    return ev.paired(*zip(*pairs)) if pairs else {"diff": None, "ci95": None, "n": 0}
+    return summary.paired(*zip(*pairs)) if pairs else {"diff": None, "ci95": None, "n": 0}
 
 
 COMPARISONS = (("text", "lvr", "normal"), ("lvr", "rl", "normal"), ("lvr", "rl-att", "normal"), ("rl", "rl-att", "normal"),
@@ -403,7 +404,7 @@ def plots(a, agg: dict, logs: dict):
             if s and isinstance(s.get("acc"), dict):
                 ax.bar(i * (len(modes) + 1) + j, s["acc"]["mean"], yerr=s["acc"]["std"], color=f"C{j}",
                        label=mode if name == "lvr" else None)
-    ax.axhline(np.mean([1 / ev.n_options(x) for x in data.make_split("test", a.n_test, 0, task=a.task)]), color="k", ls=":", lw=1)
+    ax.axhline(np.mean([1 / summary.n_options(x) for x in data.make_split("test", a.n_test, 0, task=a.task)]), color="k", ls=":", lw=1)
     ax.set_xticks([i * (len(modes) + 1) + len(modes) / 2 for i in range(len(MODELS))], MODELS)
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.12)

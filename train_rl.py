@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import benchmarks
 import data
+import datafiles
 import eval as ev
 import lvr
 import model as M
@@ -459,7 +460,7 @@ def train(args) -> str:
         if args.task is None:  # the run's task when resuming, else the starting model's
             found = rundir.resume_point(args.out) if args.resume else None
             args.task = M.saved_task(found[0] if found else initial_model(args))
-        stream = data.Stream(args)
+        stream = datafiles.Stream(args)
         model, tok, ref, opt, state, dtype = start(args)
         step, skips, streak = state["step"], state.get("skips", 0), 0
         penalty = reward.LengthPenalty()

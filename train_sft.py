@@ -39,12 +39,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import datafiles
 import eval as ev
 import lvr
 import model as M
 import parallel as P
 import reward
 import rundir
+import summary
 
 OFFSET = {0: 0, 1: 10 ** 8}  # stream positions of each stage's questions (train_rl.py starts at 2 * 10**8)
 
@@ -391,7 +393,7 @@ def resolve_task(args, out: str):
 
 def _train(args, stage: int, out: str, init: str | None) -> str:
     resolve_task(args, out)
-    stream = data.Stream(args)
+    stream = datafiles.Stream(args)
     model, tok, probe, opt, state = start(args, stage, out, init)
     step, skips, streak = state["step"], state["skips"], 0
     total = args.base_steps if stage == 0 else args.steps
@@ -460,15 +462,15 @@ def final_eval(args, ckpt: str, out: str, modes=None) -> dict:
     with rundir.locked(out):
         model, tok = M.load_model(ckpt, M.DTYPES[args.dtype], args.device)
         args = argparse.Namespace(**{**vars(args), "task": args.task or M.saved_task(ckpt)})  # the model's task
-        val = data.Stream(args).val(args.n_val)
+        val = datafiles.Stream(args).val(args.n_val)
         table = {"normal": {}, "drop": {"mode": "drop"}, "noise": {"mode": "noise"}, "noise_norm": {"mode": "noise_norm"},
                  "blank image": {"blank": True}, "sampled T=1": {"temperature": 1.0}}
         if getattr(args, "strict", False):  # the interface it was trained for, first
             table = {"blind": {"mode": "blind"}, "blind+drop": {"mode": "blind+drop"}, **table}
-        res = {name: ev.summarize(ev.evaluate(model, tok, val, latent_steps=args.latent_steps, **kw))
+        res = {name: summary.summarize(ev.evaluate(model, tok, val, latent_steps=args.latent_steps, **kw))
                for name, kw in table.items() if modes is None or name in modes}
         if P.is_main():
-            print(ev.table(res))
+            print(summary.table(res))
         P.on_main(ev.write_json, os.path.join(out, "eval_val.json"), res)
     return res
 
@@ -479,7 +481,7 @@ def main(argv=None):
         args.device = P.init_dist(args.device)
         P.check_parallel(args)
         if args.data:
-            data.load_jsonl(args.data)  # bad rows fail now, not after the base model's training
+            datafiles.load_jsonl(args.data)  # bad rows fail now, not after the base model's training
         rundir.claim(args.out, args, remove=False)  # a folder holding a run fails now too (removed under its lock)
         init = args.model if args.model != "small-vl" else base_model(args)
         t0 = time.time()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import data
+import datafiles
 import model as M
 
 
@@ -108,8 +109,8 @@ def test_every_word_the_generator_writes_is_in_the_vocabulary():
 
 def test_jsonl_roundtrip(tmp_path):
     samples = data.make_split("val", 6)
-    path = data.export_jsonl(samples, str(tmp_path), "val")
-    back = data.load_jsonl(path)
+    path = datafiles.export_jsonl(samples, str(tmp_path), "val")
+    back = datafiles.load_jsonl(path)
     for a, b in zip(samples, back):
         assert (a.question, a.answer, a.reason, a.qtype, a.bboxes) == (b.question, b.answer, b.reason, b.qtype, b.bboxes)
         assert (a.image == b.load_image()).all()
@@ -127,13 +128,13 @@ def test_jsonl_roundtrip(tmp_path):
     (lambda r: r.update(image="images/missing.png"), "image not found"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, mutate, message):
-    path = data.export_jsonl(data.make_split("val", 3), str(tmp_path), "val")
+    path = datafiles.export_jsonl(data.make_split("val", 3), str(tmp_path), "val")
     rows = [json.loads(line) for line in open(path)]
     mutate(rows[1])
     with open(path, "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError) as e:
-        data.load_jsonl(path)
+        datafiles.load_jsonl(path)
     assert str(e.value).startswith(f"{path}:2: ") and message in str(e.value)
 
 
@@ -141,9 +142,9 @@ def test_not_json_and_missing_file(tmp_path):
     p = tmp_path / "x.jsonl"
     p.write_text("{oops\n")
     with pytest.raises(ValueError, match=r"x.jsonl:1: "):
-        data.load_jsonl(str(p))
+        datafiles.load_jsonl(str(p))
     with pytest.raises(FileNotFoundError, match="file not found"):
-        data.load_jsonl(str(tmp_path / "none.jsonl"))
+        datafiles.load_jsonl(str(tmp_path / "none.jsonl"))
 
 
 # ------------------------------------------------------------------------------------ the tasks

@@ -12,6 +12,7 @@ from PIL import Image
 import data
 import edits
 import eval as ev
+import summary
 import lvr
 import model as M
 
@@ -22,24 +23,24 @@ def questions():
 
 
 def test_wilson_and_paired_on_known_cases():
-    lo, hi = ev.wilson(50, 100)
+    lo, hi = summary.wilson(50, 100)
     assert (round(lo, 3), round(hi, 3)) == (0.404, 0.596)
-    assert ev.wilson(0, 10)[0] == 0 and ev.wilson(10, 10)[1] == 1
-    d = ev.paired([True, False, True, False], [True, True, True, False])
+    assert summary.wilson(0, 10)[0] == 0 and summary.wilson(10, 10)[1] == 1
+    d = summary.paired([True, False, True, False], [True, True, True, False])
     assert d["diff"] == 0.25 and d["ci95"] == pytest.approx([0.25 - 0.49, 0.25 + 0.49])
 
 
 @pytest.mark.parametrize("route, want", [("all", 1.0), ("none", 0.0)])
 def test_forcing_sets_the_latent_rate(tiny, questions, route, want):
     m, tok = tiny
-    s = ev.summarize(ev.evaluate(m, tok, questions, route=route, max_new_tokens=12, latent_steps=2, progress=False))
+    s = summary.summarize(ev.evaluate(m, tok, questions, route=route, max_new_tokens=12, latent_steps=2, progress=False))
     assert s["overall"]["latent_rate"] == want
     assert (s["overall"]["att_share"] is None) == (want == 0)
 
 
 def test_route_forces_per_type(tiny, questions):
     m, tok = tiny
-    s = ev.summarize(ev.evaluate(m, tok, questions, route="count,size", max_new_tokens=12, latent_steps=2,
+    s = summary.summarize(ev.evaluate(m, tok, questions, route="count,size", max_new_tokens=12, latent_steps=2,
                                  batch_size=4, progress=False))
     assert {t: v["latent_rate"] for t, v in s["per_type"].items()} == \
         {"position": 0, "count": 1, "attribute": 0, "size": 1, "distance": 0}
@@ -49,12 +50,12 @@ def test_drop_and_noise_keep_the_questions_and_change_the_latents(tiny, question
     m, tok = tiny
     kw = dict(route="all", max_new_tokens=12, latent_steps=3, progress=False)
     runs = {mode: ev.evaluate(m, tok, questions, mode=mode, **kw) for mode in ("normal", "drop", "noise", "noise_norm")}
-    out = ev.compare(runs)
+    out = summary.compare(runs)
     assert set(out["drop"]["vs_normal"]) == {"overall", *data.QTYPES}
     assert all(r["att_share"] is None or r["att_share"] == 0 for r in runs["drop"])  # no latent keys to attend to
     assert all(r["att_share"] > 0 for r in runs["normal"])
     assert [r["id"] for r in runs["noise"]] == [r["id"] for r in runs["normal"]]
-    assert "vs normal" in ev.table(out)
+    assert "vs normal" in summary.table(out)
 
 
 def test_cli_compare_writes_json(tiny_ckpt, tmp_path, capsys):
@@ -214,7 +215,7 @@ def test_latent_fit_against_the_stage_1_targets(tiny, samples):
         assert cos == pytest.approx(sum(float(z[i, k] @ t[i, k] / (z[i, k].norm() * t[i, k].norm())) for k in range(3)) / 3, abs=1e-5)
         assert err == pytest.approx(sum(float((z[i, k] - t[i, k]).pow(2).sum()) for k in range(3)), rel=1e-4)
         assert dev == pytest.approx(sum(float((t[i, k] - mean).pow(2).sum()) for k in range(3)), rel=1e-4)
-    o = ev.summarize(recs)["overall"]
+    o = summary.summarize(recs)["overall"]
     assert o["latent_cos"] == pytest.approx(sum(r["latent_fit"][0] for r in recs) / len(recs))
     assert o["latent_r2"] == pytest.approx(1 - sum(r["latent_fit"][1] for r in recs) / sum(r["latent_fit"][2] for r in recs))
     small = ev.evaluate(m, tok, samples, route="all", latent_steps=3, max_new_tokens=10, progress=False, batch_size=2)
@@ -231,7 +232,7 @@ def test_flip_metrics_by_hand():
               {"id": "2", "pred": "C", "correct": True, "changes": True, "edit": "swap"},   # right only when edited
               {"id": "3", "pred": "A", "correct": False, "changes": False, "edit": "shape"},  # a false flip
               {"id": "4", "pred": "D", "correct": True, "changes": False, "edit": "remove"}]
-    f = ev.flip_metrics(base, edited)
+    f = summary.flip_metrics(base, edited)
     assert f["paired_flip"]["rate"] == pytest.approx(1 / 3) and f["paired_flip"]["n"] == 3
     assert f["change_rate"]["rate"] == pytest.approx(2 / 3)
     assert f["false_flip"]["rate"] == 0.5 and f["false_flip"]["n"] == 2
@@ -247,7 +248,7 @@ def test_edit_arm_decodes_the_edited_views(tiny, questions):
     assert [r["changes"] for r in recs] == [p.changes for p in pairs] and any(r["changes"] for r in recs)
     direct = ev.evaluate(m, tok, [p.edited for p in pairs], **kw)
     assert [r["text"] for r in recs] == [r["text"] for r in direct]
-    out = ev.compare({"normal": ev.evaluate(m, tok, questions, **kw), "edit": recs})
+    out = summary.compare({"normal": ev.evaluate(m, tok, questions, **kw), "edit": recs})
     assert out["edit"]["flip"]["paired_flip"]["n"] == sum(p.changes for p in pairs)
 
 
@@ -278,7 +279,7 @@ def test_donor_arms_feed_the_donors_latents(tiny, questions):
     assert torch.allclose(part.latents[:, 1 + k:1 + K], h[:, 1 + k:1 + K], atol=1e-5)  # the model's own after k
     assert not torch.allclose(part.latents[:, 1 + k:1 + K], donor_latents[:, k:K])
     recs = ev.evaluate(m, tok, questions, mode="donor-k4", route="all", max_new_tokens=12, latent_steps=K, progress=False)
-    s = ev.summarize(recs)["donor"]
+    s = summary.summarize(recs)["donor"]
     assert s["lift"]["n"] == sum(r["to_donor"] is not None for r in recs) > 0
     assert all(r["to_donor"] == (r["pred"] == r["donor_answer"]) for r in recs if r["to_donor"] is not None)
 

@@ -13,6 +13,7 @@ import eval as ev
 import lvr
 import model as M
 import reward
+import summary
 from test_reward import rollouts_with_spans
 
 
@@ -151,11 +152,11 @@ def test_evaluate_records_grounding_and_summarize_averages_it(sharp):
     blind_never = ev.evaluate(m, tok, qs, mode="blind", route="none", **kw)  # no span: nothing is hidden
     values = lambda rs: [v for r in rs for v in (r["grounding"] or {}).values()]  # noqa: E731
     assert len(values(never)) == 12 and values(blind_never) == pytest.approx(values(never), abs=1e-5)
-    s = ev.summarize(recs)
+    s = summary.summarize(recs)
     have = [r["grounding"] for r in recs if r["grounding"]]
     assert s["overall"]["grounding"] == pytest.approx({**{k: np.mean([g[k] for g in have]) for k in have[0]}, "n": 3})
     t = recs[0]["qtype"]
     assert s["per_type"][t]["grounding"]["all"] == pytest.approx(np.mean([g["grounding"]["all"] for g in recs
                                                                           if g["qtype"] == t and g["grounding"]]))
-    assert ev.summarize([recs[1]])["overall"]["grounding"] is None
-    assert f"| {s['overall']['grounding']['all']:.3f} |" in ev.table({"normal": s})
+    assert summary.summarize([recs[1]])["overall"]["grounding"] is None
+    assert f"| {s['overall']['grounding']['all']:.3f} |" in summary.table({"normal": s})

@@ -13,6 +13,7 @@ from transformers import AutoImageProcessor, AutoTokenizer
 
 import benchmarks
 import data
+import datafiles
 import lvr
 import model as M
 import train_sft
@@ -45,7 +46,7 @@ def write_json(path, obj):
 
 
 def load_one(lvr_dir, rec):
-    return data.load_jsonl(write_json(lvr_dir / "d.json", [rec]))[0]
+    return datafiles.load_jsonl(write_json(lvr_dir / "d.json", [rec]))[0]
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -128,7 +129,7 @@ def test_prompt_is_the_chat_template_with_image_positions(qwen_dir, tmp_path):
 # ------------------------------------------------------------------------------------- data
 def test_lvr_data_as_one_json_array_with_image_lists(lvr_dir):
     rows = [lvr_record(image=["viscot/x.jpg"]), lvr_record(image="viscot/y.jpg")]
-    samples = data.load_jsonl(write_json(lvr_dir / "lvr.json", rows))
+    samples = datafiles.load_jsonl(write_json(lvr_dir / "lvr.json", rows))
     assert [os.path.basename(s.image_path) for s in samples] == ["x.jpg", "y.jpg"]
     assert samples[0].load_image().shape == (60, 80, 3)
     two = load_one(lvr_dir, lvr_record(image=["viscot/x.jpg", "viscot/y.jpg"], question="<image> or <image>?"))
@@ -183,7 +184,7 @@ def test_real_model_defaults_and_held_out_validation(lvr_dir, qwen_dir):
     assert a.lr == 1e-5 and a.point_weight == 0.0 and a.out == os.path.join("runs", "lvr-ckpt-sft")
     small = train_sft.parse_args([])
     assert small.lr == 1e-3 and small.point_weight == 1.0 and small.out == os.path.join("runs", "small-vl-sft")
-    stream = data.Stream(a)
+    stream = datafiles.Stream(a)
     val = {s.response for s in stream.val(100)}
     train = {stream[i].response for i in range(200)}
     assert len(val) == 1 and not val & train and len(train) == 19
@@ -195,7 +196,7 @@ def test_image_that_is_not_an_image_names_file_and_row(lvr_dir):
     path = write_json(lvr_dir / "d.jsonl", {}) if False else str(lvr_dir / "d.jsonl")
     (lvr_dir / "d.jsonl").write_text(json.dumps(lvr_record()) + "\n" + json.dumps(lvr_record(image="viscot/bad.png")) + "\n")
     with pytest.raises(ValueError, match=r"d.jsonl:2: image .*bad.png is not a readable image"):
-        data.load_jsonl(path)
+        datafiles.load_jsonl(path)
 
 
 def test_decompression_bomb_is_refused_when_read(lvr_dir):
@@ -208,7 +209,7 @@ def test_non_utf8_byte_names_the_line(lvr_dir):
     path = lvr_dir / "d.jsonl"
     path.write_bytes(json.dumps(lvr_record()).encode() + b"\n" + json.dumps(lvr_record()).encode()[:-2] + b"\xff\"}\n")
     with pytest.raises(ValueError, match=r"d.jsonl:2: not UTF-8"):
-        data.load_jsonl(str(path))
+        datafiles.load_jsonl(str(path))
 
 
 def test_answer_letter_outside_the_options(lvr_dir):

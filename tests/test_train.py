@@ -14,6 +14,7 @@ import eval as ev
 import lvr
 import model as M
 import reward
+import summary
 import train_rl
 import train_sft
 
@@ -137,7 +138,7 @@ def test_rl_validation_curve_rows_and_unchanged_training(tmp_path):
     model, tok = M.load_model(os.path.join(curve, "checkpoint"))
     normal = ev.evaluate(model, tok, questions, latent_steps=3, max_new_tokens=16, progress=False)
     never = ev.evaluate(model, tok, questions, latent_steps=3, max_new_tokens=16, route="none", progress=False)
-    s, n = ev.summarize(normal), ev.summarize(never)
+    s, n = summary.summarize(normal), summary.summarize(never)
     assert s["overall"]["acc"] != n["overall"]["acc"] and s["overall"]["latent_rate"] > 0  # the passes are told apart
     assert val[-1]["val_acc"] == s["overall"]["acc"] and val[-1]["val_never_acc"] == n["overall"]["acc"]
     assert val[-1]["val_latent_rate"] == s["overall"]["latent_rate"]
