@@ -188,6 +188,16 @@ def attention_share_naive(attn: torch.Tensor, query_mask, key_mask) -> torch.Ten
     return (mass * query_mask).sum(1) / query_mask.sum(1).clamp(min=1)
 
 
+def sequence_masks(prompt: dict, tokens, completion_mask, cfg, blind: bool):
+    """Over prompt + completion: (pad: a completion-length (N, T) mask to full length, the attention mask,
+    the image keys, attention_share's keywords of the image-blind interface ({} without `blind`))."""
+    pad = lambda m: F.pad(m, (prompt["input_ids"].shape[1], 0))  # noqa: E731
+    full_mask = torch.cat([prompt["attention_mask"], completion_mask.long()], 1)
+    image = torch.cat([prompt["input_ids"], tokens], 1) == cfg.image_token_id
+    hide = dict(hidden_keys=image, blind_queries=pad(lvr.post_span(tokens, cfg.lvr_end_id))) if blind else {}
+    return pad, full_mask, image, hide
+
+
 def attention_reward(qk: dict, prompt: dict, tokens, latent_mask, completion_mask, cfg,
                      variant: str = "share", blind: bool = False) -> torch.Tensor:
     """r_attn per rollout from captured {layer: (q, k)} of a scoring forward over prompt + completion;
@@ -196,11 +206,8 @@ def attention_reward(qk: dict, prompt: dict, tokens, latent_mask, completion_mas
     if variant not in ("share", "relative"):
         raise ValueError(f"unknown attention reward variant {variant!r}; expected 'share' or 'relative'")
     keys, queries = span_masks(tokens, latent_mask, completion_mask, cfg.lvr_start_id, cfg.lvr_end_id)
-    pad = lambda m: torch.cat([torch.zeros_like(prompt["attention_mask"], dtype=torch.bool), m], 1)  # noqa: E731
-    full_mask = torch.cat([prompt["attention_mask"], completion_mask.long()], 1)
-    image = torch.cat([prompt["input_ids"], tokens], 1) == cfg.image_token_id
+    pad, full_mask, image, hide = sequence_masks(prompt, tokens, completion_mask, cfg, blind)
     out, share = [], share_fn(tokens.device)
-    hide = dict(hidden_keys=image, blind_queries=pad(lvr.post_span(tokens, cfg.lvr_end_id))) if blind else {}
     for q, k in qk.values():
         r = share(q.detach(), k.detach(), pad(queries), pad(keys), full_mask, **hide)
         if variant == "relative":
@@ -225,10 +232,7 @@ def grounding(qk: dict, prompt: dict, tokens, latent_mask, completion_mask, cfg,
     mean mass on the box keys / mean mass on all image keys. NaN where the answer tokens pay the image
     nothing: no answer token, or under `blind` after a span (the blind interface hides the image from them)."""
     queries = answer_mask(tokens, latent_mask, completion_mask, cfg)
-    pad = lambda m: F.pad(m, (prompt["input_ids"].shape[1], 0))  # noqa: E731
-    full_mask = torch.cat([prompt["attention_mask"], completion_mask.long()], 1)
-    image = torch.cat([prompt["input_ids"], tokens], 1) == cfg.image_token_id
-    hide = dict(hidden_keys=image, blind_queries=pad(lvr.post_span(tokens, cfg.lvr_end_id))) if blind else {}
+    pad, full_mask, image, hide = sequence_masks(prompt, tokens, completion_mask, cfg, blind)
     out = []
     for layer in sorted(qk):
         q, k = (x.detach() for x in qk[layer])
