@@ -217,7 +217,7 @@ def evaluate(a, name: str, seed: int) -> dict:
     records = {m: ev.evaluate(model, tok, test, **kw) for m, kw in plan.items()}
     out = {"model": name, "seed": seed, "checkpoint": ckpt, "weights": weights, "routed_types": route,
            "summaries": {m: summary.summarize(r) for m, r in records.items()},
-           "flip": {m: summary.flip_metrics(records[b], records[m]) for m, b in ev.PAIRED_BASE.items() if m in records},
+           "flip": {m: summary.flip_metrics(records[b], records[m]) for m, b in summary.PAIRED_BASE.items() if m in records},
            "correct": {m: [int(x["correct"]) for x in r] for m, r in records.items()},
            "grounding": {m: [x["grounding"]["all"] if x["grounding"] else None for x in r] for m, r in records.items()},
            "qtypes": [x["qtype"] for x in records["normal"]]}
