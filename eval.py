@@ -79,6 +79,19 @@ ARMS = lvr.MODES + ("shuffle", "oracle") + BLIND_ARMS + PAIR_ARMS + DONOR_ARMS  
 K_SWEEP = (0, 2, 4, 16)  # rows "K=n" (normal decoding with n latent steps; the default K is the normal row)
 
 
+def spanless_copy(mode: str, done: dict, forbid: bool = False) -> list[dict] | None:
+    """`mode`'s records without decoding, when the run they would equal opened no span on any question: every
+    arm except the edit pairs changes only what happens inside or after a span (the latent interventions,
+    shuffle, oracle, blind, donor, the K sweep), so it decodes exactly as done["normal"] did (same questions,
+    seeds and settings), and blind+edit as done["edit"] did; `forbid` (spans forbidden: route "none") makes
+    normal itself such an arm. None when the arm must be decoded."""
+    base = "edit" if mode == "blind+edit" else None if mode in PAIR_ARMS else "normal"
+    if base not in done or (mode == base and not forbid) or any(r["opened"] for r in done[base]):
+        return None
+    extra = dict(donor=None, donor_answer=None, to_donor=None) if mode in DONOR_ARMS else {}
+    return [{**r, **extra} for r in done[base]]
+
+
 def first_span_latents(roll, K: int) -> torch.Tensor:
     """(N, K, D): each rollout's first K latents (zeros where it fed fewer)."""
     out = roll.latents.new_zeros(roll.latents.shape[0], K, roll.latents.shape[-1])
@@ -528,7 +541,7 @@ def main(argv=None):
         for name, samples in sets.items():
             results = {}
             for mode in modes:  # the results file is rewritten after each mode: a late failure keeps the rest
-                results[mode] = evaluate(model, tok, samples, mode=mode, **kw)
+                results[mode] = spanless_copy(mode, results) or evaluate(model, tok, samples, mode=mode, **kw)
                 summaries = summary.compare(results) if a.compare else {m: summary.summarize(r) for m, r in results.items()}
                 if samples and isinstance(samples[0], benchmarks.BenchSample):
                     for m, recs in results.items():

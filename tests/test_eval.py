@@ -292,3 +292,19 @@ def test_arms_option_runs_the_named_arms_after_normal():
             ev.arm_list(bad)
     assert ev.split_mode("blind") == ("normal", True) and ev.split_mode("blind+oracle") == ("oracle", True)
     assert ev.split_mode("donor-k4") == ("donor-k4", False)
+
+
+def test_arms_of_a_model_that_opens_no_span_are_copied_exactly(tiny, questions):
+    """spanless_copy against decoding: every arm of a model whose greedy decoding opens no span (the tiny random
+    model on these questions) decodes record for record as normal (blind+edit as edit), spans forbidden too;
+    nothing is copied once a span opens, nor for normal and edit themselves."""
+    m, tok = tiny
+    kw = dict(max_new_tokens=12, latent_steps=2, batch_size=4, progress=False)
+    done = {mode: ev.evaluate(m, tok, questions, mode=mode, **kw) for mode in ("normal", "edit")}
+    assert not any(r["opened"] for rs in done.values() for r in rs)  # the premise
+    for mode in [a for a in ev.ARMS if a not in ("normal", "edit")] + ["K=0", "K=4"]:
+        assert ev.spanless_copy(mode, done) == ev.evaluate(m, tok, questions, mode=mode, **kw), mode
+    assert ev.spanless_copy("normal", done, forbid=True) == ev.evaluate(m, tok, questions, route="none", **kw)
+    assert ev.spanless_copy("normal", done) is None and ev.spanless_copy("edit", done) is None
+    opened = {"normal": ev.evaluate(m, tok, questions, route="all", **kw)}
+    assert all(ev.spanless_copy(mode, opened) is None for mode in ev.ARMS)
