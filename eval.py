@@ -435,7 +435,7 @@ def arm_list(s: str) -> list[str]:
     arms = [x.strip() for x in s.split(",") if x.strip()]
     bad = [x for x in arms if x not in ARMS and not (x.startswith("K=") and x[2:].isdigit())]
     if not arms or bad:
-        raise argparse.ArgumentTypeError(f"unknown arm(s) {', '.join(bad) or s!r}; expected some of {', '.join(ARMS)} or K=n")
+        raise argparse.ArgumentTypeError(f"unknown arm(s) {', '.join(bad) if bad else repr(s)}; expected some of {', '.join(ARMS)} or K=n")
     return arms
 
 

@@ -11,7 +11,9 @@ views), `donor` (how often the answer moves to the donor's answer) and `groundin
 layer band, every arm; `grounding_paired`: rl-att - rl and both against lvr, normal and never, 95% intervals).
 
     python study.py              # seeds 0, 1, 2 (seeds 1 and 2 train their stage-1 models: README has the time)
-    python study.py --quick      # seed 0 alone: RL from the shipped stage-1 models, the same evaluation
+    python study.py --quick      # seed 0 and the four core models (text, lvr, rl, rl-att): two RL runs from
+                                 # the shipped stage-1 models, the same evaluation
+    python study.py --models lvr,rl,rl-att --seeds 0,1   # some models and seeds only
     python study.py --task hard  # the hard question mix: stage 1 trained from the shipped bases (runs/study-hard)
 
 Each seed has its own base model (stage 0), so the spread across seeds includes the base's: seeds 0, 1
@@ -20,8 +22,8 @@ and 2 the shipped checkpoints/small-vl-base, -s1 and -s2 (what train_sft.py --se
 (under --root as base-sN, trained first). --base shares one base across seeds instead, as the paper's
 runs share one pretrained Qwen2.5-VL. A seed also sets stage-1 SFT and RL (data order, which replies carry latents and how long
 their spans are, rollout sampling). Seed 0's stage-1 models are the shipped
-checkpoints/small-vl-sft and checkpoints/small-vl-sft-text (what train_sft.py trains for seed 0; README,
-"Repeat runs"), so --quick is the full study's seed 0 and shares its runs. Work units (a training run, a
+ones (rundir.shipped_sft: checkpoints/small-vl-hard-sft, -hard-sft-text and -hard-sft-strict; on the easy task
+small-vl-sft and -sft-text: what train_sft.py trains for seed 0), so --quick is the full study's seed 0 and shares its runs. Work units (a training run, a
 model's evaluation) are kept under --root; an interrupted study run again continues where it stopped.
 Writes to --results: one JSON per model and seed (summaries and per-question correctness) and each RL run's
 log (runs/NAME-sSEED_log.jsonl), study.json (mean and spread across seeds, paired differences with 95%
@@ -57,6 +59,7 @@ import train_sft
 
 MODELS = ("text", "lvr", "rl", "rl-att", "evidence", "lvr-strict", "rl-strict", "rl-att-strict")
 LVR_MODELS = MODELS[1:]  # every model that may open latent spans: evaluated under every arm
+CORE = ("text", "lvr", "rl", "rl-att")  # the paper's four findings: --quick's models
 SFT_MODELS = ("text", "lvr", "lvr-strict")
 RL_MODELS = tuple(m for m in MODELS if m not in SFT_MODELS)  # trained by train_rl.py: a log of GRPO steps each
 STRICT = ("lvr-strict", "rl-strict", "rl-att-strict")  # trained under the image-blind interface (--strict)
@@ -67,7 +70,10 @@ SHIPPED_BASE = os.path.join(rundir.SHIPPED, "small-vl-base")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="seed 0 only: the two RL runs from the shipped stage-1 models")
+    p.add_argument("--quick", action="store_true",
+                   help=f"seed 0 and the models {','.join(CORE)} only: two RL runs from the shipped stage-1 models")
+    p.add_argument("--models", type=model_list, metavar="A,B",
+                   help=f"these models only (default all: {','.join(MODELS)}; --quick {','.join(CORE)})")
     p.add_argument("--task", default=data.DEFAULT_TASK, choices=list(data.TASKS),
                    help="synthetic question mix (data.py); another than the default goes to --root runs/study-TASK, "
                         "--results results/TASK")
@@ -89,10 +95,20 @@ def parse_args(argv=None):
     p.add_argument("--results", help="results folder (default results, --quick results/quick)")
     a = p.parse_args(argv)
     a.seeds = [int(s) for s in (a.seeds or ("0" if a.quick else "0,1,2")).split(",")]
+    a.models = a.models or list(CORE if a.quick else MODELS)
     other = "" if a.task == data.DEFAULT_TASK else a.task
     a.root = a.root or os.path.join(rundir.RUNS, "study" + rundir.task_suffix(a.task))
     a.results = a.results or os.path.join("results", other, "quick" if a.quick else "")
     return a
+
+
+def model_list(s: str) -> list[str]:
+    """argparse type of --models: comma-separated names of MODELS, kept in MODELS' order."""
+    names = {x.strip() for x in s.split(",") if x.strip()}
+    bad = ", ".join(sorted(names - set(MODELS))) if names else repr(s)
+    if not names or names - set(MODELS):
+        raise argparse.ArgumentTypeError(f"unknown model(s) {bad}; expected some of {', '.join(MODELS)}")
+    return [m for m in MODELS if m in names]
 
 
 # ---------------------------------------------------------------------------------- training
@@ -240,13 +256,15 @@ def spread(values: list[float]) -> dict:
 
 
 def pooled(a_runs: list[dict], b_runs: list[dict], mode_a: str, mode_b: str, qtype=None) -> dict:
-    """Paired difference b - a over the same (seed, question) pairs, all seeds pooled."""
-    xa, xb = [], []
+    """Paired difference b - a over the same (seed, question) pairs, all seeds pooled (the interval is over
+    questions: it leaves out how training runs vary), and each seed's own difference (`seeds`), which shows it."""
+    xa, xb, seeds = [], [], []
     for ra, rb in zip(a_runs, b_runs):
         keep = [qtype is None or t == qtype for t in ra["qtypes"]]
-        xa += [c for c, k in zip(ra["correct"][mode_a], keep) if k]
-        xb += [c for c, k in zip(rb["correct"][mode_b], keep) if k]
-    return summary.paired(xa, xb)
+        ca = [c for c, k in zip(ra["correct"][mode_a], keep) if k]
+        cb = [c for c, k in zip(rb["correct"][mode_b], keep) if k]
+        xa, xb, seeds = xa + ca, xb + cb, seeds + [(sum(cb) - sum(ca)) / max(len(ca), 1)]
+    return {**summary.paired(xa, xb), "seeds": seeds}
 
 
 def aggregate(runs: dict, task: str = "easy") -> dict:
@@ -271,14 +289,14 @@ def aggregate(runs: dict, task: str = "easy") -> dict:
             out["models"][name]["donor"] = {m: {k: spread([r["summaries"][m]["donor"][k]["rate"] for r in rs])
                                                 for k in ("lift", "kept")} for m in donor}
     types = list(data.qtypes_of(task))
-    for name in LVR_MODELS:
+    for name in (n for n in LVR_MODELS if n in runs):
         for mode in LATENT_MODES[1:]:
             out["paired"][f"{name}: {mode} - normal"] = {
                 "overall": pooled(runs[name], runs[name], "normal", mode),
                 **{t: pooled(runs[name], runs[name], "normal", mode, t) for t in types}}
     out["grounding_paired"] = {f"{b_} - {a_} ({mode})": pooled_grounding(runs[a_], runs[b_], mode)
-                               for a_, b_, mode in GROUNDING_COMPARISONS}
-    for a_, b_, mode in COMPARISONS:
+                               for a_, b_, mode in GROUNDING_COMPARISONS if a_ in runs and b_ in runs}
+    for a_, b_, mode in ((a_, b_, m) for a_, b_, m in COMPARISONS if a_ in runs and b_ in runs):
         out["paired"][f"{b_} - {a_} ({mode})"] = {"overall": pooled(runs[a_], runs[b_], mode, mode),
                                                   **{t: pooled(runs[a_], runs[b_], mode, mode, t) for t in types}}
     return out
@@ -313,7 +331,7 @@ def rl_logs(a) -> dict:
     """Each RL run's train_rl.py log, copied next to its evaluation (RESULTS/runs/NAME-sSEED_log.jsonl: the file
     behind its curves and its training means): {name: [path per seed]}."""
     out = {}
-    for name in RL_MODELS:
+    for name in (n for n in RL_MODELS if n in a.models):
         out[name] = []
         for seed in a.seeds:
             src = os.path.join(a.root, f"{name}-s{seed}", rundir.LOG)
@@ -372,11 +390,12 @@ def markdown(agg: dict, a) -> str:
     for name, modes in agg["models"].items():
         if "train" in modes:
             lines.append(f"| {name} | " + " | ".join(f(modes["train"][k]) for k in TRAIN_KEYS) + " |")
-    lines += ["", "Paired differences (all seeds pooled, 95% interval):", "",
-              "| comparison | overall | " + " | ".join(types) + " |", "|---|---|" + "---|" * len(types)]
+    lines += ["", "Paired differences (all seeds pooled, 95% interval over questions; per seed: each seed's own difference):",
+              "", "| comparison | overall | per seed | " + " | ".join(types) + " |", "|---|---|---|" + "---|" * len(types)]
     g = lambda d: f"{d['diff']:+.3f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"  # noqa: E731
     for k, d in agg["paired"].items():
-        lines.append(f"| {k} | {g(d['overall'])} | " + " | ".join(g(d[t]) for t in types) + " |")
+        per_seed = " / ".join(f"{x:+.3f}" for x in d["overall"]["seeds"])
+        lines.append(f"| {k} | {g(d['overall'])} | {per_seed} | " + " | ".join(g(d[t]) for t in types) + " |")
     lines += ["", "Visual grounding: of the attention the answer tokens pay to the image, the share inside the question's "
               "boxes (eval.py; layer bands early/middle/late, all layers; uniform: attention spread evenly over the image):",
               "", "| model | mode | " + " | ".join(GROUNDING_KEYS) + " |", "|---|---|" + "---|" * len(GROUNDING_KEYS)]
@@ -401,14 +420,15 @@ def plots(a, agg: dict, logs: dict):
     modes = ("normal", "drop", "noise", "zero", "shuffle", "oracle", "blind", "blind+drop", "blind+oracle", "K=16", "force",
              "never", "routed")
     fig, ax = plt.subplots(figsize=(16, 3.5))
-    for i, name in enumerate(MODELS):
+    names = [n for n in MODELS if n in agg["models"]]
+    for i, name in enumerate(names):
         for j, mode in enumerate(modes):
             s = agg["models"][name].get(mode)
             if s and isinstance(s.get("acc"), dict):
                 ax.bar(i * (len(modes) + 1) + j, s["acc"]["mean"], yerr=s["acc"]["std"], color=f"C{j}",
                        label=mode if name == "lvr" else None)
     ax.axhline(np.mean([1 / summary.n_options(x) for x in data.make_split("test", a.n_test, 0, task=a.task)]), color="k", ls=":", lw=1)
-    ax.set_xticks([i * (len(modes) + 1) + len(modes) / 2 for i in range(len(MODELS))], MODELS)
+    ax.set_xticks([i * (len(modes) + 1) + len(modes) / 2 for i in range(len(names))], names)
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.12)
     ax.legend(ncol=len(modes), fontsize=7, loc="upper center")
@@ -421,7 +441,7 @@ def main(argv=None):
     a = parse_args(argv)
     t0 = time.time()
     try:
-        runs = {name: [evaluate(a, name, s) for s in a.seeds] for name in MODELS}
+        runs = {name: [evaluate(a, name, s) for s in a.seeds] for name in a.models}
         logs = rl_logs(a)
         train = {name: train_means(paths) for name, paths in logs.items()}
     except (M.ModelLoadError, FileNotFoundError, ValueError) as e:

@@ -287,8 +287,8 @@ def test_donor_arms_feed_the_donors_latents(tiny, questions):
 def test_arms_option_runs_the_named_arms_after_normal():
     import argparse
     assert ev.arm_list("blind, edit,K=3") == ["blind", "edit", "K=3"]
-    for bad in ("blind,sideways", "", "K=x"):
-        with pytest.raises(argparse.ArgumentTypeError):
+    for bad, named in (("blind,sideways", "sideways;"), ("", "'';"), ("K=x", "K=x;")):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"^unknown arm\\(s\\) {named}"):
             ev.arm_list(bad)
     assert ev.split_mode("blind") == ("normal", True) and ev.split_mode("blind+oracle") == ("oracle", True)
     assert ev.split_mode("donor-k4") == ("donor-k4", False)

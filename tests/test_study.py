@@ -50,6 +50,7 @@ def test_study_writes_every_model_mode_and_seed(done):
         pair = [json.load(open(root / "results" / "runs" / f"{n}-s{s}.json"))["correct"][mode]
                 for s in (0, 1) for n in ("rl", "rl-att")]
         assert d["diff"] == pytest.approx((sum(pair[1]) + sum(pair[3]) - sum(pair[0]) - sum(pair[2])) / 20)
+        assert d["seeds"] == pytest.approx([(sum(pair[1]) - sum(pair[0])) / 10, (sum(pair[3]) - sum(pair[2])) / 10])
     md = open(root / "results" / "study.md").read()
     assert "| rl-att - rl (never) |" in md and "| rl-strict | " in md.split("last 50 GRPO steps")[1]
     assert "| rl-att | routed |" in md and "| evidence | edit |" in md and "| rl-att-strict | blind+donor |" in md
@@ -230,3 +231,20 @@ def test_study_carries_the_grounding_and_its_paired_differences(done):
     json.dump(older, open(path, "w"))
     study.main(args)
     assert "grounding" in json.load(open(path))
+
+
+def test_models_option_evaluates_and_compares_only_those(done, capsys):
+    """--models (--quick: the four core models) leaves the others untrained and out of study.json, keeping
+    the comparisons between the chosen ones; an unknown name is refused in one line naming it."""
+    root, args = done
+    assert study.parse_args(["--quick"]).models == list(study.CORE) == ["text", "lvr", "rl", "rl-att"]
+    out = root / "only"
+    study.main(args[:args.index("--results")] + ["--results", str(out), "--models", "rl,lvr", "--seeds", "1"])
+    agg = json.load(open(out / "study.json"))
+    assert set(agg["models"]) == {"lvr", "rl"} and agg["config"]["models"] == ["lvr", "rl"]
+    assert set(k.split(" (")[0] for k in agg["paired"] if " - normal" not in k) == {"rl - lvr"}
+    assert set(agg["grounding_paired"]) == {"rl - lvr (normal)", "rl - lvr (never)"}
+    assert sorted(os.listdir(out / "runs")) == ["lvr-s1.json", "rl-s1.json", "rl-s1_log.jsonl"]
+    with pytest.raises(SystemExit):
+        study.parse_args(["--models", "rl,rl-atx"])
+    assert "unknown model(s) rl-atx; expected some of text, lvr" in capsys.readouterr().err
