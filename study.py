@@ -6,9 +6,9 @@ test-time K sweep), with latents forced and forbidden, and with task-level routi
 necessity tests): `evidence`, LVR SFT + GRPO + ReaLVR's evidence loss (train_rl.py --evidence-weight), and
 `lvr-strict`, an LVR SFT trained under the image-blind interface (train_sft.py --strict) with its two RL
 runs `rl-strict` and `rl-att-strict` (train_rl.py --strict). study.json carries per model the accuracy of
-every arm (keys such as `blind`, `blind+drop`), `flip` (the edit pairs' metrics against their original
-views), `donor` (how often the answer moves to the donor's answer) and `grounding` (eval.py's visual grounding per
-layer band, every arm; `grounding_paired`: rl-att - rl and both against lvr, normal and never, 95% intervals).
+every arm (keys such as `blind`, `blind+drop`, `donor`), `flip` (the edit pairs' metrics against their
+original views), `donor_swap` (how often the answer moves to the donor's answer) and `grounding` (eval.py's
+visual grounding per layer band, every arm; `grounding_paired`: rl-att - rl and both against lvr, normal and never, 95% intervals).
 
     python study.py              # seeds 0, 1, 2 (seeds 1 and 2 train their stage-1 models: README has the time)
     python study.py --quick      # seed 0 and the four core models (text, lvr, rl, rl-att): two RL runs from
@@ -286,7 +286,7 @@ def aggregate(runs: dict, task: str = "easy") -> dict:
                                            for m in rs[0]["flip"]}
         donor = [m for m in rs[0]["summaries"] if "donor" in rs[0]["summaries"][m]]
         if donor:  # the latent swap: per donor arm, how often the answer moved to the donor's, and kept its own
-            out["models"][name]["donor"] = {m: {k: spread([r["summaries"][m]["donor"][k]["rate"] for r in rs])
+            out["models"][name]["donor_swap"] = {m: {k: spread([r["summaries"][m]["donor"][k]["rate"] for r in rs])
                                                 for k in ("lift", "kept")} for m in donor}
     types = list(data.qtypes_of(task))
     for name in (n for n in LVR_MODELS if n in runs):
@@ -370,7 +370,7 @@ def markdown(agg: dict, a) -> str:
              "|---|---|---|" + "---|" * len(types) + "---|---|---|"]
     for name, modes in agg["models"].items():
         for mode, s in modes.items():
-            if mode in ("routed_types", "flip", "donor", "train"):
+            if mode in ("routed_types", "flip", "donor_swap", "train"):
                 continue
             lines.append(f"| {name} | {mode} | {f(s['acc'])} | " + " | ".join(f(s["per_type"][t]) for t in types)
                          + f" | {f(s['latent_rate'])} | {f(s['att_share'])} | {f(s['latent_r2'])} |")
@@ -382,7 +382,7 @@ def markdown(agg: dict, a) -> str:
             lines.append(f"| {name} | {arm} | " + " | ".join(f(fl[k]) for k in FLIP_KEYS) + " |")
     lines += ["", "| model | arm | moved to the donor's answer | kept its own |", "|---|---|---|---|"]
     for name, modes in agg["models"].items():
-        for arm, d in modes.get("donor", {}).items():
+        for arm, d in modes.get("donor_swap", {}).items():
             lines.append(f"| {name} | {arm} | {f(d['lift'])} | {f(d['kept'])} |")
     lines += ["", f"RL training, the last {LAST_STEPS} GRPO steps: share of groups with equal rewards (zero_spread: no "
               "gradient), latent rate and attention share of the rollouts:", "",
@@ -458,7 +458,7 @@ def main(argv=None):
         f.write(md + "\n")
     print(md)
     plots(a, agg, logs)
-    print(f"study done in {math.ceil((time.time() - t0) / 60)} min (this invocation); results in {a.results}/")
+    print(f"study done in {math.ceil((time.time() - t0) / 60)} min (this invocation); results in {os.path.normpath(a.results)}/")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ def test_study_writes_every_model_mode_and_seed(done):
         assert {"blind", "blind+drop", "blind+oracle"} <= set(agg["models"][name])
         assert set(agg["models"][name]["flip"]) == {"edit", "blind+edit"}
         assert set(agg["models"][name]["flip"]["edit"]) == set(study.FLIP_KEYS)
-        assert set(agg["models"][name]["donor"]) == {"donor", "donor-k4", "blind+donor"}
+        assert set(agg["models"][name]["donor_swap"]) == {"donor", "donor-k4", "blind+donor"}
+        assert agg["models"][name]["donor"]["acc"]["seeds"] == [  # the donor arm's accuracy, kept beside the swap's metrics
+            json.load(open(root / "results" / "runs" / f"{name}-s{s}.json"))["summaries"]["donor"]["overall"]["acc"] for s in (0, 1)]
     assert "evidence" in agg["models"] and "evidence - rl (normal)" in agg["paired"]
     assert "lvr-strict - lvr (blind)" in agg["paired"]
     for name in study.MODELS:
