@@ -264,7 +264,8 @@ def test_8_io_errors_are_one_line_and_eval_writes_as_it_goes(init, tmp_path, mon
     real = ev.evaluate
     monkeypatch.setattr(ev, "evaluate", lambda *a, **k: real(*a, **k) if k["mode"] == "normal" else 1 / 0)
     with pytest.raises(ZeroDivisionError):
-        ev.main(["--model", init, "--n", "2", "--max-new-tokens", "4", "--compare", "--out", str(tmp_path / "e.json")])
+        ev.main(["--model", init, "--n", "2", "--max-new-tokens", "4", "--compare", "--force-latents",  # spans: every arm decodes
+                 "--out", str(tmp_path / "e.json")])
     assert list(json.load(open(tmp_path / "e.json"))["summaries"]) == ["normal"]  # the first mode was kept
 
 
