@@ -232,8 +232,8 @@ def evaluate(a, name: str, seed: int) -> dict:
     plan = {m: {"route": routes[m]} if m in routes else {"mode": m} for m in modes}
     records = {}
     for m, kw in plan.items():  # a model that opens no span decodes most arms once (eval.spanless_copy)
-        copy = ev.spanless_copy(kw.get("mode", "normal"), records, forbid=kw.get("route") == "none")
-        records[m] = copy if copy is not None else ev.evaluate(model, tok, test, **kw)
+        records[m] = (ev.spanless_copy(kw.get("mode", "normal"), records, forbid=kw.get("route") == "none")
+                      or ev.evaluate(model, tok, test, **kw))
     out = {"model": name, "seed": seed, "checkpoint": ckpt, "weights": weights, "routed_types": route,
            "summaries": {m: summary.summarize(r) for m, r in records.items()},
            "flip": {m: summary.flip_metrics(records[b], records[m]) for m, b in summary.PAIRED_BASE.items() if m in records},
