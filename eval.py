@@ -402,7 +402,7 @@ def parse_args(argv=None):
                         "checkpoints, judge-free verdict and metrics) or lenient (our checker, the RL reward's; the "
                         "default for the other benchmarks and the synthetic split)")
     p.add_argument("--temperature", type=rundir.at_least(0.0, float), default=0.0, help="0 = greedy; else sampling (seeded by --seed)")
-    p.add_argument("--top-p", type=rundir.positive(), default=1.0, help="nucleus sampling when sampling")
+    p.add_argument("--top-p", type=rundir.within(0, 1, "(]"), default=1.0, help="nucleus sampling when sampling")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling and of the noise latents")
     p.add_argument("--cache", choices=lvr.CACHES, help="decoder (lvr.generate): default graph on CUDA, dynamic on the CPU")
     m = p.add_mutually_exclusive_group()

@@ -100,6 +100,13 @@ def positive(kind=float):
     return _number(kind, lambda v: v > 0, "above 0")
 
 
+def within(lo, hi, ends="[]"):
+    """argparse type: a float from lo to hi, each end in or out by `ends` (`--clip-low 1`, `--top-p 1.5`)."""
+    def ok(v):
+        return (lo <= v if ends[0] == "[" else lo < v) and (v <= hi if ends[1] == "]" else v < hi)
+    return _number(float, ok, f"in {ends[0]}{lo}, {hi}{ends[1]}")
+
+
 def layer_list(s: str) -> list[int]:
     """argparse type of --att-layers: comma-separated decoder layer indices."""
     try:

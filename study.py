@@ -78,18 +78,18 @@ def parse_args(argv=None):
                    help="synthetic question mix (data.py); another than the default goes to --root runs/study-TASK, "
                         "--results results/TASK")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick 0)")
-    p.add_argument("--sft-steps", type=int, default=1500, help="stage-1 SFT steps of the seeds that train them")
-    p.add_argument("--rl-steps", type=int, default=300, help="GRPO steps per RL run")
-    p.add_argument("--n-test", type=int, default=500, help="test questions, the same for every model")
-    p.add_argument("--n-route", type=int, default=200, help="validation questions that choose the routed types")
-    p.add_argument("--att-weight", type=float, default=1.0, help="attention reward weight of the rl-att models")
-    p.add_argument("--evidence-weight", type=float, default=0.2, help="evidence loss weight (lambda_ev) of the evidence models")
+    p.add_argument("--sft-steps", type=rundir.at_least(1), default=1500, help="stage-1 SFT steps of the seeds that train them")
+    p.add_argument("--rl-steps", type=rundir.at_least(1), default=300, help="GRPO steps per RL run")
+    p.add_argument("--n-test", type=rundir.at_least(1), default=500, help="test questions, the same for every model")
+    p.add_argument("--n-route", type=rundir.at_least(1), default=200, help="validation questions that choose the routed types")
+    p.add_argument("--att-weight", type=rundir.at_least(0.0, float), default=1.0, help="attention reward weight of the rl-att models")
+    p.add_argument("--evidence-weight", type=rundir.at_least(0.0, float), default=0.2, help="evidence loss weight (lambda_ev) of the evidence models")
     p.add_argument("--base", help="one base model for every seed: a model directory, or a run folder (trained first "
                                   "when unfinished); default: each seed its own (seed 0 the shipped one, seed N ROOT/base-sN)")
     p.add_argument("--sft-args", default="", help="extra train_sft.py arguments for stage 1, e.g. '--lam 1' "
                                                   "(then seed 0 trains its own instead of using the shipped ones)")
     p.add_argument("--rl-args", default="", help="extra train_rl.py arguments, e.g. '--att-variant relative'")
-    p.add_argument("--base-steps", type=int, default=rundir.BASE_STEPS,
+    p.add_argument("--base-steps", type=rundir.at_least(1), default=rundir.BASE_STEPS,
                    help="steps of the base models; another number than the default trains every seed's, seed 0's too")
     p.add_argument("--root", help="where the study's runs go (default runs/study, runs/study-hard for --task hard)")
     p.add_argument("--results", help="results folder (default results, --quick results/quick)")

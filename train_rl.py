@@ -59,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--group", type=rundir.at_least(2), default=8, help="G: rollouts per question (at least 2)")
     p.add_argument("--temperature", type=rundir.positive(), default=1.0,
                    help="rollout sampling temperature (1.0: on the hard task 0.5 left two thirds of the groups without reward spread)")
-    p.add_argument("--top-p", type=rundir.positive(), default=0.99, help="rollout nucleus sampling")
+    p.add_argument("--top-p", type=rundir.within(0, 1, "(]"), default=0.99, help="rollout nucleus sampling")
     p.add_argument("--max-new-tokens", type=rundir.at_least(1), default=32, help="rollout length cap (latent steps included)")
     p.add_argument("--latent-steps", type=rundir.at_least(0), default=8, help="K: latent steps per span")
     p.add_argument("--lr", type=rundir.positive(), default=5e-5, help="peak learning rate (AdamW; the paper: 1e-6 for the 7B)")
@@ -69,29 +69,29 @@ def parse_args(argv=None):
                    help="dapo: token mean over the batch; grpo: mean per sequence, then over sequences; "
                         "dr_grpo: token sum / (rollouts * max-new-tokens), advantages without std")
     p.add_argument("--no-std", action="store_true", help="advantages: subtract the group mean, do not divide by std")
-    p.add_argument("--clip-low", type=float, default=0.2, help="PPO ratio clip below 1")
-    p.add_argument("--clip-high", type=float, default=0.3, help="PPO ratio clip above 1")
-    p.add_argument("--dual-clip", type=float, default=3.0, help="dual clip for negative advantages (0 = off)")
+    p.add_argument("--clip-low", type=rundir.within(0, 1, "[)"), default=0.2, help="PPO ratio clip below 1")
+    p.add_argument("--clip-high", type=rundir.at_least(0.0, float), default=0.3, help="PPO ratio clip above 1")
+    p.add_argument("--dual-clip", type=rundir.at_least(0.0, float), default=3.0, help="dual clip for negative advantages (0 = off)")
     p.add_argument("--ppo-epochs", type=rundir.at_least(1), default=1, help="updates per rollout batch")
     p.add_argument("--beta", type=rundir.at_least(0.0, float), default=0.0, help="KL (k3) to a frozen reference; 0 builds no reference")
     p.add_argument("--latent-logp", default="vlpo", choices=["vlpo", "mask"], help="how latent slots enter the loss")
     p.add_argument("--sigma", type=rundir.positive(), default=10.0, help="VLPO's sigma")
-    p.add_argument("--acc-weight", type=float, default=0.9, help="reward weight of answer accuracy")
-    p.add_argument("--format-weight", type=float, default=0.1, help="reward weight of the answer format")
-    p.add_argument("--len-weight", type=float, default=0.001, help="penalty per token beyond the shortest correct reply")
-    p.add_argument("--att-weight", type=float, default=1.0, help="weight of the attention reward (0 = plain GRPO)")
+    p.add_argument("--acc-weight", type=rundir.at_least(0.0, float), default=0.9, help="reward weight of answer accuracy")
+    p.add_argument("--format-weight", type=rundir.at_least(0.0, float), default=0.1, help="reward weight of the answer format")
+    p.add_argument("--len-weight", type=rundir.at_least(0.0, float), default=0.001, help="penalty per token beyond the shortest correct reply")
+    p.add_argument("--att-weight", type=rundir.at_least(0.0, float), default=1.0, help="weight of the attention reward (0 = plain GRPO)")
     p.add_argument("--att-layers", type=rundir.layer_list, default=[0], help="decoder layers of the attention reward, comma-separated")
     p.add_argument("--att-variant", default="share", choices=["share", "relative"], help="attention reward variant")
     p.add_argument("--att-no-latent", default="zero", choices=["zero", "neutral"],
                    help="reward of rollouts without a span: 0 (paper) or their group's latent mean (not pushed)")
-    p.add_argument("--evidence-weight", type=float, default=0.0,
+    p.add_argument("--evidence-weight", type=rundir.at_least(0.0, float), default=0.0,
                    help="lambda_ev of ReaLVR's evidence loss on the latents (reward.py; 0 = off, ReaLVR: 0.2)")
-    p.add_argument("--evidence-margin", type=float, default=0.5, help="m of the evidence loss's hinge [m - g_t]+")
-    p.add_argument("--evidence-eta", type=float, default=0.3, help="eta of the evidence loss's slot weights")
+    p.add_argument("--evidence-margin", type=rundir.at_least(0.0, float), default=0.5, help="m of the evidence loss's hinge [m - g_t]+")
+    p.add_argument("--evidence-eta", type=rundir.within(0, 1), default=0.3, help="eta of the evidence loss's slot weights")
     p.add_argument("--strict", action="store_true",
                    help="train under the image-blind interface (CVRR): rollouts, scoring and rewards with no position "
                         "from a span's <|lvr_end|> on seeing the image (lvr.py)")
-    p.add_argument("--max-group-acc", type=float, default=1.0,
+    p.add_argument("--max-group-acc", type=rundir.within(0, 1), default=1.0,
                    help="skip groups whose accuracy is above this (paper: 0.6); 1 keeps all")
     p.add_argument("--skip-unsolved", action="store_true", help="skip groups with no correct rollout (paper)")
     p.add_argument("--train-vision", action="store_true", help="also train the vision tower")
@@ -121,14 +121,12 @@ def parse_args(argv=None):
                                   + ("" if a.model != "small-vl" else rundir.task_suffix(a.task)))
     a.dtype = M.resolve_dtype(a)
     a.rollout_batch = a.rollout_batch or a.prompts
-    if a.top_p > 1:
-        p.error(f"argument --top-p: must be at most 1, got {a.top_p}")
     if a.cache == "graph" and (a.fsdp or torch.device(a.device).type != "cuda"):
         p.error("argument --cache: graph needs CUDA and no --fsdp")
     if a.strict and a.att_variant == "relative":
         p.error("--strict hides the image from the answer: the relative attention reward (latents / image) is undefined")
-    if not 0 <= a.evidence_eta <= 1:
-        p.error("--evidence-eta must be in [0, 1]")
+    if 0 < a.dual_clip <= 1:
+        p.error(f"argument --dual-clip: must be 0 (off) or above 1, got {a.dual_clip}")
     if a.eval_every and a.data:
         p.error("argument --eval-every: --data holds no validation questions (every row trains); pass --eval-every 0")
     a.eval_every = (0 if a.data else 25) if a.eval_every is None else a.eval_every

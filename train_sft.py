@@ -63,37 +63,37 @@ def parse_args(argv=None):
     p.add_argument("--task", choices=list(data.TASKS),
                    help="synthetic question mix (data.py): easy (default; the shipped models') or hard; --resume keeps "
                         "the run's. An easy-task model trained on hard gets the hard words' embeddings added")
-    p.add_argument("--val-fraction", type=float, default=0.05,
+    p.add_argument("--val-fraction", type=rundir.within(0, 1, "()"), default=0.05,
                    help="with --data: share of its rows held out for validation (at least 1, at most --n-val)")
     p.add_argument("--max-pixels", type=rundir.at_least(1), help="real checkpoints: override their max_pixels (image resize bound)")
     p.add_argument("--no-latents", action="store_true", help="text-only baseline: no reply carries a latent span")
     p.add_argument("--strict", action="store_true",
                    help="stage 1 under the image-blind interface (CVRR): the reply from a span's <|lvr_end|> on does not "
                         "see the image, so the answer has only the latents (lvr.py); validation decodes the same way")
-    p.add_argument("--latent-fraction", type=float, default=0.75, help="share of replies that carry a latent span")
+    p.add_argument("--latent-fraction", type=rundir.within(0, 1), default=0.75, help="share of replies that carry a latent span")
     p.add_argument("--latent-steps", type=rundir.at_least(1), default=8, help="K: latent steps per span when decoding (evaluation)")
     p.add_argument("--span-lengths", metavar="LO,HI", type=span_range, default=(1, 16),
                    help="pooled targets: each training reply's span length, drawn from LO..HI per sample, so the text after "
                         "a span is seen at many offsets (README: the drop collapse of fixed spans); '8,8' trains K = 8 only")
     p.add_argument("--latent-targets", default="pooled", choices=["pooled", "bbox"],
                    help="pooled: region tokens averaged onto K slots (matches inference); bbox: every token in the boxes")
-    p.add_argument("--lam", type=float,
+    p.add_argument("--lam", type=rundir.at_least(0.0, float),
                    help="weight of the latent MSE against the text CE; default 1 for small-vl (README: why LVR SFT "
                         "trailed text SFT at 0.1), the paper's 0.1 for a real checkpoint")
     p.add_argument("--base-steps", type=rundir.at_least(1), default=rundir.BASE_STEPS, help="stage 0 steps (the small-vl base model)")
     p.add_argument("--steps", type=rundir.at_least(1), default=1500, help="stage 1 steps (vision tower frozen)")
-    p.add_argument("--ground-weight", type=float, default=1.0, help="weight of the grounding probe's loss in stage 0")
-    p.add_argument("--coord-weight", type=float, default=0.25,
+    p.add_argument("--ground-weight", type=rundir.at_least(0.0, float), default=1.0, help="weight of the grounding probe's loss in stage 0")
+    p.add_argument("--coord-weight", type=rundir.at_least(0.0, float), default=0.25,
                    help="stage 0: weight of the coordinate read-out at reply words that name an object (layer 0's "
                         "output must hold the centre of that object and of the one named before it; 0 = off)")
-    p.add_argument("--point-weight", type=float,
+    p.add_argument("--point-weight", type=rundir.at_least(0.0, float),
                    help="weight of the pointing loss (layer 0, head 0 attends from an object's name to its cells); "
                         "default 1 for small-vl, 0 for a real checkpoint")
     p.add_argument("--batch-size", type=rundir.at_least(1), default=32, help="questions per step")
     p.add_argument("--lr", type=rundir.positive(),
                    help="peak learning rate (AdamW, warm-up then cosine to 10%%); default 1e-3 small-vl, 1e-5 a real checkpoint")
     p.add_argument("--warmup", type=rundir.at_least(0), default=30, help="warm-up steps")
-    p.add_argument("--min-lr", type=float, default=0.1, help="cosine decay ends at this fraction of --lr (1 = constant)")
+    p.add_argument("--min-lr", type=rundir.within(0, 1), default=0.1, help="cosine decay ends at this fraction of --lr (1 = constant)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, the data and the latent choice")
     p.add_argument("--n-val", type=rundir.at_least(1), default=500, help="validation questions for the final table")
     p.add_argument("--eval-every", type=rundir.at_least(0), default=250, help="quick greedy validation every N steps (0 = never)")
@@ -109,8 +109,6 @@ def parse_args(argv=None):
     real = a.model != "small-vl"
     if real and not a.data:
         p.error("a real checkpoint (--model DIR or hub id) needs --data: the synthetic scenes are small-vl's")
-    if not 0 < a.val_fraction < 1:
-        p.error("--val-fraction must be in (0, 1)")
     a.lr = a.lr if a.lr is not None else 1e-5 if real else 1e-3
     a.point_weight = a.point_weight if a.point_weight is not None else 0.0 if real else 1.0
     a.lam = a.lam if a.lam is not None else 0.1 if real else 1.0
@@ -122,8 +120,6 @@ def parse_args(argv=None):
         a.base = rundir.shipped_base(a.seed, a.base_steps) or os.path.join(rundir.RUNS, "small-vl-base" + (f"-seed{a.seed}" if a.seed else ""))
     elif os.path.exists(a.base) and not os.path.isdir(a.base):
         p.error(f"argument --base: {a.base} is a file, not a model folder or a run folder")
-    if not 0 <= a.latent_fraction <= 1:
-        p.error("--latent-fraction must be in [0, 1]")
     return a
 
 

@@ -250,3 +250,12 @@ def test_models_option_evaluates_and_compares_only_those(done, capsys):
     with pytest.raises(SystemExit):
         study.parse_args(["--models", "rl,rl-atx"])
     assert "unknown model(s) rl-atx; expected some of text, lvr" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [["--rl-steps", "0"], ["--sft-steps", "-1"], ["--n-test", "0"], ["--n-route", "0"],
+                                 ["--att-weight", "-1"], ["--evidence-weight", "nan"], ["--base-steps", "0"]])
+def test_bad_arguments_are_one_line_naming_the_option(bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        study.parse_args(bad + ["--root", "never-made"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "error: argument " + bad[0] in err[-1]
