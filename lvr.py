@@ -294,8 +294,8 @@ CACHES = ("dynamic", "static", "graph")
 
 def default_cache(device, sharded: bool = False) -> str:
     """The decoder `generate` uses when none is named: "graph" on CUDA (but "dynamic" for an FSDP-sharded
-    model, whose every forward is a collective), "dynamic" elsewhere (on the CPU the static cache was not
-    measured faster)."""
+    model, whose every forward is a collective), "dynamic" elsewhere (on 2 CPU cores the static decoder's
+    rollout of small-vl's default GRPO step took 0.18 s against the dynamic one's 0.11 s: the same rollouts)."""
     return "graph" if torch.device(device).type == "cuda" and not sharded else "dynamic"
 
 
