@@ -257,14 +257,15 @@ def spread(values: list[float]) -> dict:
 
 def pooled(a_runs: list[dict], b_runs: list[dict], mode_a: str, mode_b: str, qtype=None) -> dict:
     """Paired difference b - a over the same (seed, question) pairs, all seeds pooled (the interval is over
-    questions: it leaves out how training runs vary), and each seed's own difference (`seeds`), which shows it."""
+    questions: it leaves out how training runs vary), each seed's own difference (`seeds`), which shows it,
+    and a t-interval over those (`seeds_ci95`: the training run as the unit)."""
     xa, xb, seeds = [], [], []
     for ra, rb in zip(a_runs, b_runs):
         keep = [qtype is None or t == qtype for t in ra["qtypes"]]
         ca = [c for c, k in zip(ra["correct"][mode_a], keep) if k]
         cb = [c for c, k in zip(rb["correct"][mode_b], keep) if k]
         xa, xb, seeds = xa + ca, xb + cb, seeds + [(sum(cb) - sum(ca)) / max(len(ca), 1)]
-    return {**summary.paired(xa, xb), "seeds": seeds}
+    return {**summary.paired(xa, xb), "seeds": seeds, "seeds_ci95": summary.across_seeds(seeds)}
 
 
 def aggregate(runs: dict, task: str = "easy") -> dict:
@@ -390,11 +391,13 @@ def markdown(agg: dict, a) -> str:
     for name, modes in agg["models"].items():
         if "train" in modes:
             lines.append(f"| {name} | " + " | ".join(f(modes["train"][k]) for k in TRAIN_KEYS) + " |")
-    lines += ["", "Paired differences (all seeds pooled, 95% interval over questions; per seed: each seed's own difference):",
+    lines += ["", "Paired differences (all seeds pooled, 95% interval over questions; per seed: each seed's own difference, "
+              "then the 95% t-interval of their mean, training runs as the unit):",
               "", "| comparison | overall | per seed | " + " | ".join(types) + " |", "|---|---|---|" + "---|" * len(types)]
     g = lambda d: f"{d['diff']:+.3f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"  # noqa: E731
     for k, d in agg["paired"].items():
-        per_seed = " / ".join(f"{x:+.3f}" for x in d["overall"]["seeds"])
+        ci = d["overall"]["seeds_ci95"]
+        per_seed = " / ".join(f"{x:+.3f}" for x in d["overall"]["seeds"]) + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
         lines.append(f"| {k} | {g(d['overall'])} | {per_seed} | " + " | ".join(g(d[t]) for t in types) + " |")
     lines += ["", "Visual grounding: of the attention the answer tokens pay to the image, the share inside the question's "
               "boxes (eval.py; layer bands early/middle/late, all layers; uniform: attention spread evenly over the image):",

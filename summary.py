@@ -1,4 +1,4 @@
-"""Numbers from evaluation records: Wilson and paired intervals, per-type summaries, the edit pairs' flip
+"""Numbers from evaluation records: Wilson and paired intervals (over questions, and across seeds), per-type summaries, the edit pairs' flip
 metrics, the donor swap's lift, comparisons against `normal`, and the printed tables (eval.py's output).
 
     python eval.py --model DIR --compare     # prints summary.table of every arm
@@ -30,6 +30,29 @@ def paired(a: list[bool], b: list[bool], z: float = 1.96) -> dict:
     half = z * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 0.0
     return {"diff": float(d.mean()), "ci95": [float(d.mean() - half), float(d.mean() + half)], "n": len(d)}
 
+
+
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # Student t, 0.975 quantile, 1-30 d.o.f.
+
+
+def t975(dof: int) -> float:
+    """Student t's 0.975 quantile: the table up to 30 degrees of freedom, a Cornish-Fisher expansion above
+    (within 0.001 of the exact value there)."""
+    if dof <= len(T975):
+        return T975[dof - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * dof) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * dof ** 2)
+
+
+def across_seeds(diffs: list[float]) -> list[float] | None:
+    """95% t-interval of the mean of per-seed differences: training runs as the unit, so it holds how runs
+    vary (wide with few seeds); None with fewer than 2 seeds."""
+    if len(diffs) < 2:
+        return None
+    d = np.array(diffs, dtype=float)
+    half = t975(len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    return [float(d.mean() - half), float(d.mean() + half)]
 
 
 def n_options(sample) -> int:

@@ -28,6 +28,9 @@ def test_wilson_and_paired_on_known_cases():
     assert summary.wilson(0, 10)[0] == 0 and summary.wilson(10, 10)[1] == 1
     d = summary.paired([True, False, True, False], [True, True, True, False])
     assert d["diff"] == 0.25 and d["ci95"] == pytest.approx([0.25 - 0.49, 0.25 + 0.49])
+    assert summary.across_seeds([0.01, 0.02, 0.03]) == pytest.approx([0.02 - 4.303 * 0.01 / 3 ** 0.5, 0.02 + 4.303 * 0.01 / 3 ** 0.5])
+    assert summary.across_seeds([0.05]) is None  # one seed: no spread to estimate
+    assert [round(summary.t975(d), 3) for d in (1, 30, 40, 120)] == [12.706, 2.042, 2.021, 1.980]  # t tables
 
 
 @pytest.mark.parametrize("route, want", [("all", 1.0), ("none", 0.0)])

@@ -53,6 +53,8 @@ def test_study_writes_every_model_mode_and_seed(done):
                 for s in (0, 1) for n in ("rl", "rl-att")]
         assert d["diff"] == pytest.approx((sum(pair[1]) + sum(pair[3]) - sum(pair[0]) - sum(pair[2])) / 20)
         assert d["seeds"] == pytest.approx([(sum(pair[1]) - sum(pair[0])) / 10, (sum(pair[3]) - sum(pair[2])) / 10])
+        mean, half = sum(d["seeds"]) / 2, 12.706 * abs(d["seeds"][0] - d["seeds"][1]) / 2  # t(1) * sd / sqrt(2), 2 seeds
+        assert d["seeds_ci95"] == pytest.approx([mean - half, mean + half])
     md = open(root / "results" / "study.md").read()
     assert "| rl-att - rl (never) |" in md and "| rl-strict | " in md.split("last 50 GRPO steps")[1]
     assert "| rl-att | routed |" in md and "| evidence | edit |" in md and "| rl-att-strict | blind+donor |" in md
