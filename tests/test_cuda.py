@@ -136,4 +136,5 @@ def test_graph_decoder_steps_make_no_host_sync(gpu, samples):
     prompt = {k: v.cuda() for k, v in M.encode(m, tok, samples[:2]).items()}
     short, long = (bench_rollout.decode_once("graph", m, tok, prompt, 2, T, "cuda", sync_debug=True) for T in (4, 14))
     decode.release(m)
-    assert long["steps"] - short["steps"] == 10 and long["syncs"] == short["syncs"]
+    # the 10 more steps add no sync (on an H100 the two calls' set-up syncs differed by one: 52 short, 51 long)
+    assert long["steps"] - short["steps"] == 10 and long["syncs"] <= short["syncs"]
