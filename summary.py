@@ -1,5 +1,6 @@
-"""Numbers from evaluation records: Wilson and paired intervals (over questions, and across seeds), per-type summaries, the edit pairs' flip
-metrics, the donor swap's lift, comparisons against `normal`, and the printed tables (eval.py's output).
+"""Numbers from evaluation records: Wilson and paired intervals (over questions, and across seeds), per-type
+summaries, the edit pairs' flip metrics, the donor swap's lift, comparisons against `normal`, and the printed
+tables (eval.py's output).
 
     python eval.py --model DIR --compare     # prints summary.table of every arm
 """
