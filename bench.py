@@ -365,7 +365,7 @@ def memory_cell(shape, layers, vision_depth, prompts, group, image_px, new_token
     peaks["update"] = peak_bytes(device) - base
     prompt_len = M.encode(model, tok, samples[:1])["input_ids"].shape[1]
     return {**peaks, "base": base, "length": row["length"], "prompt_len": prompt_len,
-            **{k: row[k] for k in ("t_rollout", "t_score", "t_update")}}
+            **{k: row[k] for k in ("t_rollout", "t_decode", "decode_steps", "t_score", "t_update")}}
 
 
 def run_cell(**kw) -> dict:

@@ -92,13 +92,17 @@ def context_samples(model, tok, n: int, context: int):
     return data.make_split("test", n, size=side * factor)
 
 
+QWEN_PIXELS = (4 * 28 * 28, 16384 * 28 * 28)  # Qwen2.5-VL's released min / max pixels (small-vl's cap 1024 image tokens)
+
+
 def profile_model(name, device):
-    """3b / 7b / tiny: a Qwen2.5-VL shape with random weights in the compute dtype (bf16 on CUDA); else a checkpoint."""
+    """3b / 7b / tiny: a Qwen2.5-VL shape with random weights in the compute dtype (bf16 on CUDA) and the released
+    model's pixel bounds; else a checkpoint (its own bounds: contexts past its max_pixels come out shorter)."""
     import model as M
     if name in bench.QWEN:
         model, tok = bench.qwen_model(name, device=device), bench.qwen_tok()
         model.to(torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
-        model.image_processor = M.image_processor(model.config.vision_config)
+        model.image_processor = M.image_processor(model.config.vision_config, min_pixels=QWEN_PIXELS[0], max_pixels=QWEN_PIXELS[1])
     else:
         model, tok = M.load_model(name, device=device)
     return model.to(device).eval(), tok
@@ -329,20 +333,23 @@ def gap_table(device, model_name="3b", contexts=(200, 1100, 1600), G=8, prompts=
 
 def grpo_table(device, shape="3b", caches=("graph", "dynamic"), configs=(("bf16", True, 4), ("fp32", True, 4)), dims=None):
     """One full GRPO step (bench.memory_cell: rollout, scoring, backward, AdamW; a fresh process each) per
-    decoder and configuration (param dtype, --grad-ckpt, micro-batch): step and phase times, peak memory."""
+    decoder and configuration (param dtype, --grad-ckpt, micro-batch): step and phase times, the rollout's decode
+    loop apart (the rest of the rollout: encoding, vision tower, prefill), peak memory."""
     dims = dims or (bench.FULL if torch.device(device).type == "cuda" else dict(prompts=1, group=4, image_px=56, new_tokens=16))
     print(f"\n(grpo) one GRPO step, Qwen2.5-VL-{shape.upper()} shape, random weights, {dims['prompts']} x G={dims['group']}, "
           f"{(dims['image_px'] // 28) ** 2} image tokens, {dims['new_tokens']} new tokens (EOS off), bf16 autocast, {device}")
-    print("| param dtype | grad-ckpt | micro-batch | decoder | step s | rollout s | rollout ms / new token | scoring s | update s | peak GB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| param dtype | grad-ckpt | micro-batch | decoder | step s | rollout s | of it decoding s | rollout ms / new token | "
+          "decode ms / step | scoring s | update s | peak GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for pd, ckpt, mb in configs:
         for cache in caches:
             r = bench.run_cell(shape=shape, layers=None if shape != "tiny" else 2, micro_batch=mb, grad_ckpt=ckpt, param_dtype=pd,
                          device=device, vision_depth=None if shape != "tiny" else 1, cache=cache, **dims)
             if r.get("oom"):
-                print(f"| {pd} | {'yes' if ckpt else 'no'} | {mb} | {cache} | out of memory | | | | | |", flush=True)
+                print(f"| {pd} | {'yes' if ckpt else 'no'} | {mb} | {cache} | out of memory | | | | | | | |", flush=True)
                 continue
             peak = max(r["rollout"], r["scoring"], r["update"]) / bench.GB
             step = r["t_rollout"] + r["t_score"] + r["t_update"]
-            print(f"| {pd} | {'yes' if ckpt else 'no'} | {mb} | {cache} | {step:.1f} | {r['t_rollout']:.1f} | "
-                  f"{r['t_rollout'] / dims['new_tokens'] * 1e3:.1f} | {r['t_score']:.1f} | {r['t_update']:.1f} | {peak:.1f} |", flush=True)
+            print(f"| {pd} | {'yes' if ckpt else 'no'} | {mb} | {cache} | {step:.1f} | {r['t_rollout']:.1f} | {r['t_decode']:.1f} | "
+                  f"{r['t_rollout'] / dims['new_tokens'] * 1e3:.1f} | {r['t_decode'] / r['decode_steps'] * 1e3:.1f} | "
+                  f"{r['t_score']:.1f} | {r['t_update']:.1f} | {peak:.1f} |", flush=True)

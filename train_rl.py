@@ -229,17 +229,22 @@ def group_generator(args, step: int, question: int) -> torch.Generator:
     return torch.Generator(device=args.device).manual_seed(seed)
 
 
-def rollout(args, model, tok, samples, step, first: int = 0):
+def rollout(args, model, tok, samples, step, first: int = 0, timing: dict | None = None):
     """G rollouts of every question (samples[i] is question first + i of the step), decoded
-    --rollout-batch questions at a time."""
+    --rollout-batch questions at a time. timing: a dict given the decode loops' seconds (decode_s, prefill and
+    encoding excluded) and steps, summed over the calls."""
     model.eval()
     rolls = []
     for i in range(0, len(samples), args.rollout_batch):
         prompt = {k: v.to(args.device) for k, v in M.encode(model, tok, samples[i:i + args.rollout_batch]).items()}
         gens = [group_generator(args, step, first + j) for j in range(i, min(len(samples), i + args.rollout_batch))]
+        st = {}
         rolls.append(P.run(model, lvr.generate, model, tok, prompt, G=args.group, max_new_tokens=args.max_new_tokens,
                                   latent_steps=args.latent_steps, temperature=args.temperature, top_p=args.top_p,
-                                  generator=gens, all_ranks=args.fsdp, cache=args.cache, blind=args.strict))
+                                  generator=gens, all_ranks=args.fsdp, cache=args.cache, blind=args.strict, stats=st))
+        if timing is not None:
+            for key in ("decode_s", "steps"):
+                timing[key] = timing.get(key, 0) + st[key]
     model.train()
     return lvr.cat_rollouts(rolls, tok.pad_token_id)
 
@@ -303,9 +308,9 @@ def grpo_step(args, model, tok, ref, opt, samples, step, length_penalty, first: 
     normaliser counts every rank's tokens and rollouts, gradients are averaged after the last micro-batch
     and the returned metrics cover all ranks, so the update is the one a single process makes."""
     autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
-    t0 = time.time()
+    t0, timing = time.time(), {}
     with autocast:
-        roll = rollout(args, model, tok, samples, step, first)
+        roll = rollout(args, model, tok, samples, step, first, timing)
     t1 = time.time()
     with autocast:
         old, r_attn = score_all(args, model, roll, need_attn=True)  # r_attn is always logged; the reward uses its weight
@@ -350,7 +355,8 @@ def grpo_step(args, model, tok, ref, opt, samples, step, length_penalty, first: 
             break
     t3 = time.time()
     row = {"step": step + 1, **step_metrics(args, roll, total, parts, keep, stats, loss, skipped),
-           "t_rollout": t1 - t0, "t_score": t2 - t1, "t_update": t3 - t2}
+           "t_rollout": t1 - t0, "t_decode": timing["decode_s"], "decode_steps": timing["steps"], "t_score": t2 - t1,
+           "t_update": t3 - t2}
     if ev is not None:  # the loss term and the mean margin g_t over the slots it covers (last epoch, all ranks)
         ev_sums = P.all_sum(torch.tensor([stats.get("evidence", 0.0), stats.get("evidence_g", 0.0),
                                           float(ev["slots"].sum())], dtype=torch.float64)).tolist()

@@ -42,3 +42,20 @@ def test_memory_table_on_a_tiny_shape(capsys, tmp_path):
     est = [bench.estimate("tiny", m, c1, c2) for m in (1, 4, 16)]
     assert est[0]["update"] < est[1]["update"] < est[2]["update"]
     assert est[0]["peak"] <= est[1]["peak"] <= est[2]["peak"]
+
+
+def test_rollout_profile_reaches_the_contexts_it_is_asked_for(capsys):
+    """bench.py --profile's prompts come out about as long as asked, past small-vl's 1024-image-token cap (the
+    H100 run asked for 1600 and got 1203); each decoder prints a row, the static one without host syncs."""
+    import bench_rollout
+    import model as M
+    model, tok = bench_rollout.profile_model("tiny", "cpu")
+    for ctx in (300, 1600):
+        length = M.encode(model, tok, bench_rollout.context_samples(model, tok, 2, ctx))["input_ids"].shape[1]
+        assert abs(length - ctx) < 0.05 * ctx, (ctx, length)
+    rows = bench_rollout.rollout_profile("cpu", "tiny", caches=("dynamic", "static"), contexts=(300,), batches=(8,),
+                                         new_tokens=4, repeats=1, split=False)
+    assert [r["path"] for r in rows] == ["dynamic", "static"] and all(abs(r["context"] - 300) < 15 for r in rows)
+    assert rows[0]["syncs"] >= 1 and rows[1]["syncs"] == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| dynamic |", "| static |"))]
+    assert len(table) == 2

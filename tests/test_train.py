@@ -99,8 +99,9 @@ def test_rl_two_steps_write_a_checkpoint_eval_loads(tiny_ckpt, tmp_path, samples
     assert [r["step"] for r in log] == [1, 2]
     for key in ("reward", "acc", "latent_rate", "att_share", "multi_span", "att_share_multi", "kl",
                 "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "zero_spread", "length",
-                "t_rollout", "t_score", "t_update"):
+                "t_rollout", "t_decode", "decode_steps", "t_score", "t_update"):
         assert key in log[0]
+    assert all(0 < r["t_decode"] < r["t_rollout"] and 1 <= r["decode_steps"] <= 16 for r in log)
     model, tok = M.load_model(os.path.join(out, "checkpoint"))
     recs = ev.evaluate(model, tok, samples, max_new_tokens=12, progress=False)
     assert len(recs) == len(samples)
