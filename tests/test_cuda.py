@@ -1,11 +1,13 @@
 """The CUDA paths: run with `python -m pytest -m cuda` on a GPU machine (skipped without one).
 torch.compile of the fused attention reward against the naive oracle, the KV-cached decode on the GPU
-against its full recompute, and a bf16-autocast GRPO run end to end."""
+against its full recompute, a bf16-autocast GRPO run end to end and its resume, the graph and static decoders
+against the dynamic one."""
 import json
 import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import decode
 import lvr
@@ -68,6 +70,29 @@ def test_bf16_grpo_run_on_cuda(gpu, tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and all(not r["skipped"] for r in rows)
     assert all(0 <= r["att_share"] <= 1 for r in rows)
     M.load_model(os.path.join(out, "checkpoint"), device="cuda")
+
+
+def resume_equals_uninterrupted(m, tok, tmp_path, device):
+    """2 steps in one run against 1 step, then --resume for the second (bf16 autocast, the device's default
+    decoder): the same rollouts (rewards, lengths) and weights equal to float rounding. The CPU case is
+    test_train.py's; here the CUDA generators' state and the fused AdamW's go through the save."""
+    ckpt, full, part = (str(tmp_path / n) for n in ("ckpt", "full", "part"))
+    M.save_checkpoint(m, tok, ckpt)
+    args = ["--model", ckpt, "--prompts", "2", "--group", "4", "--max-new-tokens", "16", "--latent-steps", "3",
+            "--temperature", "1.0", "--eval-every", "0", "--device", device, "--dtype", "bf16"]
+    train_rl.main(args + ["--steps", "2", "--out", full])
+    train_rl.main(args + ["--steps", "1", "--out", part])
+    train_rl.main(args + ["--steps", "2", "--out", part, "--resume"])
+    a, b = ([json.loads(line) for line in open(os.path.join(o, "log.jsonl"))] for o in (full, part))
+    assert [r["step"] for r in b] == [1, 2]
+    for key in ("reward", "acc", "length", "latent_rate"):
+        assert a[1][key] == b[1][key], key
+    wa, wb = (load_file(os.path.join(o, "checkpoint", "model.safetensors")) for o in (full, part))
+    assert max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa) < 1e-5
+
+
+def test_resume_equals_uninterrupted_on_cuda(gpu, tmp_path):
+    resume_equals_uninterrupted(*gpu, tmp_path, "cuda")
 
 
 def _decode(m, tok, prompt, cache, **kw):
