@@ -183,14 +183,14 @@ def capture_ms(model, tok, prompt, G, T, device) -> float:
     return (runs[0] - runs[1]) * 1e3
 
 
-def profile_split(path, model, tok, prompt, G, T, device, **kw) -> dict:
-    """Per decode step, host (CPU) and device time in the model's forward and in sampling, from one run
-    under torch.profiler (lvr's labelled spans; for "hf" the model's forward, lm_head included); the top
-    device kernels. The graph path replays one graph: no split."""
+def _profiled(path, model, tok, prompt, G, T, device, **kw):
+    """decode_once under torch.profiler: its result, and per name {label or kernel: [host ms, device ms, calls]}
+    of lvr's labelled spans (their CPU-side events: host time and the time of the kernels under them) and of the
+    device kernels (CUDA; the CPU: the ops, self time). For "hf" the model's forward is labelled."""
     import lvr
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
     cuda = torch.device(device).type == "cuda"
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     forward = model.forward
     if path == "hf":
         @functools.wraps(forward)  # generate checks its keywords against the forward's signature
@@ -200,23 +200,38 @@ def profile_split(path, model, tok, prompt, G, T, device, **kw) -> dict:
         model.forward = labelled
     lvr._PROFILE = True
     try:
-        with profile(activities=acts) as prof:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
             r = decode_once(path, model, tok, prompt, G, T, device, **kw)
     finally:
         lvr._PROFILE = False
         if path == "hf":
             del model.forward
-    steps = max(1, r["steps"])
-    ev = {e.key: e for e in prof.key_averages()}
-    out = {"step_ms": r["decode_s"] / steps * 1e3}  # under the profiler: the split's own total
-    dev = (lambda e: e.device_time_total) if cuda else (lambda e: e.cpu_time_total)
+    times = {}
+    for e in prof.key_averages():  # one entry per name and device: a label has a CPU and a GPU-side one
+        on_cpu = e.device_type == DeviceType.CPU
+        if e.key.startswith("lvr."):
+            if on_cpu:
+                times[e.key] = [e.cpu_time_total / 1e3, (e.device_time_total if cuda else e.cpu_time_total) / 1e3, e.count]
+        elif (not on_cpu) if cuda else e.self_cpu_time_total > 0:
+            t = (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3
+            old = times.get(e.key, [0.0, 0.0, 0])
+            times[e.key] = [0.0, old[1] + t, old[2] + e.count]
+    return r, times
+
+
+def profile_split(path, model, tok, prompt, G, T, device, **kw) -> dict:
+    """Per decode step, host (CPU) and device time in the model's forward and in sampling (lvr's labelled spans;
+    for "hf" the model's forward, lm_head included), and the top device kernels (CPU: ops), from two runs under
+    torch.profiler, of T and T // 2 new tokens: their difference, so that the prefill (the vision tower, the
+    prompt's forward) and the set-up cancel. The graph path replays one graph: no split."""
+    (r0, a), (r1, b) = (_profiled(path, model, tok, prompt, G, t, device, **kw) for t in (T // 2, T))
+    steps = max(1, r1["steps"] - r0["steps"])
+    per = {k: [(v - a.get(k, (0.0, 0.0, 0))[i]) / steps for i, v in enumerate(b[k])] for k in b}
+    out = {"step_ms": (r1["decode_s"] - r0["decode_s"]) / steps * 1e3}  # under the profiler: the split's own total
     for label in ("lvr.forward", "lvr.sample"):
-        e = ev.get(label)
-        out[label] = (e.cpu_time_total / 1e3 / steps, dev(e) / 1e3 / steps) if e else (0.0, 0.0)
-    kernels = sorted((e for e in prof.key_averages() if (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0
-                      and not e.key.startswith("lvr.")), key=lambda e: -(e.self_device_time_total if cuda else e.self_cpu_time_total))
-    out["top"] = [(e.key[:48], (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3 / steps, e.count / steps)
-                  for e in kernels[:6]]  # prefill included, spread over the steps
+        out[label] = tuple(per.get(label, (0.0, 0.0))[:2])
+    kernels = sorted((k for k in per if not k.startswith("lvr.") and per[k][1] > 0), key=lambda k: -per[k][1])
+    out["top"] = [(k[:48], per[k][1], per[k][2]) for k in kernels[:6]]
     return out
 
 
