@@ -59,3 +59,17 @@ def test_rollout_profile_reaches_the_contexts_it_is_asked_for(capsys):
     assert rows[0]["syncs"] >= 1 and rows[1]["syncs"] == 0
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| dynamic |", "| static |"))]
     assert len(table) == 2
+
+
+def test_profile_split_counts_decode_steps_only():
+    """The split is the difference of two profiled lengths: the prefill (vision tower, the prompt's forward)
+    cancels, so every op's calls per decode step come out whole, and the labels carry host time."""
+    import bench_rollout
+    import model as M
+    model, tok = bench_rollout.profile_model("tiny", "cpu")
+    prompt = M.encode(model, tok, bench_rollout.context_samples(model, tok, 1, 200))
+    for path in ("dynamic", "static"):
+        sp = bench_rollout.profile_split(path, model, tok, prompt, 4, 8, "cpu")
+        assert sp["top"] and all(abs(calls - round(calls)) < 1e-9 and calls >= 1 for _, _, calls in sp["top"]), sp["top"]
+        assert not any("conv" in name for name, _, _ in sp["top"])  # the vision tower's patch embedding: prefill only
+        assert sp["lvr.forward"][0] > 0 and sp["lvr.sample"][0] > 0 and sp["step_ms"] > 0
