@@ -7,6 +7,7 @@ an error there stops all ranks with its one line instead of leaving the others w
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import sys
 
@@ -23,10 +24,18 @@ def init_dist(device: str) -> str:
         if torch.device(device).type == "cuda":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
-        atexit.register(dist.destroy_process_group)  # shut down in order, not in the interpreter's teardown
+        atexit.register(_shutdown)
     if dist.is_initialized() and torch.device(device).type == "cuda":
         return f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     return device
+
+
+def _shutdown():
+    """At exit, while the interpreter is whole: destroy the process group and free what still holds it (FSDP's
+    modules sit in reference cycles), so that its gloo threads are not torn down in the interpreter's teardown
+    (seen: 'terminate called without an active exception', SIGABRT, about 1 exit in 30 under FSDP on gloo)."""
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def _die_with_parent():
