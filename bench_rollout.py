@@ -102,7 +102,8 @@ def profile_model(name, device):
     if name in bench.QWEN:
         model, tok = bench.qwen_model(name, device=device), bench.qwen_tok()
         model.to(torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
-        model.image_processor = M.image_processor(model.config.vision_config, min_pixels=QWEN_PIXELS[0], max_pixels=QWEN_PIXELS[1])
+        lo, hi = QWEN_PIXELS
+        model.image_processor = M.image_processor(model.config.vision_config, min_pixels=lo, max_pixels=hi)
     else:
         model, tok = M.load_model(name, device=device)
     return model.to(device).eval(), tok
@@ -209,10 +210,11 @@ def _profiled(path, model, tok, prompt, G, T, device, **kw):
     times = {}
     for e in prof.key_averages():  # one entry per name and device: a label has a CPU and a GPU-side one
         on_cpu = e.device_type == DeviceType.CPU
+        kernel = not on_cpu if cuda else e.self_cpu_time_total > 0  # CUDA: the device's kernels; CPU: ops with own time
         if e.key.startswith("lvr."):
             if on_cpu:
                 times[e.key] = [e.cpu_time_total / 1e3, (e.device_time_total if cuda else e.cpu_time_total) / 1e3, e.count]
-        elif (not on_cpu) if cuda else e.self_cpu_time_total > 0:
+        elif kernel:
             t = (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3
             old = times.get(e.key, [0.0, 0.0, 0])
             times[e.key] = [0.0, old[1] + t, old[2] + e.count]
