@@ -20,7 +20,8 @@ test-time sweep of the number of latent steps). Necessity tests (2026): blind, b
 stay visible); edit, blind+edit (ReaLVR's counterfactual pairs: each question's scene after one edit,
 edits.counterfactual; edited-view accuracy, strict paired correct flip, false flip); donor, donor-k4,
 blind+donor (ReaLVR's latent swap: a donor question's latents, all K or the first 4 slots; how often the
-answer moves to the donor's answer). --compare runs them all. Routing: --force-latents (a
+answer moves to the donor's answer); force, never (normal decoding with a span opened first / never opened,
+every question). --compare runs them all. Routing: --force-latents (a
 span is opened first), --no-latents (never opened), --route T1,T2 (forced for those question types only).
 The paper's seven benchmarks are run under --protocol vlmeval by default: VLMEvalKit's prompt per
 dataset, its pixel bounds for a real checkpoint (min/max pixels 1280*28*28 / 8192*28*28), its
@@ -73,19 +74,20 @@ BLIND_ARMS = ("blind", "blind+drop", "blind+oracle")  # CVRR's strict interface:
 PAIR_ARMS = ("edit", "blind+edit")  # ReaLVR's counterfactual edit pairs (synthetic scenes only)
 DONOR_ARMS = ("donor", "donor-k4", "blind+donor")  # ReaLVR's latent swap: a donor question's latents
 DONOR_K = 4  # donor-k4: the donor's first k latents, then the model's own
+ROUTE_ARMS = {"force": "all", "never": "none"}  # normal decoding with a span opened first / never opened, every question
 
 
-ARMS = lvr.MODES + ("shuffle", "oracle") + BLIND_ARMS + PAIR_ARMS + DONOR_ARMS  # --compare's rows, then the K sweep
+ARMS = lvr.MODES + ("shuffle", "oracle") + BLIND_ARMS + PAIR_ARMS + DONOR_ARMS  # --compare's rows, then K, then routes
 K_SWEEP = (0, 2, 4, 16)  # rows "K=n" (normal decoding with n latent steps; the default K is the normal row)
 
 
 def spanless_copy(mode: str, done: dict, forbid: bool = False) -> list[dict] | None:
     """`mode`'s records without decoding, when the run they would equal opened no span on any question: every
-    arm except the edit pairs changes only what happens inside or after a span (the latent interventions,
-    shuffle, oracle, blind, donor, the K sweep), so it decodes exactly as done["normal"] did (same questions,
-    seeds and settings), and blind+edit as done["edit"] did; `forbid` (spans forbidden: route "none") makes
-    normal itself such an arm. None when the arm must be decoded."""
-    base = "edit" if mode == "blind+edit" else None if mode in PAIR_ARMS else "normal"
+    arm except the edit pairs and force changes only what happens inside or after a span (the latent
+    interventions, shuffle, oracle, blind, donor, the K sweep, never), so it decodes exactly as done["normal"]
+    did (same questions, seeds and settings), and blind+edit as done["edit"] did; `forbid` (spans forbidden:
+    route "none") makes normal itself such an arm. None when the arm must be decoded."""
+    base = "edit" if mode == "blind+edit" else None if mode in PAIR_ARMS or mode == "force" else "normal"
     if base not in done or (mode == base and not forbid) or any(r["opened"] for r in done[base]):
         return None
     extra = dict(donor=None, donor_answer=None, to_donor=None) if mode in DONOR_ARMS else {}
@@ -157,13 +159,16 @@ def evaluate(model, tok, samples, mode="normal", latent_steps=8, route=None, bat
     pair, edits.counterfactual: records add the edit and whether the right answer changed); "donor" /
     "donor-k4" (the latents its donor question generated, eval.donors: all K slots / the first 4, then the
     model's own; records add the donor's answer and whether the reply moved to it); "blind" and "blind+X"
-    (X under the image-blind interface: no position from the span's <|lvr_end|> on sees the image).
+    (X under the image-blind interface: no position from the span's <|lvr_end|> on sees the image); "force" /
+    "never" (normal decoding with a span opened first / never opened on every question: `route` "all" / "none").
     Under torchrun each rank decodes a contiguous part of the questions and every rank gets all records, in
     order; "shuffle" and the donor arms (which pair questions) and an FSDP-sharded model (in lockstep) decode
     all questions on every rank instead."""
     base, blind = split_mode(mode)
     if base.startswith("K="):
         base, latent_steps = "normal", int(base[2:])
+    if base in ROUTE_ARMS:
+        base, route = "normal", ROUTE_ARMS[base]
     pairs = None
     if base == "edit":
         if any(not s.objects for s in samples):
@@ -414,9 +419,10 @@ def parse_args(argv=None):
                         "(first latent repeated), shuffle (another question's latents), oracle (the stage-1 targets), "
                         "blind, blind+drop, blind+oracle (no position after the span sees the image), edit and "
                         "blind+edit (counterfactual edit pairs: flip metrics), donor, donor-k4, blind+donor (a donor "
-                        "question's latents: how often the answer moves to the donor's), and a test-time K sweep (K=0, 2, 4, 16)")
+                        "question's latents: how often the answer moves to the donor's), a test-time K sweep (K=0, 2, 4, 16), "
+                        "force and never (a span opened first / never opened on every question)")
     m.add_argument("--arms", type=arm_list, metavar="A,B",
-                   help="these --compare arms only (normal always first, for the paired differences), e.g. blind,blind+drop,edit")
+                   help="these --compare arms only (normal always first, for the paired differences), e.g. blind,edit,never")
     r = p.add_mutually_exclusive_group()
     r.add_argument("--force-latents", action="store_true", help="every reply opens a latent span")
     r.add_argument("--no-latents", action="store_true", help="no reply opens a latent span")
@@ -433,9 +439,10 @@ def parse_args(argv=None):
 def arm_list(s: str) -> list[str]:
     """argparse type of --arms: comma-separated names of --compare's arms (or K=n)."""
     arms = [x.strip() for x in s.split(",") if x.strip()]
-    bad = [x for x in arms if x not in ARMS and not (x.startswith("K=") and x[2:].isdigit())]
+    known = ARMS + tuple(ROUTE_ARMS)
+    bad = [x for x in arms if x not in known and not (x.startswith("K=") and x[2:].isdigit())]
     if not arms or bad:
-        raise argparse.ArgumentTypeError(f"unknown arm(s) {', '.join(bad) if bad else repr(s)}; expected some of {', '.join(ARMS)} or K=n")
+        raise argparse.ArgumentTypeError(f"unknown arm(s) {', '.join(bad) if bad else repr(s)}; expected some of {', '.join(known)} or K=n")
     return arms
 
 
@@ -529,7 +536,7 @@ def main(argv=None):
             check_route(a.route, samples)
         route = "all" if a.force_latents else "none" if a.no_latents else a.route
         chosen = ["drop"] if a.drop_latents else ["noise"] if a.noise_latents else ["noise_norm"] if a.noise_norm_latents else ["normal"]
-        modes = list(ARMS) + [f"K={k}" for k in K_SWEEP if k != a.latent_steps] if a.compare else chosen
+        modes = [*ARMS, *(f"K={k}" for k in K_SWEEP if k != a.latent_steps), *ROUTE_ARMS] if a.compare else chosen
         if a.arms:
             a.compare, modes = True, ["normal"] + [x for x in a.arms if x != "normal"]
         if a.bench:  # edit pairs need the synthetic scenes

@@ -63,7 +63,7 @@ CORE = ("text", "lvr", "rl", "rl-att")  # the paper's four findings: --quick's m
 SFT_MODELS = ("text", "lvr", "lvr-strict")
 RL_MODELS = tuple(m for m in MODELS if m not in SFT_MODELS)  # trained by train_rl.py: a log of GRPO steps each
 STRICT = ("lvr-strict", "rl-strict", "rl-att-strict")  # trained under the image-blind interface (--strict)
-LATENT_MODES = ev.ARMS + tuple(f"K={k}" for k in ev.K_SWEEP) + ("force", "never", "routed")  # "normal" first
+LATENT_MODES = ev.ARMS + tuple(f"K={k}" for k in ev.K_SWEEP) + tuple(ev.ROUTE_ARMS) + ("routed",)  # "normal" first
 SHIPPED = {"lvr": "", "text": "-text", "lvr-strict": "-strict"}  # seed 0's stage-1 models (rundir.shipped_sft kinds)
 SHIPPED_BASE = os.path.join(rundir.SHIPPED, "small-vl-base")
 
@@ -228,8 +228,7 @@ def evaluate(a, name: str, seed: int) -> dict:
     model, tok = M.load_model(ckpt)
     test = data.make_split("test", a.n_test, 0, task=a.task)
     route = routed_types(model, tok, a, seed) if name != "text" else []
-    routes = {"force": "all", "never": "none", "routed": ",".join(route) or "none"}
-    plan = {m: {"route": routes[m]} if m in routes else {"mode": m} for m in modes}
+    plan = {m: {"route": ",".join(route) or "none"} if m == "routed" else {"mode": m} for m in modes}
     records = {}
     for m, kw in plan.items():  # a model that opens no span decodes most arms once (eval.spanless_copy)
         records[m] = (ev.spanless_copy(kw.get("mode", "normal"), records, forbid=kw.get("route") == "none")

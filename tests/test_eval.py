@@ -66,8 +66,9 @@ def test_cli_compare_writes_json(tiny_ckpt, tmp_path, capsys):
     ev.main(["--model", tiny_ckpt, "--n", "6", "--compare", "--max-new-tokens", "12", "--out", out])
     res = json.load(open(out))
     arms = {"normal", "drop", "noise", "noise_norm", "zero", "repeat", "shuffle", "oracle", "K=0", "K=2", "K=4", "K=16",
-            "blind", "blind+drop", "blind+oracle", "edit", "blind+edit", "donor", "donor-k4", "blind+donor"}
+            "blind", "blind+drop", "blind+oracle", "edit", "blind+edit", "donor", "donor-k4", "blind+donor", "force", "never"}
     assert set(res["summaries"]) == arms
+    assert res["summaries"]["force"]["overall"]["latent_rate"] == 1.0 and res["summaries"]["never"]["overall"]["latent_rate"] == 0.0
     assert {"paired_flip", "false_flip", "edited_acc"} <= set(res["summaries"]["edit"]["flip"])
     assert "flip" in res["summaries"]["blind+edit"] and "lift" in res["summaries"]["donor-k4"]["donor"]
     recs = res["records"]
@@ -289,7 +290,7 @@ def test_donor_arms_feed_the_donors_latents(tiny, questions):
 
 def test_arms_option_runs_the_named_arms_after_normal():
     import argparse
-    assert ev.arm_list("blind, edit,K=3") == ["blind", "edit", "K=3"]
+    assert ev.arm_list("blind, edit,K=3,never") == ["blind", "edit", "K=3", "never"]
     for bad, named in (("blind,sideways", "sideways;"), ("", "'';"), ("K=x", "K=x;")):
         with pytest.raises(argparse.ArgumentTypeError, match=f"^unknown arm\\(s\\) {named}"):
             ev.arm_list(bad)
@@ -305,9 +306,12 @@ def test_arms_of_a_model_that_opens_no_span_are_copied_exactly(tiny, questions):
     kw = dict(max_new_tokens=12, latent_steps=2, batch_size=4, progress=False)
     done = {mode: ev.evaluate(m, tok, questions, mode=mode, **kw) for mode in ("normal", "edit")}
     assert not any(r["opened"] for rs in done.values() for r in rs)  # the premise
-    for mode in [a for a in ev.ARMS if a not in ("normal", "edit")] + ["K=0", "K=4"]:
+    for mode in [a for a in ev.ARMS if a not in ("normal", "edit")] + ["K=0", "K=4", "never"]:
         assert ev.spanless_copy(mode, done) == ev.evaluate(m, tok, questions, mode=mode, **kw), mode
-    assert ev.spanless_copy("normal", done, forbid=True) == ev.evaluate(m, tok, questions, route="none", **kw)
+    never = ev.evaluate(m, tok, questions, route="none", **kw)
+    assert ev.spanless_copy("normal", done, forbid=True) == never == ev.evaluate(m, tok, questions, mode="never", **kw)
     assert ev.spanless_copy("normal", done) is None and ev.spanless_copy("edit", done) is None
     opened = {"normal": ev.evaluate(m, tok, questions, route="all", **kw)}
-    assert all(ev.spanless_copy(mode, opened) is None for mode in ev.ARMS)
+    assert opened["normal"] == ev.evaluate(m, tok, questions, mode="force", **kw)  # force: route "all", as an arm
+    assert ev.spanless_copy("force", done) is None  # force opens the spans normal did not
+    assert all(ev.spanless_copy(mode, opened) is None for mode in ev.ARMS + tuple(ev.ROUTE_ARMS))
