@@ -41,6 +41,7 @@ import time
 import torch
 
 import parallel as P
+import rundir
 
 SHAPES = {"small-vl": dict(B=8, H=4, Hkv=2, d=32), "qwen2.5-vl-3b": dict(B=4, H=16, Hkv=2, d=128)}
 
@@ -522,6 +523,14 @@ def dtype_table(device, model_dir, lrs=(1e-6, 5e-5)):
           f"so round-to-nearest drops every step below half of it ({spacing / 2:.3g}), i.e. lr < {spacing / 2:.3g}")
 
 
+def grpo_config(s: str) -> tuple[str, bool, int]:
+    """argparse type of --configs: PARAM_DTYPE,ckpt|no,MICRO_BATCH (bf16,ckpt,4) as (dtype, grad-ckpt, micro-batch)."""
+    d, c, m = (s.split(",") + ["", "", ""])[:3]
+    if s.count(",") != 2 or d not in ("bf16", "fp32") or c not in ("ckpt", "no") or not m.isdigit() or int(m) < 1:
+        raise argparse.ArgumentTypeError(f"{s!r} is not PARAM_DTYPE,ckpt|no,MICRO_BATCH (bf16 or fp32, e.g. fp32,ckpt,4)")
+    return d, c == "ckpt", int(m)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", default="all", choices=["all", "reward", "rollout", "vlpo", "memory", "dtype", "gap", "grpo"],
@@ -531,14 +540,14 @@ def main():
     p.add_argument("--profile", action="store_true", help="--part rollout: the decode step profiled per decoder (b')")
     p.add_argument("--caches", nargs="+", default=["dynamic", "static", "graph", "hf"],
                    choices=["dynamic", "static", "graph", "hf"], help="--profile / grpo: decoders (hf: transformers' generate)")
-    p.add_argument("--contexts", type=int, nargs="+", default=[1100, 1600], help="--profile / gap: prompt lengths (about)")
-    p.add_argument("--batches", type=int, nargs="+", default=[64, 128], help="--profile / gap (the first): rollouts decoded together")
-    p.add_argument("--new-tokens", type=int, default=32, help="--profile / gap: decode steps measured")
-    p.add_argument("--repeats", type=int, default=3, help="--profile: timed runs per cell (median)")
+    p.add_argument("--contexts", type=rundir.at_least(1), nargs="+", default=[1100, 1600], help="--profile / gap: prompt lengths (about)")
+    p.add_argument("--batches", type=rundir.at_least(1), nargs="+", default=[64, 128], help="--profile / gap (the first): rollouts decoded together")
+    p.add_argument("--new-tokens", type=rundir.at_least(2), default=32, help="--profile / gap: decode steps measured")
+    p.add_argument("--repeats", type=rundir.at_least(1), default=3, help="--profile: timed runs per cell (median)")
     p.add_argument("--no-split", action="store_true", help="--profile: no torch.profiler run (time and syncs only)")
-    p.add_argument("--configs", nargs="+", default=["bf16,ckpt,4", "fp32,ckpt,4"],
-                   help="--part grpo: PARAM_DTYPE,ckpt|no,MICRO_BATCH per configuration")
-    p.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048], help="sequence lengths for (a)")
+    p.add_argument("--configs", nargs="+", type=grpo_config, default=[("bf16", True, 4), ("fp32", True, 4)],
+                   help="--part grpo: PARAM_DTYPE,ckpt|no,MICRO_BATCH per configuration (default bf16,ckpt,4 fp32,ckpt,4)")
+    p.add_argument("--lengths", type=rundir.at_least(1), nargs="+", default=[256, 512, 1024, 2048], help="sequence lengths for (a)")
     p.add_argument("--model", help="checkpoint for rollout / vlpo / dtype (default: runs/small-vl-sft/checkpoint, else the "
                                    "shipped checkpoints/small-vl-sft); rollout also takes 3b or 7b (random Qwen2.5-VL weights)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
@@ -547,7 +556,7 @@ def main():
     p.add_argument("--cell", nargs=3, metavar=("METHOD", "SHAPE", "L"), help=argparse.SUPPRESS)
     p.add_argument("--shapes", nargs="+", default=["3b", "7b"], choices=["3b", "7b", "tiny"],
                    help="--part memory / grpo (the first): model shapes")
-    p.add_argument("--micro-batches", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="--part memory: micro-batch sizes")
+    p.add_argument("--micro-batches", type=rundir.at_least(1), nargs="+", default=[1, 2, 4, 8, 16], help="--part memory: micro-batch sizes")
     p.add_argument("--cells", help="--part memory on CPU: a JSON file keeping the measured cells, reused when present")
     p.add_argument("--memory-cell", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -571,8 +580,7 @@ def main():
     if a.part == "gap":
         bench_rollout.gap_table(a.device, a.model or "3b", a.contexts, prompts=max(1, a.batches[0] // 8), new_tokens=a.new_tokens)
     if a.part == "grpo":
-        configs = [(d, c == "ckpt", int(m)) for d, c, m in (x.split(",") for x in a.configs)]
-        bench_rollout.grpo_table(a.device, a.shapes[0], [c for c in a.caches if c != "hf"], configs)
+        bench_rollout.grpo_table(a.device, a.shapes[0], [c for c in a.caches if c != "hf"], a.configs)
     if a.part == "memory":
         memory_table(a.device, a.shapes, a.micro_batches, cache=a.cells)
     if a.part == "dtype":

@@ -2,6 +2,9 @@
 Qwen2.5-VL shape with the real vocabulary."""
 import json
 import re
+import sys
+
+import pytest
 
 import bench
 
@@ -73,3 +76,20 @@ def test_profile_split_counts_decode_steps_only():
         assert sp["top"] and all(abs(calls - round(calls)) < 1e-9 and calls >= 1 for _, _, calls in sp["top"]), sp["top"]
         assert not any("conv" in name for name, _, _ in sp["top"])  # the vision tower's patch embedding: prefill only
         assert sp["lvr.forward"][0] > 0 and sp["lvr.sample"][0] > 0 and sp["step_ms"] > 0
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--part", "gap", "--batches", "0"], "argument --batches: must be at least 1, got 0"),
+    (["--part", "rollout", "--profile", "--new-tokens", "1"], "argument --new-tokens: must be at least 2, got 1"),
+    (["--part", "grpo", "--configs", "bf16,ckpt"], "argument --configs: 'bf16,ckpt' is not PARAM_DTYPE,ckpt|no,MICRO_BATCH"),
+    (["--part", "grpo", "--configs", "fp16,no,4"], "argument --configs: 'fp16,no,4' is not"),
+    (["--part", "grpo", "--configs", "fp32,ckpt,0"], "argument --configs: 'fp32,ckpt,0' is not")])
+def test_bad_options_are_one_line_naming_the_option(monkeypatch, capsys, argv, says):
+    monkeypatch.setattr(sys, "argv", ["bench.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    assert e.value.code == 2 and says in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_configs_option_parses_to_dtype_checkpointing_micro_batch():
+    assert bench.grpo_config("fp32,ckpt,4") == ("fp32", True, 4) and bench.grpo_config("bf16,no,16") == ("bf16", False, 16)
