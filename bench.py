@@ -306,13 +306,25 @@ def peak_bytes(device) -> int:
         return int(f.read().split("VmHWM:")[1].split()[0]) * 1024
 
 
+def allocator_counts(device, since: tuple | None = None) -> tuple[int, int] | None:
+    """The CUDA caching allocator's (retries, cudaMalloc calls) so far, or since an earlier count. A retry frees
+    every cached block (a device-wide sync) and allocates again: a cache that grows every step can force
+    them. None off CUDA."""
+    if torch.device(device).type != "cuda":
+        return None
+    s = torch.cuda.memory_stats(device)
+    now = s.get("num_alloc_retries", 0), s.get("num_device_alloc", 0)
+    return now if since is None else tuple(b - a for a, b in zip(since, now))
+
+
 def memory_cell(shape, layers, vision_depth, prompts, group, image_px, new_tokens, micro_batch, grad_ckpt, param_dtype,
                 device, freeze_embeddings=False, cache=None) -> dict:
     """Runs in its own process: one GRPO step (train_rl.grpo_step: rollout, scoring, backward, AdamW) of a
     random model at this shape, fp32 or bf16 weights, bf16 autocast, completions forced to `new_tokens`.
     The step starts in the steady state of training: AdamW's state alive, no gradients.
     Returns per phase (rollout, scoring, update) the peak above the memory held just before the step
-    (CPU: peak RSS, reset per phase via /proc/self/clear_refs) or, on CUDA, the absolute peak allocated."""
+    (CPU: peak RSS, reset per phase via /proc/self/clear_refs) or, on CUDA, the absolute peak allocated;
+    on CUDA also the allocator's retries and cudaMalloc calls during the rollout (allocator_counts)."""
     import data
     import lvr
     import reward
@@ -341,13 +353,15 @@ def memory_cell(shape, layers, vision_depth, prompts, group, image_px, new_token
     opt.zero_grad(set_to_none=True)
     lvr.eos_ids = lambda model, tok: []  # no EOS: every completion runs to new_tokens (this process only)
     samples = data.make_split("test", prompts, size=image_px)
-    peaks, base = {}, 0 if device == "cuda" else rss_bytes()
+    peaks, base, counts = {}, 0 if device == "cuda" else rss_bytes(), {}
 
     def phase(name, fn):
         def run(*a, **k):
             reset_peak(device)
+            c0 = allocator_counts(device)
             out = fn(*a, **k)
             peaks[name] = peak_bytes(device) - base
+            counts[name] = allocator_counts(device, since=c0)
             reset_peak(device)
             return out
         return run
@@ -365,7 +379,7 @@ def memory_cell(shape, layers, vision_depth, prompts, group, image_px, new_token
     row = train_rl.grpo_step(args, model, tok, None, opt, samples, 0, reward.LengthPenalty())
     peaks["update"] = peak_bytes(device) - base
     prompt_len = M.encode(model, tok, samples[:1])["input_ids"].shape[1]
-    return {**peaks, "base": base, "length": row["length"], "prompt_len": prompt_len,
+    return {**peaks, "base": base, "length": row["length"], "prompt_len": prompt_len, "rollout_allocs": counts["rollout"],
             **{k: row[k] for k in ("t_rollout", "t_decode", "decode_steps", "t_score", "t_update")}}
 
 

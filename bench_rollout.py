@@ -113,7 +113,8 @@ def decode_once(path, model, tok, prompt, G, T, device, sync_debug=False, temper
     """One decode of T tokens a row (EOS disabled, spans forbidden) by `path` (a cache of lvr.generate, or
     "hf": transformers' generate(num_return_sequences=G)): decode seconds and steps (prefill excluded),
     and with sync_debug the host syncs of the whole call (CUDA: torch.cuda.set_sync_debug_mode; CPU:
-    HostSyncs). gens: a function making the generators (default: one seeded generator)."""
+    HostSyncs), else the CUDA allocator's retries and cudaMalloc calls (bench.allocator_counts). gens: a
+    function making the generators (default: one seeded generator)."""
     import warnings
     import lvr
     from transformers import LogitsProcessor, LogitsProcessorList
@@ -146,7 +147,9 @@ def decode_once(path, model, tok, prompt, G, T, device, sync_debug=False, temper
     eos, lvr.eos_ids = lvr.eos_ids, (lambda model, tok: [])
     try:
         if not sync_debug:
+            c0 = bench.allocator_counts(device)
             run()
+            out["allocs"] = bench.allocator_counts(device, since=c0)
         elif torch.device(device).type == "cuda":
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -312,14 +315,18 @@ def gap_table(device, model_name="3b", contexts=(200, 1100, 1600), G=8, prompts=
     """Where the rollout inside a GRPO step loses against the short bench, one change at a time, on the dynamic
     decoder: the bench's setting (bf16 weights, temperature 1, top-p 1, one generator) at each context, then
     the GRPO step's sampling (temperature 0.5, top-p 0.99, a generator per question), then bf16 autocast over
-    bf16 weights (the README's measured GRPO cell), then fp32 master weights under autocast."""
+    bf16 weights (the README's measured GRPO cell), then fp32 master weights under autocast; last, at the last
+    context in the GRPO cell's setting, one decode as long as the GRPO step's (512 new tokens on CUDA, 4 x
+    new_tokens on the CPU): a cache grown over hundreds of steps. Each row also gives the CUDA allocator's
+    retries and cudaMalloc calls in one run (bench.allocator_counts)."""
     import model as M
     model, tok = profile_model(model_name, device)
     kind = torch.device(device).type
     print(f"\n(gap) dynamic decoder per step, model {model_name}, {prompts} x G={G}, {new_tokens} new tokens, "
           f"{torch.cuda.get_device_name(device) if kind == 'cuda' else 'CPU'}")
-    print("| context | setting | ms/step | forward host / dev ms | sample host / dev ms | host syncs/step |")
-    print("|---|---|---|---|---|---|")
+    print("| context | setting | ms/step | forward host / dev ms | sample host / dev ms | host syncs/step | "
+          "alloc retries / cudaMallocs a run |")
+    print("|---|---|---|---|---|---|---|")
     rl = dict(temperature=0.5, top_p=0.99, gens=lambda: [torch.Generator(device=device).manual_seed(i) for i in range(prompts)])
     settings = [("bench (bf16 weights, T 1, top-p 1)", {}, False, None), ("+ T 0.5, top-p 0.99, generator per question", rl, False, None),
                 ("+ bf16 autocast (README's GRPO cell)", rl, True, None), ("+ fp32 master weights", rl, True, torch.float32)]
@@ -334,39 +341,53 @@ def gap_table(device, model_name="3b", contexts=(200, 1100, 1600), G=8, prompts=
             try:
                 with torch.no_grad(), torch.autocast(kind, dtype=torch.bfloat16, enabled=autocast):
                     run(new_tokens)
-                    ms = statistics.median(r["decode_s"] / r["steps"] for r in [run(new_tokens) for _ in range(3)]) * 1e3
+                    runs = [run(new_tokens) for _ in range(3)]
                     syncs = (run(new_tokens, sync_debug=True)["syncs"] - run(new_tokens // 2, sync_debug=True)["syncs"]) \
                         / (new_tokens - new_tokens // 2)
                     sp = profile_split("dynamic", model, tok, prompt, G, new_tokens, device, **kw)
             except torch.OutOfMemoryError:
-                print(f"| {L0} | {name} | out of memory | | | |", flush=True)
+                print(f"| {L0} | {name} | out of memory | | | | |", flush=True)
                 continue
             finally:
                 model.to(home)
+            ms = statistics.median(r["decode_s"] / r["steps"] for r in runs) * 1e3
             f, s_ = sp["lvr.forward"], sp["lvr.sample"]
-            print(f"| {L0} | {name} | {ms:.2f} | {f[0]:.2f} / {f[1]:.2f} | {s_[0]:.2f} / {s_[1]:.2f} | {syncs:.1f} |", flush=True)
+            print(f"| {L0} | {name} | {ms:.2f} | {f[0]:.2f} / {f[1]:.2f} | {s_[0]:.2f} / {s_[1]:.2f} | {syncs:.1f} | "
+                  f"{allocs(runs[-1]['allocs'])} |", flush=True)
             print(f"  top {'kernels' if kind == 'cuda' else 'ops'} per step: " + "; ".join(f"{k} {t:.2f} ms x{c:.1f}" for k, t, c in sp["top"]))
+    T = bench.FULL["new_tokens"] if kind == "cuda" else 4 * new_tokens
+    with torch.no_grad(), torch.autocast(kind, dtype=torch.bfloat16):
+        r = decode_once("dynamic", model, tok, prompt, G, T, device, **rl)
+    print(f"| {L0} | + {T} new tokens (the GRPO step's length), one run | {r['decode_s'] / r['steps'] * 1e3:.2f} | - | - | - | "
+          f"{allocs(r['allocs'])} |", flush=True)
+
+
+def allocs(counts) -> str:
+    """bench.allocator_counts as a table cell."""
+    return "-" if counts is None else f"{counts[0]} / {counts[1]}"
+
 
 
 def grpo_table(device, shape="3b", caches=("graph", "dynamic"), configs=(("bf16", True, 4), ("fp32", True, 4)), dims=None):
     """One full GRPO step (bench.memory_cell: rollout, scoring, backward, AdamW; a fresh process each) per
     decoder and configuration (param dtype, --grad-ckpt, micro-batch): step and phase times, the rollout's decode
-    loop apart (the rest of the rollout: encoding, vision tower, prefill), peak memory."""
+    loop apart (the rest of the rollout: encoding, vision tower, prefill), the allocator's retries and cudaMalloc
+    calls in the rollout (CUDA), peak memory."""
     dims = dims or (bench.FULL if torch.device(device).type == "cuda" else dict(prompts=1, group=4, image_px=56, new_tokens=16))
     print(f"\n(grpo) one GRPO step, Qwen2.5-VL-{shape.upper()} shape, random weights, {dims['prompts']} x G={dims['group']}, "
           f"{(dims['image_px'] // 28) ** 2} image tokens, {dims['new_tokens']} new tokens (EOS off), bf16 autocast, {device}")
     print("| param dtype | grad-ckpt | micro-batch | decoder | step s | rollout s | of it decoding s | rollout ms / new token | "
-          "decode ms / step | scoring s | update s | peak GB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "decode ms / step | rollout alloc retries / cudaMallocs | scoring s | update s | peak GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for pd, ckpt, mb in configs:
         for cache in caches:
             r = bench.run_cell(shape=shape, layers=None if shape != "tiny" else 2, micro_batch=mb, grad_ckpt=ckpt, param_dtype=pd,
                          device=device, vision_depth=None if shape != "tiny" else 1, cache=cache, **dims)
             if r.get("oom"):
-                print(f"| {pd} | {'yes' if ckpt else 'no'} | {mb} | {cache} | out of memory | | | | | | | |", flush=True)
+                print(f"| {pd} | {'yes' if ckpt else 'no'} | {mb} | {cache} | out of memory | | | | | | | | |", flush=True)
                 continue
             peak = max(r["rollout"], r["scoring"], r["update"]) / bench.GB
             step = r["t_rollout"] + r["t_score"] + r["t_update"]
             print(f"| {pd} | {'yes' if ckpt else 'no'} | {mb} | {cache} | {step:.1f} | {r['t_rollout']:.1f} | {r['t_decode']:.1f} | "
                   f"{r['t_rollout'] / dims['new_tokens'] * 1e3:.1f} | {r['t_decode'] / r['decode_steps'] * 1e3:.1f} | "
-                  f"{r['t_score']:.1f} | {r['t_update']:.1f} | {peak:.1f} |", flush=True)
+                  f"{allocs(r['rollout_allocs'])} | {r['t_score']:.1f} | {r['t_update']:.1f} | {peak:.1f} |", flush=True)

@@ -163,3 +163,15 @@ def test_graph_decoder_steps_make_no_host_sync(gpu, samples):
     decode.release(m)
     # the 10 more steps add no sync (on an H100 the two calls' set-up syncs differed by one: 52 short, 51 long)
     assert long["steps"] - short["steps"] == 10 and long["syncs"] <= short["syncs"]
+
+
+def test_allocator_counts_see_a_cudamalloc():
+    """bench.allocator_counts (the gap and grpo tables' allocator column): a fresh 1 GiB block is a cudaMalloc
+    since the count before it; off CUDA there is nothing to count."""
+    import bench
+    torch.cuda.empty_cache()  # no cached block to reuse
+    before = bench.allocator_counts("cuda")
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    retries, mallocs = bench.allocator_counts("cuda", since=before)
+    assert mallocs >= 1 and retries >= 0 and bench.allocator_counts("cpu") is None
+    del x
