@@ -379,6 +379,7 @@ def plot(logs: list[str], out: str) -> str:
         ax.set_xlabel("step")
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     fig.savefig(out, dpi=120)
     return out
 
@@ -428,11 +429,12 @@ def parse_args(argv=None):
     r.add_argument("--no-latents", action="store_true", help="no reply opens a latent span")
     r.add_argument("--route", metavar="T1,T2", help="latents forced for these question types, forbidden for the rest")
     p.add_argument("--att-layers", type=rundir.layer_list, default=[0], help="layers of the attention share (as train_rl.py)")
-    p.add_argument("--out", help="JSON results file, rewritten after each mode (default: <model>/eval_<split or bench>.json, "
-                                   "or ./eval_<model name>_<split or bench>.json when the model folder is not writable)")
+    p.add_argument("--out", help="JSON results file, rewritten after each mode (default: eval_<split or bench>.json in the "
+                                   "model's folder; runs/eval_<model name>_<split or bench>.json for a shipped model or a "
+                                   "folder that is not writable)")
     M.add_device_args(p)
     p.add_argument("--plot", nargs="+", metavar="LOG", help="draw train_rl.py log(s) side by side and exit")
-    p.add_argument("--plot-out", default="curves.png", help="PNG file for --plot")
+    p.add_argument("--plot-out", default=os.path.join(rundir.RUNS, "curves.png"), help="PNG file for --plot")
     return p.parse_args(argv)
 
 
@@ -481,8 +483,9 @@ def write_json(path: str, obj):
 
 
 def output_path(a) -> str:
-    """--out (its folder must exist), else eval_<split or bench>.json beside the model if that folder is
-    writable and not a shipped (committed) model, else runs/eval_<model>_<split or bench>.json (said in one line)."""
+    """--out (its folder must exist), else eval_<split or bench>.json in the model's folder if it is writable
+    and not a shipped (committed) model (a trainer's resume ignores it: rundir.digest), else
+    runs/eval_<model name>_<split or bench>.json (rundir.model_name; said in one line)."""
     if a.out:
         if os.path.isdir(a.out):
             raise ValueError(f"--out {a.out} is a folder: give the results file's name")
@@ -494,7 +497,7 @@ def output_path(a) -> str:
     shipped = os.path.abspath(a.model).startswith(os.path.abspath(rundir.SHIPPED) + os.sep)
     if os.path.isdir(a.model) and os.access(a.model, os.W_OK) and not shipped:
         return os.path.join(a.model, name)
-    out = os.path.join(rundir.RUNS, f"eval_{os.path.basename(os.path.normpath(a.model))}_{a.bench or a.split}.json")
+    out = os.path.join(rundir.RUNS, f"eval_{rundir.model_name(a.model)}_{a.bench or a.split}.json")
     if P.is_main():
         os.makedirs(rundir.RUNS, exist_ok=True)
         print(f"{a.model} is {'a shipped model' if shipped else 'not a writable folder'}: results go to {out}")

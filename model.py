@@ -4,9 +4,9 @@ small-vl is transformers' own `Qwen2_5_VLForConditionalGeneration` built from a 
 paper's base architecture), so the latent patch in lvr.py runs unchanged on a real Qwen2.5-VL /
 Qwen2-VL / LVR checkpoint directory. Its tokenizer is a word-level `tokenizers` model over the task's
 vocabulary plus the Qwen chat tokens and the four LVR tokens. One departure from stock Qwen2.5-VL:
-small-vl's vision tower takes 5 input channels, RGB plus x and y coordinate ramps (see README,
-"Training recipe"); the preprocessing adds them only when `vision_config.in_channels == 5`, so real
-3-channel checkpoints are untouched.
+small-vl's vision tower takes 5 input channels, RGB plus x and y coordinate ramps (see results/NOTES.md,
+"How small-vl was made to learn"); the preprocessing adds them only when `vision_config.in_channels == 5`,
+so real 3-channel checkpoints are untouched.
 
     python model.py                      # build small-vl and print its size
     python model.py --load DIR           # load a checkpoint directory and print what it is

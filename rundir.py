@@ -65,6 +65,14 @@ def task_suffix(task: str | None) -> str:
     return f"-{task}" if task and task != data.DEFAULT_TASK else ""
 
 
+def model_name(model: str) -> str:
+    """A model's name in default file and folder names: its folder's, or its run's for a run's checkpoint/
+    (runs/x/checkpoint -> x; Qwen/Qwen2.5-VL-3B-Instruct -> Qwen2.5-VL-3B-Instruct)."""
+    path = os.path.normpath(model)
+    run, name = os.path.split(path)
+    return os.path.basename(run) if name == CKPT and run else name
+
+
 class RunError(RuntimeError):
     """A run that cannot go on; the message is one line naming the folder or file."""
 
@@ -105,6 +113,13 @@ def within(lo, hi, ends="[]"):
     def ok(v):
         return (lo <= v if ends[0] == "[" else lo < v) and (v <= hi if ends[1] == "]" else v < hi)
     return _number(float, ok, f"in {ends[0]}{lo}, {hi}{ends[1]}")
+
+
+def existing_file(s: str) -> str:
+    """argparse type: a path to a file that exists (`--data rl.jsonl` missing is one line, before any work)."""
+    if not os.path.isfile(s):
+        raise argparse.ArgumentTypeError(f"file not found: {s}" if not os.path.exists(s) else f"{s} is not a file")
+    return s
 
 
 def layer_list(s: str) -> list[int]:

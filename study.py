@@ -63,7 +63,7 @@ CORE = ("text", "lvr", "rl", "rl-att")  # the paper's four findings: --quick's m
 SFT_MODELS = ("text", "lvr", "lvr-strict")
 RL_MODELS = tuple(m for m in MODELS if m not in SFT_MODELS)  # trained by train_rl.py: a log of GRPO steps each
 STRICT = ("lvr-strict", "rl-strict", "rl-att-strict")  # trained under the image-blind interface (--strict)
-LATENT_MODES = ev.ARMS + tuple(f"K={k}" for k in ev.K_SWEEP) + tuple(ev.ROUTE_ARMS) + ("routed",)  # "normal" first
+LATENT_MODES = ev.ARMS + tuple(f"K={k}" for k in ev.K_SWEEP) + ("force", "never", "routed")  # "normal" first
 SHIPPED = {"lvr": "", "text": "-text", "lvr-strict": "-strict"}  # seed 0's stage-1 models (rundir.shipped_sft kinds)
 SHIPPED_BASE = os.path.join(rundir.SHIPPED, "small-vl-base")
 
@@ -228,7 +228,8 @@ def evaluate(a, name: str, seed: int) -> dict:
     model, tok = M.load_model(ckpt)
     test = data.make_split("test", a.n_test, 0, task=a.task)
     route = routed_types(model, tok, a, seed) if name != "text" else []
-    plan = {m: {"route": ",".join(route) or "none"} if m == "routed" else {"mode": m} for m in modes}
+    routes = {"force": "all", "never": "none", "routed": ",".join(route) or "none"}
+    plan = {m: {"route": routes[m]} if m in routes else {"mode": m} for m in modes}
     records = {}
     for m, kw in plan.items():  # a model that opens no span decodes most arms once (eval.spanless_copy)
         records[m] = (ev.spanless_copy(kw.get("mode", "normal"), records, forbid=kw.get("route") == "none")
@@ -256,15 +257,14 @@ def spread(values: list[float]) -> dict:
 
 def pooled(a_runs: list[dict], b_runs: list[dict], mode_a: str, mode_b: str, qtype=None) -> dict:
     """Paired difference b - a over the same (seed, question) pairs, all seeds pooled (the interval is over
-    questions: it leaves out how training runs vary), each seed's own difference (`seeds`), which shows it,
-    and a t-interval over those (`seeds_ci95`: the training run as the unit)."""
+    questions: it leaves out how training runs vary), and each seed's own difference (`seeds`), which shows it."""
     xa, xb, seeds = [], [], []
     for ra, rb in zip(a_runs, b_runs):
         keep = [qtype is None or t == qtype for t in ra["qtypes"]]
         ca = [c for c, k in zip(ra["correct"][mode_a], keep) if k]
         cb = [c for c, k in zip(rb["correct"][mode_b], keep) if k]
         xa, xb, seeds = xa + ca, xb + cb, seeds + [(sum(cb) - sum(ca)) / max(len(ca), 1)]
-    return {**summary.paired(xa, xb), "seeds": seeds, "seeds_ci95": summary.across_seeds(seeds)}
+    return {**summary.paired(xa, xb), "seeds": seeds}
 
 
 def aggregate(runs: dict, task: str = "easy") -> dict:
@@ -390,13 +390,11 @@ def markdown(agg: dict, a) -> str:
     for name, modes in agg["models"].items():
         if "train" in modes:
             lines.append(f"| {name} | " + " | ".join(f(modes["train"][k]) for k in TRAIN_KEYS) + " |")
-    lines += ["", "Paired differences (all seeds pooled, 95% interval over questions; per seed: each seed's own difference, "
-              "then the 95% t-interval of their mean, training runs as the unit):",
+    lines += ["", "Paired differences (all seeds pooled, 95% interval over questions; per seed: each seed's own difference):",
               "", "| comparison | overall | per seed | " + " | ".join(types) + " |", "|---|---|---|" + "---|" * len(types)]
     g = lambda d: f"{d['diff']:+.3f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"  # noqa: E731
     for k, d in agg["paired"].items():
-        ci = d["overall"]["seeds_ci95"]
-        per_seed = " / ".join(f"{x:+.3f}" for x in d["overall"]["seeds"]) + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
+        per_seed = " / ".join(f"{x:+.3f}" for x in d["overall"]["seeds"])
         lines.append(f"| {k} | {g(d['overall'])} | {per_seed} | " + " | ".join(g(d[t]) for t in types) + " |")
     lines += ["", "Visual grounding: of the attention the answer tokens pay to the image, the share inside the question's "
               "boxes (eval.py; layer bands early/middle/late, all layers; uniform: attention spread evenly over the image):",

@@ -11,8 +11,8 @@ put back as constants; token log-probs scored at the rollout temperature (as ver
 the ratio refers to the policy that sampled); PPO-clipped policy loss over the sampled tokens (a forced
 <|lvr_end|> is not in it). Latent slots: `--latent-logp vlpo` (default, Monet's VLPO as in the paper's
 code): a slot's log-probability is -||z - h||^2 / (2 sigma^2), z the latent fed during the rollout and h
-the policy's hidden state that produces it, so latents sit inside the ratio and the KL (README says what
-that changes in practice); `mask` (LVR's GRPO_latent): latent slots carry no policy gradient.
+the policy's hidden state that produces it, so latents sit inside the ratio and the KL (results/NOTES.md,
+"What VLPO changes in practice"); `mask` (LVR's GRPO_latent): latent slots carry no policy gradient.
 Writes OUT/checkpoint (HF format), OUT/trainer_state.pt, OUT/log.jsonl (rundir.py): a row per step, and with
 --eval-every N (default 25) at step 0, every N steps and at the end a validation row (greedy accuracy on the
 same --n-eval validation questions, latent rate, attention share, per type; val_never_acc: spans forbidden).
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default="small-vl",
                    help="'small-vl' (its SFT checkpoint, trained first if missing) or a checkpoint directory")
     p.add_argument("--out", help="run directory (default runs/small-vl-rl-att, or runs/small-vl-rl with --att-weight 0)")
-    p.add_argument("--data", help="questions (LVR / RL format: JSON array or JSONL; free-form answers too) "
+    p.add_argument("--data", type=rundir.existing_file, help="questions (LVR / RL format: JSON array or JSONL; free-form answers too) "
                                   "instead of the synthetic generator")
     p.add_argument("--task", choices=list(data.TASKS),
                    help="synthetic question mix (data.py); default: the run's when resuming, else the starting model's "
@@ -112,11 +112,12 @@ def parse_args(argv=None):
                                                        "default graph on CUDA, dynamic on the CPU and under --fsdp")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of the decoder layers (non-reentrant)")
     p.add_argument("--param-dtype", default="fp32", choices=["fp32", "bf16"],
-                   help="dtype of the trained weights, their gradients and AdamW's state (README: what bf16 loses)")
+                   help="dtype of the trained weights, their gradients and AdamW's state (README, 'One GPU': what bf16 loses)")
     P.add_parallel_args(p)
     M.add_device_args(p)
     a = p.parse_args(argv)
-    a.out = a.out or os.path.join(rundir.RUNS, "small-vl-rl" + ("-att" if a.att_weight else "")
+    a.out = a.out or os.path.join(rundir.RUNS, ("small-vl" if a.model == "small-vl" else rundir.model_name(a.model)) + "-rl"
+                                  + ("-att" if a.att_weight else "")
                                   + ("-ev" if a.evidence_weight else "") + ("-strict" if a.strict else "")
                                   + ("" if a.model != "small-vl" else rundir.task_suffix(a.task)))
     a.dtype = M.resolve_dtype(a)

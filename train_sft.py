@@ -59,9 +59,9 @@ def parse_args(argv=None):
                                   "unfinished (default: the shipped checkpoints/small-vl-base, -s1, -s2 for seeds 0-2 at the "
                                   "default --base-steps, else runs/small-vl-base[-seedN]; --base runs/small-vl-base "
                                   "retrains seed 0's)")
-    p.add_argument("--data", help="LVR-format data (JSON array or JSONL) instead of the synthetic generator")
+    p.add_argument("--data", type=rundir.existing_file, help="LVR-format data (JSON array or JSONL) instead of the synthetic generator")
     p.add_argument("--task", choices=list(data.TASKS),
-                   help="synthetic question mix (data.py): easy (default; the shipped models') or hard; --resume keeps "
+                   help="synthetic question mix (data.py): hard (default) or easy (the first study's); --resume keeps "
                         "the run's. An easy-task model trained on hard gets the hard words' embeddings added")
     p.add_argument("--val-fraction", type=rundir.within(0, 1, "()"), default=0.05,
                    help="with --data: share of its rows held out for validation (at least 1, at most --n-val)")
@@ -74,11 +74,11 @@ def parse_args(argv=None):
     p.add_argument("--latent-steps", type=rundir.at_least(1), default=8, help="K: latent steps per span when decoding (evaluation)")
     p.add_argument("--span-lengths", metavar="LO,HI", type=span_range, default=(1, 16),
                    help="pooled targets: each training reply's span length, drawn from LO..HI per sample, so the text after "
-                        "a span is seen at many offsets (README: the drop collapse of fixed spans); '8,8' trains K = 8 only")
+                        "a span is seen at many offsets (results/NOTES.md: the drop collapse of fixed spans); '8,8' trains K = 8 only")
     p.add_argument("--latent-targets", default="pooled", choices=["pooled", "bbox"],
                    help="pooled: region tokens averaged onto K slots (matches inference); bbox: every token in the boxes")
     p.add_argument("--lam", type=rundir.at_least(0.0, float),
-                   help="weight of the latent MSE against the text CE; default 1 for small-vl (README: why LVR SFT "
+                   help="weight of the latent MSE against the text CE; default 1 for small-vl (results/NOTES.md: why LVR SFT "
                         "trailed text SFT at 0.1), the paper's 0.1 for a real checkpoint")
     p.add_argument("--base-steps", type=rundir.at_least(1), default=rundir.BASE_STEPS, help="stage 0 steps (the small-vl base model)")
     p.add_argument("--steps", type=rundir.at_least(1), default=1500, help="stage 1 steps (vision tower frozen)")
@@ -113,7 +113,7 @@ def parse_args(argv=None):
     a.point_weight = a.point_weight if a.point_weight is not None else 0.0 if real else 1.0
     a.lam = a.lam if a.lam is not None else 0.1 if real else 1.0
     if a.out is None:
-        name = os.path.basename(os.path.normpath(a.model)) if real else "small-vl"
+        name = rundir.model_name(a.model) if real else "small-vl"
         a.out = os.path.join(rundir.RUNS, f"{name}-sft" + ("-text" if a.no_latents else "") + ("-strict" if a.strict else "")
                              + ("" if real else rundir.task_suffix(a.task)))
     if a.base is None:
@@ -160,8 +160,8 @@ class GroundingProbe(torch.nn.Module):
     Colour and shape are scored by cosine similarity with the decoder's own input embeddings of the
     colour and shape words (CLIP-like), so the token of a red cell and the word "red" come to share a
     direction: the question's words can then find their objects by a plain "same direction" match in
-    attention, the step a tiny decoder otherwise fails to learn (README, "How small-vl was made to
-    learn"). The probe reads RMS-normalised tokens so it never pays the tower to grow their scale.
+    attention, the step a tiny decoder otherwise fails to learn (results/NOTES.md, "How small-vl was made
+    to learn"). The probe reads RMS-normalised tokens so it never pays the tower to grow their scale.
     Training-only: it is not part of the checkpoint (the tied embeddings are)."""
 
     def __init__(self, model, tok, grid: int = 6):
@@ -224,7 +224,7 @@ def coord_loss(probe, h0, batch, samples, tok):
     should give that object's centre and the centre of the one object the previous naming word named, as
     fractions of the image less 0.5; squared error in units of a uniform coordinate's variance (1/12), so
     that chance is about 1. Position and distance questions need both centres at the second word ("yellow
-    purple below"), which is the step that failed for most base seeds (README). Returns (loss, number of
+    purple below"), which is the step that failed for most base seeds (results/NOTES.md). Returns (loss, number of
     coordinates it averages over: the weight of its mean when ranks are combined)."""
     rows, want, known = [], [], []
     for b, p, named, prev in naming_words(tok, batch["input_ids"], batch["labels"], samples):

@@ -114,6 +114,8 @@ def test_results_of_a_shipped_model_stay_out_of_its_committed_folder(tmp_path, m
     shipped = ev.output_path(args(os.path.join("checkpoints", "small-vl-hard-sft")))
     assert shipped == os.path.join("runs", "eval_small-vl-hard-sft_test.json") and os.path.isdir("runs")
     assert ev.output_path(args(os.path.join("runs", "r", "checkpoint"))) == os.path.join("runs", "r", "checkpoint", "eval_test.json")
+    (tmp_path / "checkpoints" / "r2" / "checkpoint").mkdir(parents=True)  # named after its run, not "checkpoint"
+    assert ev.output_path(args(os.path.join("checkpoints", "r2", "checkpoint"))) == os.path.join("runs", "eval_r2_test.json")
 
 
 def test_newest_checkpoint_prefers_rl(tmp_path, monkeypatch):
@@ -148,7 +150,7 @@ def test_plot_writes_a_png_or_says_what_is_missing(tmp_path):
         logs.append(str(path))
     assert [ev.run_group(ev.run_name(p)) for p in logs] == ["small-vl-rl", "small-vl-rl-att", "rl-att", "rl-att"]
     assert ev.run_group("rl-strict") == "rl-strict" and ev.run_group("rl-att-strict-s2") == "rl-att-strict"
-    png = str(tmp_path / "curves.png")
+    png = str(tmp_path / "plots" / "curves.png")  # its folder is made
     if importlib.util.find_spec("matplotlib") is None:
         with pytest.raises(SystemExit, match="needs matplotlib"):
             ev.main(["--plot", *logs, "--plot-out", png])

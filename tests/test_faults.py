@@ -274,13 +274,14 @@ BAD_ANY = [["--device", "foo"], ["--device", "cuda:99"]] + NO_GPU  # issue 25
 BAD_RL = [["--group", "1"], ["--sigma", "0"], ["--temperature", "0"], ["--save-every", "0"], ["--ppo-epochs", "0"],
           ["--max-new-tokens", "0"], ["--att-layers", "a"], ["--top-p", "0"], ["--prompts", "0"], ["--steps", "0"],
           ["--lr", "-1"], ["--clip-grad", "-1"], ["--warmup", "-5"], ["--beta", "-1"], ["--eval-every", "-1"],
-          ["--n-eval", "0"], ["--eval-every", "5", "--data", "rows.jsonl"], ["--top-p", "1.5"], ["--clip-low", "1"],
+          ["--n-eval", "0"], ["--eval-every", "5", "--data", "requirements.txt"], ["--top-p", "1.5"], ["--clip-low", "1"],
           ["--clip-high", "-0.1"], ["--dual-clip", "0.5"], ["--att-weight", "-1"], ["--len-weight", "nan"],
-          ["--max-group-acc", "1.1"], ["--evidence-eta", "2"], ["--evidence-margin", "-1"]] + BAD_ANY
+          ["--max-group-acc", "1.1"], ["--evidence-eta", "2"], ["--evidence-margin", "-1"], ["--data", "missing.jsonl"],
+          ["--data", "tests"]] + BAD_ANY
 BAD_SFT = [["--latent-steps", "0"], ["--save-every", "0"], ["--batch-size", "0"], ["--steps", "0"],
            ["--lr", "-1"], ["--warmup", "-5"], ["--n-val", "0"], ["--n-val", "-5"], ["--max-pixels", "-1"],
            ["--min-lr", "-0.5"], ["--lam", "-1"], ["--point-weight", "-1"], ["--latent-fraction", "1.5"],
-           ["--val-fraction", "1"]] + BAD_ANY
+           ["--val-fraction", "1"], ["--data", "missing.jsonl"]] + BAD_ANY
 BAD_EVAL = [["--n", "0"], ["--temperature", "-1"], ["--max-pixels", "-1"], ["--top-p", "2"]] + BAD_ANY
 
 

@@ -79,12 +79,13 @@ def test_sft_resume_equals_uninterrupted(sft_run, tmp_path, monkeypatch):
     assert [r["step"] for r in rows(part)] == [1, 2]
 
 
-def test_sft_bad_data_path_is_one_line_error(tmp_path):
+def test_sft_bad_data_path_is_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train_sft.main(["--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o"),
                         "--base", str(tmp_path / "b")] + TINY_SFT)
-    assert "none.jsonl" in str(e.value) and len(str(e.value).splitlines()) == 1
-    assert not os.path.exists(tmp_path / "b")  # failed before any training
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and last.endswith(f"error: argument --data: file not found: {tmp_path / 'none.jsonl'}")
+    assert not os.path.exists(tmp_path / "b") and not os.path.exists(tmp_path / "o")  # failed before any work
 
 
 # --------------------------------------------------------------------------------------- GRPO
@@ -485,6 +486,14 @@ def test_rl_starts_from_the_shipped_stage_1_model_of_its_task(monkeypatch, tmp_p
     assert train_rl.parse_args([]).out == os.path.join("runs", "small-vl-rl-att")
     assert train_rl.parse_args(["--task", "easy"]).out == os.path.join("runs", "small-vl-rl-att-easy")
     assert train_sft.parse_args(["--task", "easy", "--no-latents"]).out == os.path.join("runs", "small-vl-sft-text-easy")
+    # a real model's runs are named after it (its run folder for a run's checkpoint/), never small-vl's
+    real = os.path.join("runs", "Qwen2.5-VL-3B-Instruct-sft", "checkpoint")
+    assert train_rl.parse_args(["--model", real, "--data", "requirements.txt"]).out == os.path.join(
+        "runs", "Qwen2.5-VL-3B-Instruct-sft-rl-att")
+    assert train_rl.parse_args(["--model", real + os.sep, "--att-weight", "0", "--data", "requirements.txt"]).out == os.path.join(
+        "runs", "Qwen2.5-VL-3B-Instruct-sft-rl")
+    assert train_sft.parse_args(["--model", "Qwen/Qwen2.5-VL-3B-Instruct", "--data", "requirements.txt"]).out == os.path.join(
+        "runs", "Qwen2.5-VL-3B-Instruct-sft")
     repo = os.getcwd()
     monkeypatch.chdir(tmp_path)
     os.symlink(os.path.join(repo, "checkpoints"), "checkpoints")
