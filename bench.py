@@ -40,6 +40,7 @@ import time
 
 import torch
 
+import data
 import parallel as P
 import rundir
 
@@ -129,7 +130,6 @@ def tokens_until_eos(seqs: torch.Tensor, eos: list[int]) -> int:
 
 def rollout_table(device, model_dir, G=8, prompts=8, new_tokens=32, repeats=7):
     """model_dir: a checkpoint, or "3b" / "7b": a Qwen2.5-VL-shaped model with random weights (bf16 on CUDA)."""
-    import data
     import lvr
     import model as M
     if model_dir in QWEN:
@@ -253,9 +253,9 @@ def qwen_tok():
 
 
 def default_model() -> str:
-    """small-vl's LVR SFT checkpoint: the one trained here, else the shipped one."""
-    here = os.path.join("runs", "small-vl-sft", "checkpoint")
-    return here if os.path.isdir(here) else os.path.join("checkpoints", "small-vl-sft")
+    """small-vl's LVR SFT checkpoint of the default task: the one trained here, else the shipped one."""
+    here = os.path.join(rundir.RUNS, "small-vl-sft", rundir.CKPT)
+    return here if os.path.isdir(here) else rundir.shipped_sft(data.DEFAULT_TASK)
 
 
 def qwen_model(shape: str, layers: int | None = None, vision_depth: int | None = None, meta: bool = False, device="cpu"):
@@ -325,7 +325,6 @@ def memory_cell(shape, layers, vision_depth, prompts, group, image_px, new_token
     Returns per phase (rollout, scoring, update) the peak above the memory held just before the step
     (CPU: peak RSS, reset per phase via /proc/self/clear_refs) or, on CUDA, the absolute peak allocated;
     on CUDA also the allocator's retries and cudaMalloc calls during the rollout (allocator_counts)."""
-    import data
     import lvr
     import reward
     import train_rl
@@ -563,7 +562,7 @@ def main():
                    help="--part grpo: PARAM_DTYPE,ckpt|no,MICRO_BATCH per configuration (default bf16,ckpt,4 fp32,ckpt,4)")
     p.add_argument("--lengths", type=rundir.at_least(1), nargs="+", default=[256, 512, 1024, 2048], help="sequence lengths for (a)")
     p.add_argument("--model", help="checkpoint for rollout / vlpo / dtype (default: runs/small-vl-sft/checkpoint, else the "
-                                   "shipped checkpoints/small-vl-sft); rollout also takes 3b or 7b (random Qwen2.5-VL weights)")
+                                   "shipped checkpoints/small-vl-hard-sft); rollout also takes 3b or 7b (random Qwen2.5-VL weights)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--compile", action="store_true", help="torch.compile the fused reward (CUDA); with --profile: the "
                                                            "graph decoder's step")
