@@ -367,7 +367,6 @@ def allocs(counts) -> str:
     return "-" if counts is None else f"{counts[0]} / {counts[1]}"
 
 
-
 def grpo_table(device, shape="3b", caches=("graph", "dynamic"), configs=(("bf16", True, 4), ("fp32", True, 4)), dims=None):
     """One full GRPO step (bench.memory_cell: rollout, scoring, backward, AdamW; a fresh process each) per
     decoder and configuration (param dtype, --grad-ckpt, micro-batch): step and phase times, the rollout's decode

@@ -21,8 +21,8 @@ stay visible); edit, blind+edit (ReaLVR's counterfactual pairs: each question's 
 edits.counterfactual; edited-view accuracy, strict paired correct flip, false flip); donor, donor-k4,
 blind+donor (ReaLVR's latent swap: a donor question's latents, all K or the first 4 slots; how often the
 answer moves to the donor's answer); force, never (normal decoding with a span opened first / never opened,
-every question). --compare runs them all. Routing: --force-latents (a
-span is opened first), --no-latents (never opened), --route T1,T2 (forced for those question types only).
+every question). --compare runs them all. Routing: --force-latents (a span is opened first), --no-latents
+(never opened), --route T1,T2 (forced for those question types only).
 The paper's seven benchmarks are run under --protocol vlmeval by default: VLMEvalKit's prompt per
 dataset, its pixel bounds for a real checkpoint (min/max pixels 1280*28*28 / 8192*28*28), its
 judge-free verdict and metrics (vlmeval_rules.py), with the share of replies its rules decide (the rest
