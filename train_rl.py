@@ -355,7 +355,7 @@ def grpo_step(args, model, tok, ref, opt, samples, step, length_penalty, first: 
             skipped = True
             break
     t3 = time.time()
-    row = {"step": step + 1, **step_metrics(args, roll, total, parts, keep, stats, loss, skipped),
+    row = {"step": step + 1, **step_metrics(args, roll, total, parts, adv, keep, stats, loss, skipped),
            "t_rollout": t1 - t0, "t_decode": timing["decode_s"], "decode_steps": timing["steps"], "t_score": t2 - t1,
            "t_update": t3 - t2}
     if ev is not None:  # the loss term and the mean margin g_t over the slots it covers (last epoch, all ranks)
@@ -393,12 +393,21 @@ def sync_length_penalty(penalty, samples):
 STAT_KEYS = ("tokens", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
 
 
-def step_metrics(args, roll, total, parts, keep, stats, loss, skipped) -> dict:
+def uniform_share(adv: torch.Tensor, acc: torch.Tensor, G: int) -> float:
+    """The share of the update's sum |advantage| that groups of uniform accuracy carry (all rollouts right, or
+    all wrong): there the advantage ranks rollouts by format, length and r_attn, not by correctness, and the
+    std normalisation gives it full size whatever those rewards' weights."""
+    a, c = adv.abs().view(-1, G), acc.view(-1, G)
+    uniform = (c == c[:, :1]).all(1)
+    return (a[uniform].sum() / a.sum()).item() if a.sum() > 0 else 0.0
+
+
+def step_metrics(args, roll, total, parts, adv, keep, stats, loss, skipped) -> dict:
     """The log row's metrics over the rollouts of every rank (gathered in rank order: the single-process order)."""
     multi = (roll.tokens == roll.lvr_start).sum(1).cpu() >= 2
     rows = torch.stack([total, parts["acc"], parts["format"], parts["r_attn"], parts["length"],
-                        roll.opened.cpu().float(), multi.float(), keep.cpu().float()])
-    total, acc, fmt, r_attn, length, opened, multi, keep = P.gather_cat(rows.double(), 1).float()
+                        roll.opened.cpu().float(), multi.float(), keep.cpu().float(), adv.cpu()])
+    total, acc, fmt, r_attn, length, opened, multi, keep, adv = P.gather_cat(rows.double(), 1).float()
     opened, multi = opened.bool(), multi.bool()
     sums = P.all_sum(torch.tensor([stats.get(k, 0.0) for k in STAT_KEYS] + [loss], dtype=torch.float64)).tolist()
     stats, loss = dict(zip(STAT_KEYS, sums[:-1])), sums[-1]
@@ -411,6 +420,7 @@ def step_metrics(args, roll, total, parts, keep, stats, loss, skipped) -> dict:
             "att_share_multi": (r_attn[multi].mean().item() if multi.any() else None),
             **{k: (0.0 if skipped else stats[k] / n_tok) for k in STAT_KEYS[1:]},
             "zero_spread": same.float().mean().item(), "kept_groups": keep.mean().item(),
+            "adv_uniform": uniform_share(adv * keep, acc, args.group),
             "length": length.mean().item(), "loss": loss, "skipped": skipped}
 
 

@@ -93,6 +93,14 @@ TINY_RL = ["--prompts", "2", "--group", "4", "--max-new-tokens", "16", "--latent
            "--temperature", "1.0", "--eval-every", "0"]
 
 
+def test_uniform_share_is_the_update_mass_of_groups_all_right_or_all_wrong():
+    """adv_uniform in the log: group 1 (both right) carries |0.5| + |-0.5| of the 3.0 in all; none without any advantage."""
+    adv, acc = torch.tensor([0.5, -0.5, 1.0, -1.0]), torch.tensor([1.0, 1.0, 0.0, 1.0])
+    assert train_rl.uniform_share(adv, acc, 2) == pytest.approx(1 / 3)
+    assert train_rl.uniform_share(adv, torch.tensor([0.0, 0.0, 1.0, 1.0]), 2) == pytest.approx(1.0)
+    assert train_rl.uniform_share(torch.zeros(4), acc, 2) == 0.0
+
+
 def test_rl_two_steps_write_a_checkpoint_eval_loads(tiny_ckpt, tmp_path, samples):
     out = str(tmp_path / "rl")
     train_rl.main(["--model", tiny_ckpt, "--steps", "2", "--out", out] + TINY_RL)
@@ -103,6 +111,7 @@ def test_rl_two_steps_write_a_checkpoint_eval_loads(tiny_ckpt, tmp_path, samples
                 "t_rollout", "t_decode", "decode_steps", "t_score", "t_update"):
         assert key in log[0]
     assert all(0 < r["t_decode"] < r["t_rollout"] and 1 <= r["decode_steps"] <= 16 for r in log)
+    assert all(0 <= r["adv_uniform"] <= 1 for r in log)
     model, tok = M.load_model(os.path.join(out, "checkpoint"))
     recs = ev.evaluate(model, tok, samples, max_new_tokens=12, progress=False)
     assert len(recs) == len(samples)
