@@ -14,7 +14,7 @@ visual grounding per layer band, every arm; `grounding_paired`: rl-att - rl and 
     python study.py --quick      # seed 0 and the four core models (text, lvr, rl, rl-att): two RL runs from
                                  # the shipped stage-1 models, the same evaluation
     python study.py --models lvr,rl,rl-att --seeds 0,1   # some models and seeds only
-    python study.py --task hard  # the hard question mix: stage 1 trained from the shipped bases (runs/study-hard)
+    python study.py --task easy  # the first study's question mix (runs/study-easy, results/easy)
 
 Each seed has its own base model (stage 0), so the spread across seeds includes the base's: seeds 0, 1
 and 2 the shipped checkpoints/small-vl-base, -s1 and -s2 (what train_sft.py --seed N trains; README,
@@ -63,7 +63,7 @@ CORE = ("text", "lvr", "rl", "rl-att")  # the paper's four findings: --quick's m
 SFT_MODELS = ("text", "lvr", "lvr-strict")
 RL_MODELS = tuple(m for m in MODELS if m not in SFT_MODELS)  # trained by train_rl.py: a log of GRPO steps each
 STRICT = ("lvr-strict", "rl-strict", "rl-att-strict")  # trained under the image-blind interface (--strict)
-LATENT_MODES = ev.ARMS + tuple(f"K={k}" for k in ev.K_SWEEP) + ("force", "never", "routed")  # "normal" first
+LATENT_MODES = ev.ARMS + tuple(f"K={k}" for k in ev.K_SWEEP) + tuple(ev.ROUTE_ARMS) + ("routed",)  # "normal" first
 SHIPPED = {"lvr": "", "text": "-text", "lvr-strict": "-strict"}  # seed 0's stage-1 models (rundir.shipped_sft kinds)
 SHIPPED_BASE = os.path.join(rundir.SHIPPED, "small-vl-base")
 
@@ -91,8 +91,9 @@ def parse_args(argv=None):
     p.add_argument("--rl-args", default="", help="extra train_rl.py arguments, e.g. '--att-variant relative'")
     p.add_argument("--base-steps", type=rundir.at_least(1), default=rundir.BASE_STEPS,
                    help="steps of the base models; another number than the default trains every seed's, seed 0's too")
-    p.add_argument("--root", help="where the study's runs go (default runs/study, runs/study-hard for --task hard)")
-    p.add_argument("--results", help="results folder (default results, --quick results/quick)")
+    p.add_argument("--root", help="where the study's runs go (default runs/study; runs/study-TASK for another --task)")
+    p.add_argument("--results", help="results folder (default results, with --quick results/quick, another --task results/TASK/...): "
+                        "the default overwrites the shipped study's files")
     a = p.parse_args(argv)
     a.seeds = [int(s) for s in (a.seeds or ("0" if a.quick else "0,1,2")).split(",")]
     a.models = a.models or list(CORE if a.quick else MODELS)
@@ -228,8 +229,7 @@ def evaluate(a, name: str, seed: int) -> dict:
     model, tok = M.load_model(ckpt)
     test = data.make_split("test", a.n_test, 0, task=a.task)
     route = routed_types(model, tok, a, seed) if name != "text" else []
-    routes = {"force": "all", "never": "none", "routed": ",".join(route) or "none"}
-    plan = {m: {"route": routes[m]} if m in routes else {"mode": m} for m in modes}
+    plan = {m: {"route": ",".join(route) or "none"} if m == "routed" else {"mode": m} for m in modes}
     records = {}
     for m, kw in plan.items():  # a model that opens no span decodes most arms once (eval.spanless_copy)
         records[m] = (ev.spanless_copy(kw.get("mode", "normal"), records, forbid=kw.get("route") == "none")
@@ -257,14 +257,15 @@ def spread(values: list[float]) -> dict:
 
 def pooled(a_runs: list[dict], b_runs: list[dict], mode_a: str, mode_b: str, qtype=None) -> dict:
     """Paired difference b - a over the same (seed, question) pairs, all seeds pooled (the interval is over
-    questions: it leaves out how training runs vary), and each seed's own difference (`seeds`), which shows it."""
+    questions: it leaves out how training runs vary), each seed's own difference (`seeds`), which shows it,
+    and a t-interval over those (`seeds_ci95`: the training run as the unit)."""
     xa, xb, seeds = [], [], []
     for ra, rb in zip(a_runs, b_runs):
         keep = [qtype is None or t == qtype for t in ra["qtypes"]]
         ca = [c for c, k in zip(ra["correct"][mode_a], keep) if k]
         cb = [c for c, k in zip(rb["correct"][mode_b], keep) if k]
         xa, xb, seeds = xa + ca, xb + cb, seeds + [(sum(cb) - sum(ca)) / max(len(ca), 1)]
-    return {**summary.paired(xa, xb), "seeds": seeds}
+    return {**summary.paired(xa, xb), "seeds": seeds, "seeds_ci95": summary.across_seeds(seeds)}
 
 
 def aggregate(runs: dict, task: str = "easy") -> dict:
@@ -390,11 +391,13 @@ def markdown(agg: dict, a) -> str:
     for name, modes in agg["models"].items():
         if "train" in modes:
             lines.append(f"| {name} | " + " | ".join(f(modes["train"][k]) for k in TRAIN_KEYS) + " |")
-    lines += ["", "Paired differences (all seeds pooled, 95% interval over questions; per seed: each seed's own difference):",
+    lines += ["", "Paired differences (all seeds pooled, 95% interval over questions; per seed: each seed's own difference, "
+              "then the 95% t-interval of their mean, training runs as the unit):",
               "", "| comparison | overall | per seed | " + " | ".join(types) + " |", "|---|---|---|" + "---|" * len(types)]
     g = lambda d: f"{d['diff']:+.3f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"  # noqa: E731
     for k, d in agg["paired"].items():
-        per_seed = " / ".join(f"{x:+.3f}" for x in d["overall"]["seeds"])
+        ci = d["overall"]["seeds_ci95"]
+        per_seed = " / ".join(f"{x:+.3f}" for x in d["overall"]["seeds"]) + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
         lines.append(f"| {k} | {g(d['overall'])} | {per_seed} | " + " | ".join(g(d[t]) for t in types) + " |")
     lines += ["", "Visual grounding: of the attention the answer tokens pay to the image, the share inside the question's "
               "boxes (eval.py; layer bands early/middle/late, all layers; uniform: attention spread evenly over the image):",
