@@ -235,7 +235,8 @@ def profile_split(path, model, tok, prompt, G, T, device, **kw) -> dict:
     out = {"step_ms": (r1["decode_s"] - r0["decode_s"]) / steps * 1e3}  # under the profiler: the split's own total
     for label in ("lvr.forward", "lvr.sample"):
         out[label] = tuple(per.get(label, (0.0, 0.0))[:2])
-    kernels = sorted((k for k in per if not k.startswith("lvr.") and per[k][1] > 0), key=lambda k: -per[k][1])
+    # ops of the decode steps: more calls in the longer run (a prefill-only op's calls cancel, its time is noise)
+    kernels = sorted((k for k in per if not k.startswith("lvr.") and per[k][2] > 0 and per[k][1] > 0), key=lambda k: -per[k][1])
     out["top"] = [(k[:48], per[k][1], per[k][2]) for k in kernels[:6]]
     return out
 
