@@ -66,6 +66,7 @@ def test_grpo_step_under_torchrun_equals_one_process(tiny_ckpt, one_rl, tmp_path
     for key in ("reward", "acc", "format", "length", "latent_rate", "zero_spread", "kept_groups"):
         assert a[key] == b[key], key
     assert b["loss"] == pytest.approx(a["loss"], abs=1e-6) and b["kl"] == pytest.approx(a["kl"], abs=1e-6)
+    assert b["adv_uniform"] == pytest.approx(a["adv_uniform"], abs=1e-6)  # over every rank's groups
     assert max_diff(one_rl, out) < 1e-6
     state = torch.load(os.path.join(out, rundir.STATE), weights_only=False)
     plain = torch.load(os.path.join(one_rl, rundir.STATE), weights_only=False)
