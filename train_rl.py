@@ -48,7 +48,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="small-vl",
                    help="'small-vl' (its SFT checkpoint, trained first if missing) or a checkpoint directory")
-    p.add_argument("--out", help="run directory (default runs/small-vl-rl-att, or runs/small-vl-rl with --att-weight 0)")
+    p.add_argument("--out", help="run directory (default runs/small-vl-rl-att, or runs/small-vl-rl with --att-weight 0; "
+                                 "a real model's: runs/<model name>-rl-att)")
     p.add_argument("--data", type=rundir.existing_file, help="questions (LVR / RL format: JSON array or JSONL; free-form answers too) "
                                   "instead of the synthetic generator")
     p.add_argument("--task", choices=list(data.TASKS),
@@ -116,8 +117,7 @@ def parse_args(argv=None):
     P.add_parallel_args(p)
     M.add_device_args(p)
     a = p.parse_args(argv)
-    a.out = a.out or os.path.join(rundir.RUNS, ("small-vl" if a.model == "small-vl" else rundir.model_name(a.model)) + "-rl"
-                                  + ("-att" if a.att_weight else "")
+    a.out = a.out or os.path.join(rundir.RUNS, rundir.model_name(a.model) + "-rl" + ("-att" if a.att_weight else "")
                                   + ("-ev" if a.evidence_weight else "") + ("-strict" if a.strict else "")
                                   + ("" if a.model != "small-vl" else rundir.task_suffix(a.task)))
     a.dtype = M.resolve_dtype(a)
