@@ -113,8 +113,8 @@ def parse_args(argv=None):
     a.point_weight = a.point_weight if a.point_weight is not None else 0.0 if real else 1.0
     a.lam = a.lam if a.lam is not None else 0.1 if real else 1.0
     if a.out is None:
-        a.out = os.path.join(rundir.RUNS, f"{rundir.model_name(a.model)}-sft" + ("-text" if a.no_latents else "") + ("-strict" if a.strict else "")
-                             + ("" if real else rundir.task_suffix(a.task)))
+        a.out = os.path.join(rundir.RUNS, f"{rundir.model_name(a.model)}-sft" + ("-text" if a.no_latents else "")
+                             + ("-strict" if a.strict else "") + ("" if real else rundir.task_suffix(a.task)))
     if a.base is None:
         a.base = rundir.shipped_base(a.seed, a.base_steps) or os.path.join(rundir.RUNS, "small-vl-base" + (f"-seed{a.seed}" if a.seed else ""))
     elif os.path.exists(a.base) and not os.path.isdir(a.base):
