@@ -565,7 +565,7 @@ def main():
                                    "shipped checkpoints/small-vl-hard-sft); rollout also takes 3b or 7b (random Qwen2.5-VL weights)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--compile", action="store_true", help="torch.compile the fused reward (CUDA); with --profile: the "
-                                                           "graph decoder's step")
+                                                           "static and graph decoders' step")
     p.add_argument("--cell", nargs=3, metavar=("METHOD", "SHAPE", "L"), help=argparse.SUPPRESS)
     p.add_argument("--shapes", nargs="+", default=["3b", "7b"], choices=["3b", "7b", "tiny"],
                    help="--part memory / grpo (the first): model shapes")

@@ -256,7 +256,7 @@ def rollout_profile(device, model_name, caches=("dynamic", "static", "graph", "h
     card = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\n(b') decode step profile: model {model_name}, {card}, torch {torch.__version__}, G={G}, {new_tokens} new tokens "
           f"(EOS off, spans forbidden, temperature 1), median of {repeats}; bandwidth "
-          f"{f'{bw / 1e12:.2f} TB/s' if bw else 'unknown (no floor)'}" + (", graph step torch.compile'd" if compile_ else ""))
+          f"{f'{bw / 1e12:.2f} TB/s' if bw else 'unknown (no floor)'}" + (", the static and graph steps torch.compile'd" if compile_ else ""))
     if compile_:
         lvr._COMPILE_STEP = True
     rows = []

@@ -7,6 +7,7 @@ machine in tensors, finished rows stepping on pad, `done` read every CHECK_EVERY
 row's image keys masked from its first `<|lvr_end|>` on, by a per-row flag kept in the step). cache="static" runs
 that step eagerly (any device; tested against the dynamic decoder on the CPU), cache="graph" captures it once
 as a CUDA graph and replays it, with the rollout weights as one bf16 copy per call (rollout_weights).
+Under bench.py --compile (lvr._COMPILE_STEP) either one's step is torch.compile'd first (tested on the CPU).
 
     python bench.py --part rollout --profile      # ms per step, host syncs and % of the bandwidth floor per decoder
     bash .ci/gpu-rollout                          # the GPU table
@@ -101,6 +102,8 @@ class Decoder:
                     "real": torch.zeros(T, N, dtype=torch.bool, device=dev),
                     "forced": torch.zeros(T, N, dtype=torch.bool, device=dev)}
         self.step_fn = self.step
+        if spec["compiled"]:  # traced at its first run (on CUDA: the graph's warm-up), under attention()
+            self.step_fn = torch.compile(self.step, mode="max-autotune-no-cudagraphs")
 
     def key(self) -> tuple:
         return Decoder.key_of(self.spec, self.N, self.L, self.T, self.keys, self.values, self.h, self.x.dtype, self.graph is not None)
@@ -185,41 +188,46 @@ class Decoder:
         t.add_(1)
         self.at.add_(1)
 
-    def capture(self):
-        """Capture `step_fn` as a CUDA graph: two warm-up steps on a side stream, then the capture, each from a
-        harmless state (every column attendable); `load` sets the real one afterwards. spec["compiled"]: the
-        step torch.compile'd first, its attention gqa_decode_attention (transformers' sdpa path repeats the
-        KV heads under dynamo)."""
+    @contextlib.contextmanager
+    def attention(self):
+        """While a compiled step runs or is captured: its attention is gqa_decode_attention (transformers' sdpa
+        path repeats the KV heads under dynamo). An uncompiled step: the model's own."""
         if not self.spec["compiled"]:
-            return self._capture()
+            yield
+            return
         cfg = self.model.config.text_config
         old, cfg._attn_implementation = cfg._attn_implementation, GQA_DECODE
-        self.step_fn = torch.compile(self.step, mode="max-autotune-no-cudagraphs")
         try:
-            self._capture()
+            yield
         finally:
             cfg._attn_implementation = old
 
-    def _capture(self):
+    def capture(self):
+        """Capture `step_fn` as a CUDA graph: two warm-up steps on a side stream, then the capture, each from a
+        harmless state (every column attendable); `load` sets the real one afterwards."""
         def harmless():
             self.attn.fill_(True)
             for buf in (self.t, self.at, self.in_lat, self.left, self.done, self.seen_end):
                 buf.zero_()
         side = torch.cuda.Stream(self.h.device)
         side.wait_stream(torch.cuda.current_stream(self.h.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                harmless()
+        with self.attention():
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    harmless()
+                    self.step_fn()
+            torch.cuda.current_stream(self.h.device).wait_stream(side)
+            harmless()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
                 self.step_fn()
-        torch.cuda.current_stream(self.h.device).wait_stream(side)
-        harmless()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.step_fn()
 
     def run(self):
         if self.graph is not None:
             self.graph.replay()
+        elif self.spec["compiled"]:
+            with self.attention():
+                self.step_fn()
         else:
             self.step_fn()
 

@@ -300,7 +300,7 @@ def default_cache(device, sharded: bool = False) -> str:
 
 
 _PROFILE = False  # bench.py --profile: label the phases of a decode step for torch.profiler
-_COMPILE_STEP = False  # bench.py --profile --compile: torch.compile the graph decoder's step before its capture
+_COMPILE_STEP = False  # bench.py --profile --compile: torch.compile the static and graph decoders' step
 
 
 def _span(name: str):
@@ -367,7 +367,7 @@ def generate(model, tok, prompt: dict, G: int = 1, max_new_tokens: int = 24, lat
         spec = dict(mode=mode, K=K, temperature=float(temperature), top_p=float(top_p), latent_exit=latent_exit,
                     start=start, lvr=lvr, lat_end=lat_end, end=end, pad=tok.pad_token_id,
                     eos=tuple(eos.long().tolist()), banned=tuple(in_span_banned),
-                    given=None if given is None else tuple(given.shape[1:]), compiled=cache == "graph" and _COMPILE_STEP)
+                    given=None if given is None else tuple(given.shape[1:]), compiled=_COMPILE_STEP)
         try:
             with decode.rollout_weights(model, dev, keep):
                 toks, vecs, lmask, real, forced, steps, t1 = decode.decode_static(

@@ -292,3 +292,25 @@ def test_grouped_decode_attention_equals_transformers_sdpa():
     got = decode.gqa_decode_attention(layer, q, k, v, mask, scaling=0.25)[0]
     assert got.shape == want.shape == (3, 1, 8, 16) and (got - want).abs().max() < 1e-6
     assert (got - sdpa_attention_forward(layer, q, k, v, torch.ones_like(mask), scaling=0.25)[0]).abs().max() > 1e-3
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor's imports
+def test_the_compiled_step_equals_the_eager_one(tiny, prompt, monkeypatch):
+    """bench.py --compile's step (torch.compile'd, its attention gqa_decode_attention) run on the CPU with the
+    static cache: the same rollouts as the eager step, traced as one graph (no graph break), the model's
+    attention implementation restored after."""
+    from torch._dynamo.utils import counters
+    m, tok = tiny
+    kw = dict(G=2, temperature=1.0, top_p=0.9, blind=True, keep=True)
+    eager = run(m, tok, prompt, "static", **kw)
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(lvr, "_COMPILE_STEP", True)
+    try:
+        got = run(m, tok, prompt, "static", **kw)
+        assert m._lvr_decoder.step_fn != m._lvr_decoder.step  # the kept decoder is the compiled one
+    finally:
+        decode.release(m)
+    assert_same(eager, got)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert m.config.text_config._attn_implementation == "sdpa"
