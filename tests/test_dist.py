@@ -93,7 +93,8 @@ def two_ranks(args: list, timeout: float = 120) -> list:
                               stdout=subprocess.DEVNULL, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
              for r in range(2)]
     try:
-        return [(p.wait(timeout), p.stderr.read()) for p in procs]
+        errs = [p.communicate(timeout=timeout)[1] for p in procs]  # stderr read while waiting: no full pipe
+        return [(p.returncode, err) for p, err in zip(procs, errs)]
     finally:
         for p in procs:
             p.kill()
