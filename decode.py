@@ -225,10 +225,8 @@ class Decoder:
     def run(self):
         if self.graph is not None:
             self.graph.replay()
-        elif self.spec["compiled"]:
-            with self.attention():
-                self.step_fn()
-        else:
+            return
+        with self.attention():
             self.step_fn()
 
     def result(self, steps: int) -> list:
